@@ -1,0 +1,163 @@
+// Autograd kernels (dispatch key Autograd): C++ autograd Functions, so Python and C++ callers
+// both get gradients for q, k, v and initial_state. The backward ops themselves are not
+// differentiable (no double backward).
+#include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace retention {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+enum class Form : int64_t { Chunk = 0, Parallel = 1, Recurrent = 2 };
+
+// The recurrent scan's gradient is the same math as the chunk form's; the chunked backward is the
+// fast way to compute it.
+constexpr int64_t kRecurrentBackwardChunk = kDefaultChunkSize;
+
+void check_decay_has_no_grad(const char* op, const at::Tensor& log_decay) {
+  TORCH_CHECK(!log_decay.requires_grad(), op,
+              ": log_decay must not require grad (the decay is fixed; no gradient is computed "
+              "for it)");
+}
+
+class RetentionFunction : public torch::autograd::Function<RetentionFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& log_decay, double scale,
+                               int64_t chunk_size, const OptTensor& initial_state, Form form) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tuple<at::Tensor, at::Tensor> out;
+    switch (form) {
+      case Form::Chunk:
+        out = chunk_forward(q, k, v, log_decay, scale, chunk_size, initial_state);
+        break;
+      case Form::Parallel:
+        out = parallel_forward(q, k, v, log_decay, scale, initial_state);
+        break;
+      case Form::Recurrent:
+        out = recurrent_forward(q, k, v, log_decay, scale, initial_state);
+        break;
+    }
+    ctx->save_for_backward({q, k, v, log_decay, has(initial_state) ? *initial_state : at::Tensor()});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["chunk_size"] = chunk_size;
+    ctx->saved_data["form"] = static_cast<int64_t>(form);
+    return {std::get<0>(out), std::get<1>(out)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &q = saved[0], &k = saved[1], &v = saved[2], &log_decay = saved[3];
+    const OptTensor initial_state =
+        saved[4].defined() ? OptTensor(saved[4]) : OptTensor();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const auto form = static_cast<Form>(ctx->saved_data["form"].toInt());
+    int64_t chunk_size = ctx->saved_data["chunk_size"].toInt();
+    if (form == Form::Recurrent) chunk_size = kRecurrentBackwardChunk;
+
+    auto grad_o = grads[0].defined() ? grads[0]
+                                     : at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)},
+                                                 q.options());
+    const OptTensor grad_final = grads[1].defined() ? OptTensor(grads[1]) : OptTensor();
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> g;
+    if (form == Form::Parallel) {
+      g = parallel_backward(grad_o, grad_final, q, k, v, log_decay, scale, initial_state);
+    } else {
+      g = chunk_backward(grad_o, grad_final, q, k, v, log_decay, scale, chunk_size,
+                         initial_state);
+    }
+    at::Tensor d_init;
+    if (initial_state.has_value()) d_init = std::get<3>(g).to(initial_state->scalar_type());
+    // One gradient per forward input: q, k, v, log_decay, scale, chunk_size, initial_state, form.
+    return {std::get<0>(g), std::get<1>(g), std::get<2>(g), at::Tensor(),
+            at::Tensor(),   at::Tensor(),   d_init,         at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> apply(const char* op, Form form, const at::Tensor& q,
+                                         const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& log_decay, double scale,
+                                         int64_t chunk_size, const OptTensor& initial_state) {
+  check_decay_has_no_grad(op, log_decay);
+  auto out = RetentionFunction::apply(q, k, v, log_decay, scale, chunk_size, initial_state, form);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> chunk_forward_autograd(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v,
+                                                          const at::Tensor& log_decay,
+                                                          double scale, int64_t chunk_size,
+                                                          const OptTensor& initial_state) {
+  return apply("retention::chunk_forward", Form::Chunk, q, k, v, log_decay, scale, chunk_size,
+               initial_state);
+}
+
+std::tuple<at::Tensor, at::Tensor> parallel_forward_autograd(const at::Tensor& q,
+                                                             const at::Tensor& k,
+                                                             const at::Tensor& v,
+                                                             const at::Tensor& log_decay,
+                                                             double scale,
+                                                             const OptTensor& initial_state) {
+  return apply("retention::parallel_forward", Form::Parallel, q, k, v, log_decay, scale,
+               /*chunk_size=*/0, initial_state);
+}
+
+std::tuple<at::Tensor, at::Tensor> recurrent_forward_autograd(const at::Tensor& q,
+                                                              const at::Tensor& k,
+                                                              const at::Tensor& v,
+                                                              const at::Tensor& log_decay,
+                                                              double scale,
+                                                              const OptTensor& initial_state) {
+  return apply("retention::recurrent_forward", Form::Recurrent, q, k, v, log_decay, scale,
+               /*chunk_size=*/0, initial_state);
+}
+
+at::Tensor recurrent_step_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& log_decay, double scale,
+                                   const at::Tensor& state) {
+  for (const auto* t : {&q, &k, &v, &log_decay, &state}) {
+    TORCH_CHECK(!t->requires_grad(),
+                "retention::recurrent_step: decoding is inference-only and no input may require "
+                "grad; use recurrent_forward (or chunk_forward) for a differentiable pass");
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  at::Tensor s = state;
+  return recurrent_step(q, k, v, log_decay, s, scale);
+}
+
+// Backward ops: below autograd, not differentiable themselves.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_backward_autograd(
+    const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
+    int64_t chunk_size, const OptTensor& initial_state) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return chunk_backward(grad_o, grad_final_state, q, k, v, log_decay, scale, chunk_size,
+                        initial_state);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> parallel_backward_autograd(
+    const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
+    const OptTensor& initial_state) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return parallel_backward(grad_o, grad_final_state, q, k, v, log_decay, scale, initial_state);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(retention, Autograd, m) {
+  m.impl("chunk_forward", &chunk_forward_autograd);
+  m.impl("chunk_backward", &chunk_backward_autograd);
+  m.impl("parallel_forward", &parallel_forward_autograd);
+  m.impl("parallel_backward", &parallel_backward_autograd);
+  m.impl("recurrent_forward", &recurrent_forward_autograd);
+  m.impl("recurrent_step", &recurrent_step_autograd);
+}
+
+}  // namespace retention

@@ -1,0 +1,103 @@
+// Argument validation shared by every backend (CPU, CUDA, HIP, Meta), so each op rejects bad input
+// with the same message whatever the device.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "retention/compat.h"
+#include "retention/retention.h"
+
+namespace retention {
+
+struct Dims {
+  int64_t B, T, H, dk, dv;
+};
+
+inline bool is_float_type(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+// fp32 everywhere, fp64 when the inputs are fp64 (gradcheck).
+inline at::ScalarType state_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_state(const char* op, const char* name, const at::Tensor& s, const at::Tensor& q,
+                        const Dims& d) {
+  TORCH_CHECK(s.dim() == 4 && s.size(0) == d.B && s.size(1) == d.H && s.size(2) == d.dk &&
+                  s.size(3) == d.dv,
+              op, ": ", name, " must have shape [B, H, dk, dv] = [", d.B, ", ", d.H, ", ", d.dk,
+              ", ", d.dv, "], got ", s.sizes());
+  TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 (or float64), got ", s.scalar_type());
+  TORCH_CHECK(s.device() == q.device(), op, ": all tensors must be on the same device, but q is on ",
+              q.device(), " and ", name, " is on ", s.device());
+}
+
+// q, k: [B, T, H, dk]; v: [B, T, H, dv]; log_decay: [H].
+inline Dims check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                         const at::Tensor& v, const at::Tensor& log_decay,
+                         const OptTensor& initial_state) {
+  TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D [B, T, H, dk], got ", q.dim(), "-D");
+  TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D [B, T, H, dk], got ", k.dim(), "-D");
+  TORCH_CHECK(v.dim() == 4, op, ": v must be 4-D [B, T, H, dv], got ", v.dim(), "-D");
+  const Dims d{q.size(0), q.size(1), q.size(2), q.size(3), v.size(3)};
+  TORCH_CHECK(k.size(0) == d.B && k.size(1) == d.T && k.size(2) == d.H && k.size(3) == d.dk, op,
+              ": k must have the shape of q [B, T, H, dk] = ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.size(0) == d.B && v.size(1) == d.T && v.size(2) == d.H, op,
+              ": v must be [B, T, H, dv] with B, T, H of q = (", d.B, ", ", d.T, ", ", d.H,
+              "), got ", v.sizes());
+  TORCH_CHECK(d.dk >= 1 && d.dk <= kMaxHeadDimK, op, ": dk (last dim of q and k) must be in [1, ",
+              kMaxHeadDimK, "], got ", d.dk);
+  TORCH_CHECK(d.dv >= 1, op, ": dv (last dim of v) must be positive, got ", d.dv);
+  TORCH_CHECK(is_float_type(q.scalar_type()), op,
+              ": q, k and v must be float16, bfloat16, float32 or float64, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k and v must have the same dtype, got q ", q.scalar_type(), ", k ",
+              k.scalar_type(), ", v ", v.scalar_type());
+  TORCH_CHECK(log_decay.dim() == 1 && log_decay.size(0) == d.H, op,
+              ": log_decay must have shape [H] = [", d.H, "], got ", log_decay.sizes());
+  TORCH_CHECK(log_decay.scalar_type() == at::kFloat || log_decay.scalar_type() == at::kDouble, op,
+              ": log_decay must be float32 (or float64), got ", log_decay.scalar_type());
+  for (const auto* t : {&k, &v, &log_decay}) {
+    TORCH_CHECK(t->device() == q.device(), op,
+                ": all tensors must be on the same device, but q is on ", q.device(),
+                " and another argument is on ", t->device());
+  }
+  if (initial_state.has_value() && initial_state->defined()) {
+    check_state(op, "initial_state", *initial_state, q, d);
+  }
+  return d;
+}
+
+inline void check_chunk_size(const char* op, int64_t chunk_size) {
+  TORCH_CHECK(chunk_size > 0, op, ": chunk_size must be positive, got ", chunk_size);
+}
+
+inline void check_grad_o(const char* op, const at::Tensor& grad_o, const Dims& d,
+                         const at::Tensor& q, const OptTensor& grad_final_state) {
+  TORCH_CHECK(grad_o.dim() == 4 && grad_o.size(0) == d.B && grad_o.size(1) == d.T &&
+                  grad_o.size(2) == d.H && grad_o.size(3) == d.dv,
+              op, ": grad_o must have shape [B, T, H, dv] = [", d.B, ", ", d.T, ", ", d.H, ", ",
+              d.dv, "], got ", grad_o.sizes());
+  TORCH_CHECK(is_float_type(grad_o.scalar_type()), op, ": grad_o must be a float tensor, got ",
+              grad_o.scalar_type());
+  TORCH_CHECK(grad_o.device() == q.device(), op,
+              ": all tensors must be on the same device, but q is on ", q.device(),
+              " and grad_o is on ", grad_o.device());
+  if (grad_final_state.has_value() && grad_final_state->defined()) {
+    check_state(op, "grad_final_state", *grad_final_state, q, d);
+  }
+}
+
+inline bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// recurrent_step takes [B, H, d] or [B, 1, H, d]; returns the 4-D view [B, 1, H, d].
+inline at::Tensor as_single_step(const char* op, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 3 || (x.dim() == 4 && x.size(1) == 1), op, ": ", name,
+              " must be [B, H, d] or [B, 1, H, d] for a single decode step, got ", x.sizes());
+  return x.dim() == 3 ? x.unsqueeze(1) : x;
+}
+
+}  // namespace retention

@@ -1,0 +1,111 @@
+// Op schemas and the public C++ API. Every public function goes through the dispatcher, so the
+// same call reaches the CPU, CUDA or Meta kernel and records autograd.
+#include <cmath>
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "retention/retention.h"
+
+TORCH_LIBRARY(retention, m) {
+  m.def("chunk_forward(Tensor q, Tensor k, Tensor v, Tensor log_decay, float scale, int chunk_size, Tensor? initial_state) -> (Tensor, Tensor)");
+  m.def("chunk_backward(Tensor grad_o, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v, Tensor log_decay, float scale, int chunk_size, Tensor? initial_state) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("parallel_forward(Tensor q, Tensor k, Tensor v, Tensor log_decay, float scale, Tensor? initial_state) -> (Tensor, Tensor)");
+  m.def("parallel_backward(Tensor grad_o, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v, Tensor log_decay, float scale, Tensor? initial_state) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("recurrent_forward(Tensor q, Tensor k, Tensor v, Tensor log_decay, float scale, Tensor? initial_state) -> (Tensor, Tensor)");
+  m.def("recurrent_step(Tensor q, Tensor k, Tensor v, Tensor log_decay, float scale, Tensor(a!) state) -> Tensor");
+}
+
+namespace retention {
+namespace {
+
+using Pair = std::tuple<at::Tensor, at::Tensor>;
+using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+double scale_or_default(const OptDouble& scale, const at::Tensor& q) {
+  return scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+}
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> chunk_forward(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v, const at::Tensor& log_decay,
+                                                 OptDouble scale, int64_t chunk_size,
+                                                 const OptTensor& initial_state) {
+  static auto handle = op<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, double, int64_t, const OptTensor&)>(
+      "retention::chunk_forward");
+  return handle.call(q, k, v, log_decay, scale_or_default(scale, q), chunk_size, initial_state);
+}
+
+std::tuple<at::Tensor, at::Tensor> parallel_forward(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v,
+                                                    const at::Tensor& log_decay, OptDouble scale,
+                                                    const OptTensor& initial_state) {
+  static auto handle = op<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, double, const OptTensor&)>(
+      "retention::parallel_forward");
+  return handle.call(q, k, v, log_decay, scale_or_default(scale, q), initial_state);
+}
+
+std::tuple<at::Tensor, at::Tensor> recurrent_forward(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& v,
+                                                     const at::Tensor& log_decay, OptDouble scale,
+                                                     const OptTensor& initial_state) {
+  static auto handle = op<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, double, const OptTensor&)>(
+      "retention::recurrent_forward");
+  return handle.call(q, k, v, log_decay, scale_or_default(scale, q), initial_state);
+}
+
+at::Tensor recurrent_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& log_decay, at::Tensor& state, OptDouble scale) {
+  static auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, double, const at::Tensor&)>(
+      "retention::recurrent_step");
+  return handle.call(q, k, v, log_decay, scale_or_default(scale, q), state);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_backward(
+    const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
+    int64_t chunk_size, const OptTensor& initial_state) {
+  static auto handle =
+      op<Quad(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, double, int64_t, const OptTensor&)>(
+          "retention::chunk_backward");
+  return handle.call(grad_o, grad_final_state, q, k, v, log_decay, scale, chunk_size,
+                     initial_state);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> parallel_backward(
+    const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
+    const OptTensor& initial_state) {
+  static auto handle =
+      op<Quad(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, double, const OptTensor&)>(
+          "retention::parallel_backward");
+  return handle.call(grad_o, grad_final_state, q, k, v, log_decay, scale, initial_state);
+}
+
+at::Tensor retnet_log_decay(int64_t num_heads) {
+  TORCH_CHECK(num_heads > 0, "retnet_log_decay: num_heads must be positive, got ", num_heads);
+  // Built in float64 then rounded once: 1 - 2^-20 is not representable in fp32 before the log.
+  auto h = at::arange(num_heads, at::kDouble);
+  return at::log1p(-at::pow(2.0, -5.0 - h)).to(at::kFloat);
+}
+
+at::Tensor linspace_log_decay(int64_t num_heads) {
+  TORCH_CHECK(num_heads > 0, "linspace_log_decay: num_heads must be positive, got ", num_heads);
+  auto x = at::linspace(std::log(1.0 / 32), std::log(1.0 / 512), num_heads, at::kDouble);
+  return at::log1p(-at::exp(x)).to(at::kFloat);
+}
+
+}  // namespace retention
