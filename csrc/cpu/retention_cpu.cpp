@@ -28,28 +28,41 @@ std::vector<double> log_decay_values(const at::Tensor& log_decay) {
   return std::vector<double>(ld.data_ptr<double>(), ld.data_ptr<double>() + ld.numel());
 }
 
-// Decay powers of one head for chunks of C rows (exponents are never positive: no overflow).
+// Decay powers of one head for chunks of C rows, from one table gamma^d, d = 0..C (exponents are
+// never positive: no overflow, whatever T).
 struct ChunkDecay {
-  double log_gamma;
   int64_t C;
-  at::Tensor mask;     // [C, C]: gamma^(i-j) for i >= j, else 0
-  at::Tensor q_decay;  // [C, 1]: gamma^(i+1), weight of the incoming state for row i
+  std::vector<double> pow;  // gamma^d
+  at::Tensor q_decay;       // [C, 1]: gamma^(i+1), weight of the incoming state for row i
 
-  ChunkDecay(double lg, int64_t chunk, at::ScalarType acc) : log_gamma(lg), C(chunk) {
-    auto i = at::arange(C, at::kDouble);
-    auto diff = i.unsqueeze(1) - i.unsqueeze(0);
-    mask = at::where(diff >= 0, at::exp(diff.clamp_min(0) * lg), at::zeros({}, at::kDouble))
-               .to(acc);
-    q_decay = at::exp((i + 1) * lg).unsqueeze(1).to(acc);
+  ChunkDecay(double log_gamma, int64_t chunk, at::ScalarType acc) : C(chunk), pow(chunk + 1) {
+    for (int64_t d = 0; d <= C; ++d) pow[d] = std::exp(d * log_gamma);
+    q_decay = at::tensor(std::vector<double>(pow.begin() + 1, pow.end()), at::kDouble)
+                  .unsqueeze(1)
+                  .to(acc);
   }
   // [C, 1]: gamma^(L-1-j) for the L real rows of a chunk (weight of row j in the outgoing state).
   at::Tensor k_decay(int64_t L, at::ScalarType acc) const {
-    auto j = at::arange(C, at::kDouble);
-    auto w = at::where(j < L, at::exp((L - 1 - j).clamp_min(0) * log_gamma),
-                       at::zeros({}, at::kDouble));
-    return w.unsqueeze(1).to(acc);
+    std::vector<double> w(C, 0.0);
+    for (int64_t j = 0; j < L; ++j) w[j] = pow[L - 1 - j];
+    return at::tensor(w, at::kDouble).unsqueeze(1).to(acc);
   }
-  double chunk_decay(int64_t L) const { return std::exp(L * log_gamma); }
+  double chunk_decay(int64_t L) const { return pow[L]; }
+
+  // Scores [n, C, C] (contiguous) -> scores * gamma^(i-j) on and below the diagonal, 0 above.
+  // Applied in place instead of multiplying by a C x C mask: no mask to build or keep per head.
+  void apply_causal_decay(const at::Tensor& A) const {
+    AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "apply_causal_decay", [&] {
+      std::vector<scalar_t> p(pow.begin(), pow.end());
+      scalar_t* a = A.data_ptr<scalar_t>();
+      for (int64_t r = 0; r < A.size(0) * C; ++r) {
+        scalar_t* row = a + r * C;
+        const int64_t i = r % C;
+        for (int64_t j = 0; j <= i; ++j) row[j] *= p[i - j];
+        std::fill(row + i + 1, row + C, scalar_t(0));
+      }
+    });
+  }
 };
 
 // A run of consecutive chunks [c0, c1) of one (b, h), padded with zero rows to full chunks.
@@ -120,7 +133,9 @@ void chunk_forward_impl(const Dims& d, const at::Tensor& q, const at::Tensor& k,
       for_each_segment(d.T, C, /*reverse=*/false, [&](const Segment& seg) {
         auto Q = seg.load(q_bh, C, acc).mul_(scale), K = seg.load(k_bh, C, acc);
         auto V = seg.load(v_bh, C, acc);
-        auto O = at::bmm(at::bmm(Q, K.transpose(1, 2)).mul_(dec.mask), V);
+        auto A = at::bmm(Q, K.transpose(1, 2));
+        dec.apply_causal_decay(A);
+        auto O = at::bmm(A, V);
         auto KV = at::bmm((K * seg.k_decay(dec, acc)).transpose(1, 2), V);  // [n, dk, dv]
         auto S_in = at::empty_like(KV);
         AT_DISPATCH_FLOATING_TYPES(acc, "chunk_forward_scan", [&] {
@@ -166,7 +181,8 @@ void chunk_backward_impl(const Dims& d, const at::Tensor& grad_o, const at::Tens
                             KV[c].data_ptr<scalar_t>(), d.dk * d.dv);
           }
         });
-        auto dA = at::bmm(dO, V.transpose(1, 2)).mul_(dec.mask);
+        auto dA = at::bmm(dO, V.transpose(1, 2));
+        dec.apply_causal_decay(dA);
         auto dQ = at::bmm(dA, K).baddbmm_(dO * dec.q_decay, S_in.transpose(1, 2)).mul_(scale);
         seg.store(dQ, dq.select(0, b).select(1, h));
       });
@@ -188,8 +204,9 @@ void chunk_backward_impl(const Dims& d, const at::Tensor& grad_o, const at::Tens
           }
         });
         auto kd = seg.k_decay(dec, acc);
-        auto A = at::bmm(Q, K.transpose(1, 2)).mul_(dec.mask);
-        auto dA = at::bmm(dO, V.transpose(1, 2)).mul_(dec.mask);
+        auto A = at::bmm(Q, K.transpose(1, 2)), dA = at::bmm(dO, V.transpose(1, 2));
+        dec.apply_causal_decay(A);
+        dec.apply_causal_decay(dA);
         auto dK = at::bmm(dA.transpose(1, 2), Q).baddbmm_(V * kd, dS_out.transpose(1, 2));
         auto dV = at::bmm(A.transpose(1, 2), dO).baddbmm_(K * kd, dS_out);
         seg.store(dK, dk.select(0, b).select(1, h));

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages the project needs, only those missing (apt-get update once).
+set -euo pipefail
+
+packages=(
+  g++ cmake ninja-build ccache git
+  libtorch-dev python3-torch python3-setuptools python3-numpy python3-pytest python3-tqdm
+  python3-matplotlib pybind11-dev libgtest-dev googletest
+  libopenblas0-pthread  # without it Debian's torch falls back to the reference BLAS (9-19x slower)
+  hipcc libamdhip64-dev rocm-device-libs  # HIP compile checks for gfx90a
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "installing Debian packages: ${missing[*]}"
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"

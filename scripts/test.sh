@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The project's test command: installs what is missing, builds everything, runs every test
+# (GoogleTest via ctest, the installed-package C++ example, GPU/HIP compile checks, pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-/usr/bin/python3}
+
+bash scripts/install-deps.sh
+bash scripts/build.sh
+
+echo "== ctest"
+ctest --test-dir build/cmake --output-on-failure -j "$(nproc)"
+
+echo "== C++ example against the installed CMake package"
+cmake -S examples/cpp -B build/example -G Ninja -DCMAKE_PREFIX_PATH="$PWD/build/install" >/dev/null
+cmake --build build/example >/dev/null
+build/example/prefill_decode
+
+if [ -x .ci/gpu_compile_check.sh ] || [ -f .ci/gpu_compile_check.sh ]; then
+  if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
+    echo "== GPU kernels: compile and resource checks (CUDA sm_80/sm_90, HIP gfx90a)"
+    bash .ci/gpu_compile_check.sh
+  elif [ "${CI:-}" = true ]; then
+    echo "CI needs the CUDA toolkit (nvcc) for the kernel compile checks" >&2
+    exit 1
+  else
+    echo "== GPU kernel compile checks SKIPPED: no CUDA toolkit (nvcc) on this machine"
+  fi
+fi
+
+echo "== pytest"
+PYTHONPATH=python "$PYTHON" -m pytest tests/python -q -p no:cacheprovider
