@@ -38,7 +38,8 @@ inline void check_state(const char* op, const char* name, const at::Tensor& s, c
 // q, k: [B, T, H, dk]; v: [B, T, H, dv]; log_decay: [H].
 inline Dims check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
                          const at::Tensor& v, const at::Tensor& log_decay,
-                         const OptTensor& initial_state) {
+                         const OptTensor& initial_state,
+                         const char* state_name = "initial_state") {
   TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D [B, T, H, dk], got ", q.dim(), "-D");
   TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D [B, T, H, dk], got ", k.dim(), "-D");
   TORCH_CHECK(v.dim() == 4, op, ": v must be 4-D [B, T, H, dv], got ", v.dim(), "-D");
@@ -66,7 +67,7 @@ inline Dims check_inputs(const char* op, const at::Tensor& q, const at::Tensor& 
                 " and another argument is on ", t->device());
   }
   if (initial_state.has_value() && initial_state->defined()) {
-    check_state(op, "initial_state", *initial_state, q, d);
+    check_state(op, state_name, *initial_state, q, d);
   }
   return d;
 }

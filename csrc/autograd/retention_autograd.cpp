@@ -52,6 +52,9 @@ class RetentionFunction : public torch::autograd::Function<RetentionFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // The backward ops record no graph, so second-order gradients would come out silently wrong.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "retention: double backward (create_graph=True) is not supported");
     const auto saved = ctx->get_saved_variables();
     const auto &q = saved[0], &k = saved[1], &v = saved[2], &log_decay = saved[3];
     const OptTensor initial_state =
@@ -126,9 +129,15 @@ at::Tensor recurrent_step_autograd(const at::Tensor& q, const at::Tensor& k, con
                 "retention::recurrent_step: decoding is inference-only and no input may require "
                 "grad; use recurrent_forward (or chunk_forward) for a differentiable pass");
   }
-  at::AutoDispatchBelowADInplaceOrView guard;
-  at::Tensor s = state;
-  return recurrent_step(q, k, v, log_decay, s, scale);
+  at::Tensor o;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor s = state;
+    o = recurrent_step(q, k, v, log_decay, s, scale);
+  }
+  // An in-place update must be visible to autograd's saved-tensor checks.
+  torch::autograd::impl::bump_version(state);
+  return o;
 }
 
 // Backward ops: below autograd, not differentiable themselves.

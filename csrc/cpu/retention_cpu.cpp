@@ -259,6 +259,11 @@ void recurrent_impl(const Dims& d, const at::Tensor& q, const at::Tensor& k, con
 
 // ---- op kernels -------------------------------------------------------------------------------
 
+// A chunk longer than the sequence is the sequence: no C x C buffers for C >> T.
+int64_t effective_chunk(int64_t chunk_size, const Dims& d) {
+  return std::min(chunk_size, std::max<int64_t>(1, d.T));
+}
+
 std::tuple<at::Tensor, at::Tensor> chunked_forward(const char* op, const at::Tensor& q,
                                                    const at::Tensor& k, const at::Tensor& v,
                                                    const at::Tensor& log_decay, double scale,
@@ -269,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor> chunked_forward(const char* op, const at::Ten
   auto o = at::empty({d.B, d.T, d.H, d.dv}, q.options());
   auto state = new_state(d, q, initial_state);
   chunk_forward_impl(d, q.detach(), k.detach(), v.detach(), log_decay_values(log_decay), scale,
-                     chunk_size, o, state);
+                     effective_chunk(chunk_size, d), o, state);
   return {o, state};
 }
 
@@ -286,7 +291,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_backward(
   auto S0 = new_state(d, q, initial_state);
   auto dS0 = at::empty_like(S0);
   chunk_backward_impl(d, grad_o.detach(), q.detach(), k.detach(), v.detach(),
-                      log_decay_values(log_decay), scale, chunk_size, S0, grad_final_state, dq,
+                      log_decay_values(log_decay), scale, effective_chunk(chunk_size, d), S0,
+                      grad_final_state, dq,
                       dk, dv, dS0);
   return {dq, dk, dv, dS0};
 }
@@ -350,7 +356,7 @@ at::Tensor recurrent_step_cpu(const at::Tensor& q, const at::Tensor& k, const at
   const char* op = "retention::recurrent_step";
   auto q4 = as_single_step(op, "q", q), k4 = as_single_step(op, "k", k);
   auto v4 = as_single_step(op, "v", v);
-  const auto d = check_inputs(op, q4, k4, v4, log_decay, state);
+  const auto d = check_inputs(op, q4, k4, v4, log_decay, state, "state");
   TORCH_CHECK(state.scalar_type() == state_dtype(q.scalar_type()), op, ": state must be ",
               state_dtype(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ",
               state.scalar_type());

@@ -73,7 +73,7 @@ at::Tensor recurrent_step_meta(const at::Tensor& q, const at::Tensor& k, const a
                                const at::Tensor& log_decay, double, const at::Tensor& state) {
   const char* op = "retention::recurrent_step";
   const auto d = check_inputs(op, as_single_step(op, "q", q), as_single_step(op, "k", k),
-                              as_single_step(op, "v", v), log_decay, state);
+                              as_single_step(op, "v", v), log_decay, state, "state");
   return q.dim() == 3 ? at::empty({d.B, d.H, d.dv}, q.options())
                       : at::empty({d.B, 1, d.H, d.dv}, q.options());
 }
