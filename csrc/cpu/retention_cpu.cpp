@@ -36,7 +36,9 @@ struct ChunkDecay {
   at::Tensor q_decay;       // [C, 1]: gamma^(i+1), weight of the incoming state for row i
 
   ChunkDecay(double log_gamma, int64_t chunk, at::ScalarType acc) : C(chunk), pow(chunk + 1) {
-    for (int64_t d = 0; d <= C; ++d) pow[d] = std::exp(d * log_gamma);
+    // gamma^0 = 1 also for gamma = 0 (log_gamma = -inf), where 0 * -inf would give NaN.
+    pow[0] = 1.0;
+    for (int64_t d = 1; d <= C; ++d) pow[d] = std::exp(d * log_gamma);
     q_decay = at::tensor(std::vector<double>(pow.begin() + 1, pow.end()), at::kDouble)
                   .unsqueeze(1)
                   .to(acc);
