@@ -105,10 +105,23 @@ void for_each_segment(int64_t T, int64_t C, bool reverse, F&& f) {
   }
 }
 
-// S <- a * S + X, elementwise over n values.
-template <typename acc_t>
-void axpby(acc_t* S, acc_t a, const acc_t* X, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) S[i] = a * S[i] + X[i];
+// S <- gamma^(L_c) S + X[c] over the chunks of a segment (last to first when `reverse`), in
+// place on S ([dk, dv], contiguous); returns S as it was before each chunk's step, [n, dk, dv].
+at::Tensor scan_chunks(const at::Tensor& S, const at::Tensor& X, const ChunkDecay& dec,
+                       const Segment& seg, bool reverse) {
+  auto before = at::empty_like(X);
+  AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "scan_chunks", [&] {
+    scalar_t* s = S.data_ptr<scalar_t>();
+    const int64_t n = S.numel();
+    for (int64_t i = 0; i < seg.n_chunks; ++i) {
+      const int64_t c = reverse ? seg.n_chunks - 1 - i : i;
+      const scalar_t* x = X[c].data_ptr<scalar_t>();
+      std::copy(s, s + n, before[c].data_ptr<scalar_t>());
+      const auto a = static_cast<scalar_t>(dec.chunk_decay(seg.lengths[c]));
+      for (int64_t e = 0; e < n; ++e) s[e] = a * s[e] + x[e];
+    }
+  });
+  return before;
 }
 
 at::Tensor new_state(const Dims& d, const at::Tensor& q, const OptTensor& initial_state) {
@@ -139,14 +152,7 @@ void chunk_forward_impl(const Dims& d, const at::Tensor& q, const at::Tensor& k,
         dec.apply_causal_decay(A);
         auto O = at::bmm(A, V);
         auto KV = at::bmm((K * seg.k_decay(dec, acc)).transpose(1, 2), V);  // [n, dk, dv]
-        auto S_in = at::empty_like(KV);
-        AT_DISPATCH_FLOATING_TYPES(acc, "chunk_forward_scan", [&] {
-          for (int64_t c = 0; c < seg.n_chunks; ++c) {
-            S_in[c].copy_(S);
-            axpby<scalar_t>(S.data_ptr<scalar_t>(), scalar_t(dec.chunk_decay(seg.lengths[c])),
-                            KV[c].data_ptr<scalar_t>(), d.dk * d.dv);
-          }
-        });
+        auto S_in = scan_chunks(S, KV, dec, seg, /*reverse=*/false);
         O.baddbmm_(Q * dec.q_decay, S_in);
         seg.store(O, o_bh);
       });
@@ -175,14 +181,7 @@ void chunk_backward_impl(const Dims& d, const at::Tensor& grad_o, const at::Tens
         auto K = seg.load(k_bh, C, acc), V = seg.load(v_bh, C, acc);
         auto dO = seg.load(do_bh, C, acc);
         auto KV = at::bmm((K * seg.k_decay(dec, acc)).transpose(1, 2), V);
-        auto S_in = at::empty_like(KV);
-        AT_DISPATCH_FLOATING_TYPES(acc, "chunk_backward_scan", [&] {
-          for (int64_t c = 0; c < seg.n_chunks; ++c) {
-            S_in[c].copy_(S);
-            axpby<scalar_t>(S.data_ptr<scalar_t>(), scalar_t(dec.chunk_decay(seg.lengths[c])),
-                            KV[c].data_ptr<scalar_t>(), d.dk * d.dv);
-          }
-        });
+        auto S_in = scan_chunks(S, KV, dec, seg, /*reverse=*/false);
         auto dA = at::bmm(dO, V.transpose(1, 2));
         dec.apply_causal_decay(dA);
         auto dQ = at::bmm(dA, K).baddbmm_(dO * dec.q_decay, S_in.transpose(1, 2)).mul_(scale);
@@ -197,14 +196,7 @@ void chunk_backward_impl(const Dims& d, const at::Tensor& grad_o, const at::Tens
         auto Q = seg.load(q_bh, C, acc).mul_(scale), K = seg.load(k_bh, C, acc);
         auto V = seg.load(v_bh, C, acc), dO = seg.load(do_bh, C, acc);
         auto R = at::bmm((Q * dec.q_decay).transpose(1, 2), dO);  // [n, dk, dv]
-        auto dS_out = at::empty_like(R);
-        AT_DISPATCH_FLOATING_TYPES(acc, "chunk_backward_rscan", [&] {
-          for (int64_t c = seg.n_chunks - 1; c >= 0; --c) {
-            dS_out[c].copy_(dS);
-            axpby<scalar_t>(dS.data_ptr<scalar_t>(), scalar_t(dec.chunk_decay(seg.lengths[c])),
-                            R[c].data_ptr<scalar_t>(), d.dk * d.dv);
-          }
-        });
+        auto dS_out = scan_chunks(dS, R, dec, seg, /*reverse=*/true);
         auto kd = seg.k_decay(dec, acc);
         auto A = at::bmm(Q, K.transpose(1, 2)), dA = at::bmm(dO, V.transpose(1, 2));
         dec.apply_causal_decay(A);
