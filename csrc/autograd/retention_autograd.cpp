@@ -21,7 +21,7 @@ enum class Form : int64_t { Chunk = 0, Parallel = 1, Recurrent = 2 };
 constexpr int64_t kRecurrentBackwardChunk = kDefaultChunkSize;
 
 void check_decay_has_no_grad(const char* op, const at::Tensor& log_decay) {
-  TORCH_CHECK(!log_decay.requires_grad(), op,
+  TORCH_CHECK(!(at::GradMode::is_enabled() && log_decay.requires_grad()), op,
               ": log_decay must not require grad (the decay is fixed; no gradient is computed "
               "for it)");
 }
@@ -125,7 +125,8 @@ at::Tensor recurrent_step_autograd(const at::Tensor& q, const at::Tensor& k, con
                                    const at::Tensor& log_decay, double scale,
                                    const at::Tensor& state) {
   for (const auto* t : {&q, &k, &v, &log_decay, &state}) {
-    TORCH_CHECK(!t->requires_grad(),
+    // Under no_grad a Parameter may still have requires_grad set; nothing is recorded then.
+    TORCH_CHECK(!(at::GradMode::is_enabled() && t->requires_grad()),
                 "retention::recurrent_step: decoding is inference-only and no input may require "
                 "grad; use recurrent_forward (or chunk_forward) for a differentiable pass");
   }
