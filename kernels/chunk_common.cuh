@@ -1,0 +1,187 @@
+// chunk_common.cuh - tiling traits and the small tile vocabulary shared by the chunk kernels.
+//
+// Work decomposition (forward and both backward sweeps):
+//   one CTA = one (batch, head, dv tile of BV columns); it walks the chunks of BT tokens in
+//   order and keeps its [dk x BV] slice of the fp32 state in registers, as accumulator
+//   fragments.  Inside a chunk every product has 64 (or 32) rows, and warp w owns rows
+//   [16w, 16w + 16) of all of them, so no cross-warp reduction is ever needed.
+//   dk is covered by KT tiles of BK columns; dv by gridDim.x tiles of BV columns.
+//
+// Decay: gamma^n is always evaluated as exp2(n * log2(gamma)) with n >= 0, so it can only
+// underflow (to 0, harmless), never overflow; log2(gamma) stays fp32.
+#pragma once
+
+#include <cstdint>
+
+#include "gpu_compat.h"
+#include "numeric.h"
+#include "retention_kernels.h"
+#include "tile_mma.h"
+
+namespace retention::kernels {
+
+inline constexpr float kLog2e = 1.4426950408889634f;
+
+// Compile-time fusion options.  Only the defaults exist today; the hooks mark where a rotary
+// prologue (applied to q/k tiles right after they land in shared memory: interleaved pairs
+// never straddle a BK tile) and a per-head RMSNorm + gate epilogue (needs the full dv row, so
+// it requires gridDim.x == 1 or a second pass) would go.
+struct NoFusion {
+  static constexpr bool kRotary = false;
+  static constexpr bool kNormGate = false;
+};
+
+template <class T_, int kMaxDk_, int kStateRegs_ = 64, class Fusion_ = NoFusion>
+struct ChunkTraits {
+  using T = T_;
+  using Fusion = Fusion_;
+  using Mma = typename MmaFor<T>::type;
+  using FragC = typename Mma::FragC;
+  static_assert(!Fusion::kRotary && !Fusion::kNormGate, "fusion hooks are not implemented yet");
+
+  static constexpr bool kHalfWidth = sizeof(T) == 2;
+  static constexpr int kMaxDk = kMaxDk_;
+  // Chunk length == dk tile: every product in a chunk step is BT x (multiple of 16), and the
+  // state update K^T V has BK rows, so one warp-per-16-rows split serves all of them.
+  static constexpr int BT = kHalfWidth ? 64 : 32;
+  static constexpr int BK = BT;
+  static constexpr int kWarps = BT / 16;
+  static constexpr int kThreads = kWarps * gpu::kWarpSize;
+  static constexpr int KT = (kMaxDk + BK - 1) / BK;
+  // The state slice per warp is KT x (16 x BV), i.e. KT * BV / 2 fp32 registers per lane of a
+  // 32-wide warp.  kStateRegs caps that so the other accumulators fit without spilling (the
+  // reverse backward sweep holds three more tile rows than the forward and gets a smaller cap).
+  static constexpr int kStateRegs = kStateRegs_;
+  static constexpr int BV_ = 2 * kStateRegs / KT < 64 ? 2 * kStateRegs / KT : 64;
+  static constexpr int BV = BV_ < 16 ? 16 : BV_;
+  static_assert(BV >= 16 && BV % 16 == 0, "BV must be a multiple of the atom");
+
+  // Shared-memory row padding: 16 bytes keeps vector stores aligned and shifts consecutive
+  // rows across banks for the column-wise fragment reads.
+  static constexpr int kPad = 16 / static_cast<int>(sizeof(T));
+  static constexpr int LDK = BK + kPad;  // [BT x BK] tiles (q, k) and [BT x BT] tiles (scores)
+  static constexpr int LDV = BV + kPad;  // [BT x BV] and [BK x BV] tiles
+  static_assert(BT == BK, "score tiles reuse the q/k row stride");
+
+  static constexpr int kTileK = BT * LDK;  // elements of one q/k/score tile
+  static constexpr int kTileV = BT * LDV;  // elements of one v-like tile
+
+  // Shared memory of each kernel, in bytes (see the buffer lists in the kernels).
+  static constexpr int kSmemForward = (2 * kTileK + 3 * kTileV) * static_cast<int>(sizeof(T));
+  static constexpr int kSmemDq = (2 * kTileK + 4 * kTileV) * static_cast<int>(sizeof(T));
+  static constexpr int kSmemDkv = (3 * kTileK + 4 * kTileV) * static_cast<int>(sizeof(T));
+  static_assert(kSmemDkv <= 64 * 1024, "must fit the 64 KiB LDS of CDNA");
+};
+
+// gamma^n for integer n >= 0.  n == 0 is special-cased so that gamma == 0 (log2 = -inf) gives
+// the correct 1 instead of exp2(0 * -inf) = NaN.
+RT_DEVICE float decay_pow(int n, float log2_gamma) {
+  return n == 0 ? 1.f : exp2f(static_cast<float>(n) * log2_gamma);
+}
+
+// Row pointer of a [B, T, H, d] operand at (b, t, h, d0).
+template <class T>
+RT_DEVICE T* bthd_ptr(const Bthd& x, std::int64_t b, std::int64_t t, std::int64_t h, std::int64_t d0) {
+  return static_cast<T*>(x.ptr) + b * x.stride_b + t * x.stride_t + h * x.stride_h + d0;
+}
+
+// Cooperative global -> shared copy of an [R x C] tile; rows >= rows_valid and columns >=
+// cols_valid are zero-filled (that is how partial chunks and ragged dk/dv are masked).  When
+// the whole tile width is valid and every row start is 16-byte aligned, rows move as 16-byte
+// vectors; otherwise element by element.  Both branches are uniform across the CTA.
+template <int R, int C, int kThreads, class T>
+RT_DEVICE void load_tile(T* dst, int ld, const T* src, std::int64_t row_stride, int rows_valid,
+                         int cols_valid) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = cols_valid >= C && (reinterpret_cast<std::uintptr_t>(src) % 16 == 0) &&
+                   ((row_stride * static_cast<std::int64_t>(sizeof(T))) % 16 == 0);
+  if (vec) {
+    constexpr int kPerRow = C / kVec;
+    for (int idx = threadIdx.x; idx < R * kPerRow; idx += kThreads) {
+      const int r = idx / kPerRow, c = (idx % kPerRow) * kVec;
+      uint4 x = make_uint4(0, 0, 0, 0);
+      if (r < rows_valid) x = *reinterpret_cast<const uint4*>(src + r * row_stride + c);
+      *reinterpret_cast<uint4*>(dst + r * ld + c) = x;
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < R * C; idx += kThreads) {
+      const int r = idx / C, c = idx % C;
+      dst[r * ld + c] = (r < rows_valid && c < cols_valid) ? src[r * row_stride + c] : Elem<T>::zero();
+    }
+  }
+}
+
+// Cooperative shared -> global copy of the valid part of an [R x C] tile.
+template <int R, int C, int kThreads, class T>
+RT_DEVICE void store_tile(T* dst, std::int64_t row_stride, const T* src, int ld, int rows_valid,
+                          int cols_valid) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = cols_valid >= C && (reinterpret_cast<std::uintptr_t>(dst) % 16 == 0) &&
+                   ((row_stride * static_cast<std::int64_t>(sizeof(T))) % 16 == 0);
+  if (vec) {
+    constexpr int kPerRow = C / kVec;
+    for (int idx = threadIdx.x; idx < R * kPerRow; idx += kThreads) {
+      const int r = idx / kPerRow, c = (idx % kPerRow) * kVec;
+      if (r < rows_valid)
+        *reinterpret_cast<uint4*>(dst + r * row_stride + c) = *reinterpret_cast<const uint4*>(src + r * ld + c);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < R * C; idx += kThreads) {
+      const int r = idx / C, c = idx % C;
+      if (r < rows_valid && c < cols_valid) dst[r * row_stride + c] = src[r * ld + c];
+    }
+  }
+}
+
+// dst[r][c] = src[r][c] * row_factor(r), rounded to T; used for the decayed copies of v / dO.
+template <int R, int C, int kThreads, class T, class F>
+RT_DEVICE void scale_rows(T* dst, const T* src, int ld, F&& row_factor) {
+  for (int idx = threadIdx.x; idx < R * C; idx += kThreads) {
+    const int r = idx / C, c = idx % C;
+    dst[r * ld + c] = Elem<T>::from_float(Elem<T>::to_float(src[r * ld + c]) * row_factor(r));
+  }
+}
+
+// State slice <-> fp32 [dk, dv] matrix in global memory (initial / final states).  The warp's
+// accumulators cover rows kt*BK + 16w + [0, 16) and columns v0 + [0, BV).
+template <class Tr>
+RT_DEVICE void load_state(typename Tr::FragC (&S)[Tr::KT][Tr::BV / 16], const float* g, int dk,
+                          int dv, int v0) {
+  using Mma = typename Tr::Mma;
+  const int w = gpu::warp_id();
+#pragma unroll
+  for (int kt = 0; kt < Tr::KT; ++kt)
+    for_each<Mma, Tr::BV / 16>(S[kt], [&](int r, int c, float& x) {
+      const int row = kt * Tr::BK + 16 * w + r, col = v0 + c;
+      x = (g != nullptr && row < dk && col < dv) ? g[static_cast<std::int64_t>(row) * dv + col] : 0.f;
+    });
+}
+
+template <class Tr>
+RT_DEVICE void store_state(float* g, typename Tr::FragC (&S)[Tr::KT][Tr::BV / 16], int dk, int dv, int v0) {
+  using Mma = typename Tr::Mma;
+  const int w = gpu::warp_id();
+#pragma unroll
+  for (int kt = 0; kt < Tr::KT; ++kt)
+    for_each<Mma, Tr::BV / 16>(S[kt], [&](int r, int c, float& x) {
+      const int row = kt * Tr::BK + 16 * w + r, col = v0 + c;
+      if (row < dk && col < dv) g[static_cast<std::int64_t>(row) * dv + col] = x;
+    });
+}
+
+template <class Mma, int N>
+RT_DEVICE void scale_acc(typename Mma::FragC (&acc)[N], float s) {
+  for_each<Mma, N>(acc, [&](int, int, float& x) { x *= s; });
+}
+
+// Dispatch a runtime dk to the register-tiling bucket (64 / 128 / 256):
+// Launch<kMaxDk>::run(args...).
+template <template <int> class Launch, class... Args>
+gpu::error_t dispatch_dk(std::int64_t dk, Args&&... args) {
+  if (dk <= 64) return Launch<64>::run(args...);
+  if (dk <= 128) return Launch<128>::run(args...);
+  if (dk <= kMaxHeadDimK) return Launch<256>::run(args...);
+  return gpu::kErrorInvalidValue;
+}
+
+}  // namespace retention::kernels

@@ -1,0 +1,206 @@
+// gpu_compat.h - the one place where CUDA and HIP differ.
+//
+// Every kernel in kernels/ is a single source compiled by nvcc (sm_80+) and by hipcc
+// (--offload-arch=gfx90a).  Nothing outside this header may spell a vendor API, a warp width,
+// or a lane mask.  The rules it encodes:
+//
+//  * The warp (wavefront) width is a compile-time constant of the *target*: 32 on NVIDIA,
+//    64 on CDNA.  RDNA (wave32 HIP) has no MFMA and is not a target; the device pass refuses
+//    it below, and the host checks the device's warp size at launch (check_warp_size()).
+//    warpSize is deliberately not used: it stops being a constant expression in ROCm 7.
+//  * Lane masks are lane_mask_t (64-bit on HIP).  HIP 5.2 has no *_sync shuffles.
+//  * HIP 5.2 has no <hip/hip_bf16.h>; 16-bit floats are carried as raw bits (numeric.h) and
+//    converted with integer math or the native _Float16 type, so no vendor half/bf16 class is
+//    needed in device code.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#if defined(__HIPCC__) || defined(__HIP_PLATFORM_AMD__)
+#define RETENTION_HIP 1
+#include <hip/hip_runtime.h>
+#else
+#define RETENTION_CUDA 1
+#include <cuda_runtime.h>
+#endif
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define RT_HOST_DEVICE __host__ __device__
+#define RT_DEVICE __device__ __forceinline__
+#else
+#define RT_HOST_DEVICE
+#define RT_DEVICE inline
+#endif
+
+// Device-pass guards: fail loudly instead of silently producing wrong lane math.
+#if defined(__HIP_DEVICE_COMPILE__) && defined(__AMDGCN_WAVEFRONT_SIZE) && (__AMDGCN_WAVEFRONT_SIZE != 64)
+#error "retention kernels target CDNA (wave64); wave32 AMD targets are not supported"
+#endif
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ < 800)
+#error "retention kernels need sm_80 or newer (mma.sync m16n8k16 with bf16)"
+#endif
+
+namespace retention::gpu {
+
+// ------------------------------------------------------------------------------------------
+// Target traits
+// ------------------------------------------------------------------------------------------
+#if RETENTION_HIP
+inline constexpr int kWarpSize = 64;
+using lane_mask_t = std::uint64_t;
+using stream_t = hipStream_t;
+using error_t = hipError_t;
+inline constexpr error_t kSuccess = hipSuccess;
+inline constexpr error_t kErrorInvalidValue = hipErrorInvalidValue;
+#else
+inline constexpr int kWarpSize = 32;
+using lane_mask_t = std::uint32_t;
+using stream_t = cudaStream_t;
+using error_t = cudaError_t;
+inline constexpr error_t kSuccess = cudaSuccess;
+inline constexpr error_t kErrorInvalidValue = cudaErrorInvalidValue;
+#endif
+inline constexpr lane_mask_t kFullLaneMask = ~lane_mask_t(0);
+static_assert(sizeof(lane_mask_t) * 8 == kWarpSize, "one mask bit per lane");
+
+// ------------------------------------------------------------------------------------------
+// Runtime API (host).  Thin renames so tests and launchers are vendor-neutral.
+// ------------------------------------------------------------------------------------------
+#if RETENTION_HIP
+#define RT_API(name) hip##name
+#else
+#define RT_API(name) cuda##name
+#endif
+
+inline error_t device_count(int* n) { return RT_API(GetDeviceCount)(n); }
+inline error_t malloc_device(void** p, std::size_t bytes) { return RT_API(Malloc)(p, bytes); }
+inline error_t free_device(void* p) { return RT_API(Free)(p); }
+inline error_t copy_to_device(void* dst, const void* src, std::size_t bytes) {
+  return RT_API(Memcpy)(dst, src, bytes, RT_API(MemcpyHostToDevice));
+}
+inline error_t copy_to_host(void* dst, const void* src, std::size_t bytes) {
+  return RT_API(Memcpy)(dst, src, bytes, RT_API(MemcpyDeviceToHost));
+}
+inline error_t memset_device(void* p, int byte, std::size_t bytes) { return RT_API(Memset)(p, byte, bytes); }
+inline error_t synchronize() { return RT_API(DeviceSynchronize)(); }
+inline error_t last_error() { return RT_API(GetLastError)(); }
+inline const char* error_string(error_t e) { return RT_API(GetErrorString)(e); }
+
+// The device this launch runs on must have the wavefront width the code was compiled for.
+inline error_t check_warp_size() {
+  int dev = 0, ws = 0;
+  error_t e = RT_API(GetDevice)(&dev);
+  if (e != kSuccess) return e;
+#if RETENTION_HIP
+  e = hipDeviceGetAttribute(&ws, hipDeviceAttributeWarpSize, dev);
+  if (e == kSuccess && ws != kWarpSize) return hipErrorInvalidDeviceFunction;
+#else
+  e = cudaDeviceGetAttribute(&ws, cudaDevAttrWarpSize, dev);
+  if (e == kSuccess && ws != kWarpSize) return cudaErrorInvalidDeviceFunction;
+#endif
+  return e;
+}
+
+// cudaFuncSetAttribute(MaxDynamicSharedMemorySize) shim.  On CDNA the LDS limit is a fixed
+// 64 KiB and the call is a no-op, but it exists and takes a void*.
+template <class Kernel>
+inline error_t set_max_dynamic_smem(Kernel* kernel, int bytes) {
+#if RETENTION_HIP
+  return hipFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                             hipFuncAttributeMaxDynamicSharedMemorySize, bytes);
+#else
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+#endif
+}
+
+#undef RT_API
+
+#if RETENTION_HIP
+inline error_t memset_async(void* p, int byte, std::size_t bytes, stream_t s) { return hipMemsetAsync(p, byte, bytes, s); }
+inline constexpr bool kIsHip = true;
+#else
+inline error_t memset_async(void* p, int byte, std::size_t bytes, stream_t s) { return cudaMemsetAsync(p, byte, bytes, s); }
+inline constexpr bool kIsHip = false;
+#endif
+
+// Shared memory of a kernel whose size is a compile-time constant.  HIP: a static array, so
+// exceeding the 64 KiB of LDS is a compile error and the size appears in the code-object
+// metadata (group_segment_fixed_size).  CUDA: dynamic shared memory, because static shared
+// memory is capped at 48 KiB; launch with dynamic_smem_bytes(bytes) and raise the limit with
+// set_max_dynamic_smem().
+#if RETENTION_HIP
+#define RETENTION_SMEM(name, bytes) __shared__ __attribute__((aligned(16))) unsigned char name[bytes]
+#else
+#define RETENTION_SMEM(name, bytes) extern __shared__ __align__(16) unsigned char name[]
+#endif
+constexpr int dynamic_smem_bytes(int bytes) { return kIsHip ? 0 : bytes; }
+
+// ------------------------------------------------------------------------------------------
+// Lanes, shuffles, reductions (device)
+// ------------------------------------------------------------------------------------------
+#if defined(__CUDACC__) || defined(__HIPCC__)
+
+RT_DEVICE int lane_id() { return static_cast<int>(threadIdx.x) & (kWarpSize - 1); }
+RT_DEVICE int warp_id() { return static_cast<int>(threadIdx.x) / kWarpSize; }
+
+template <class T>
+RT_DEVICE T shfl_xor(T v, int lane_mask, int width = kWarpSize) {
+#if RETENTION_HIP
+  return __shfl_xor(v, lane_mask, width);
+#else
+  return __shfl_xor_sync(kFullLaneMask, v, lane_mask, width);
+#endif
+}
+
+template <class T>
+RT_DEVICE T shfl(T v, int src_lane, int width = kWarpSize) {
+#if RETENTION_HIP
+  return __shfl(v, src_lane, width);
+#else
+  return __shfl_sync(kFullLaneMask, v, src_lane, width);
+#endif
+}
+
+RT_DEVICE lane_mask_t ballot(bool pred) {
+#if RETENTION_HIP
+  return __ballot(pred);
+#else
+  return __ballot_sync(kFullLaneMask, pred);
+#endif
+}
+
+RT_DEVICE int popcount(lane_mask_t m) {
+#if RETENTION_HIP
+  return __popcll(m);
+#else
+  return __popc(m);
+#endif
+}
+
+// Butterfly reduction over groups of kWidth consecutive lanes; every lane gets the result.
+template <int kWidth = kWarpSize, class T>
+RT_DEVICE T warp_reduce_sum(T v) {
+  static_assert(kWidth > 0 && kWidth <= kWarpSize && (kWidth & (kWidth - 1)) == 0, "width");
+#pragma unroll
+  for (int m = kWidth / 2; m > 0; m >>= 1) v += shfl_xor(v, m, kWidth);
+  return v;
+}
+
+template <int kWidth = kWarpSize, class T>
+RT_DEVICE T warp_reduce_max(T v) {
+  static_assert(kWidth > 0 && kWidth <= kWarpSize && (kWidth & (kWidth - 1)) == 0, "width");
+#pragma unroll
+  for (int m = kWidth / 2; m > 0; m >>= 1) {
+    T o = shfl_xor(v, m, kWidth);
+    v = v > o ? v : o;
+  }
+  return v;
+}
+
+RT_DEVICE std::uint32_t float_as_bits(float f) { return __float_as_uint(f); }
+RT_DEVICE float bits_as_float(std::uint32_t u) { return __uint_as_float(u); }
+
+#endif  // device
+
+}  // namespace retention::gpu

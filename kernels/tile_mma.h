@@ -1,0 +1,328 @@
+// tile_mma.h - one warp-level 16x16x16 matrix-multiply interface, three backends.
+//
+//   Mma::FragA / FragB / FragC     register fragments of one 16x16 tile (C is fp32)
+//   Mma::load_a(FragA&, SmemTile)  fill a fragment from a 16x16 shared-memory window
+//   Mma::load_b(FragB&, SmemTile)
+//   Mma::mma(FragC&, FragA, FragB) C += A * B
+//   Mma::Layout::c(lane, i)        which (row, col) of C is element i of this lane
+//
+// Backends (selected by MmaFor<T>):
+//   NVIDIA, f16/bf16  -> mma.sync m16n8k16 (two per atom), fp32 accumulate   [sm_80+]
+//   NVIDIA, fp32      -> SIMT FMAs in the sm80 accumulator layout (tensor cores would mean
+//                        silent TF32; fp32 inputs are the reference-precision path)
+//   AMD CDNA, f16     -> v_mfma_f32_16x16x16f16
+//   AMD CDNA, bf16    -> v_mfma_f32_16x16x16bf16_1k
+//   AMD CDNA, fp32    -> 4 x v_mfma_f32_16x16x4f32 (full fp32 on the matrix cores)
+//
+// Operands are always read from shared memory through SmemTile, a (pointer, row stride,
+// column stride) view, so a transposed operand is just a view with swapped strides; the kernels
+// never materialise transposes.  Which lane reads which element is defined once, in
+// fragment_layout.h.
+#pragma once
+
+#include <cstdint>
+
+#include "fragment_layout.h"
+#include "gpu_compat.h"
+#include "numeric.h"
+
+namespace retention::kernels {
+
+// Strided 2-D view of shared memory: element (r, c) lives at p[r * rs + c * cs].
+template <class T>
+struct SmemTile {
+  T* p;
+  int rs;
+  int cs;
+  RT_DEVICE T& operator()(int r, int c) const { return p[r * rs + c * cs]; }
+  RT_DEVICE SmemTile block(int r0, int c0) const { return {p + r0 * rs + c0 * cs, rs, cs}; }
+  RT_DEVICE SmemTile t() const { return {p, cs, rs}; }
+};
+
+template <class T>
+RT_DEVICE SmemTile<T> row_major(T* p, int ld) {
+  return {p, ld, 1};
+}
+
+namespace mma {
+
+#if RETENTION_CUDA
+
+RT_DEVICE std::uint32_t pack2(std::uint16_t lo, std::uint16_t hi) {
+  return std::uint32_t(lo) | (std::uint32_t(hi) << 16);
+}
+
+template <class T>
+struct Sm80 {
+  static_assert(sizeof(T) == 2, "mma.sync path is for 16-bit inputs");
+  using Layout = frag::Sm80;
+  struct FragA {
+    std::uint32_t r[4];
+  };
+  struct FragB {
+    std::uint32_t r[4];
+  };
+  struct FragC {
+    float x[8];
+  };
+
+  RT_DEVICE static void load_a(FragA& f, SmemTile<T> a) {
+    const int lane = gpu::lane_id();
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const frag::Coord lo = Layout::a(lane, 2 * r), hi = Layout::a(lane, 2 * r + 1);
+      f.r[r] = pack2(a(lo.row, lo.col).bits, a(hi.row, hi.col).bits);
+    }
+  }
+  RT_DEVICE static void load_b(FragB& f, SmemTile<T> b) {
+    const int lane = gpu::lane_id();
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const frag::Coord lo = Layout::b(lane, 2 * r), hi = Layout::b(lane, 2 * r + 1);
+      f.r[r] = pack2(b(lo.row, lo.col).bits, b(hi.row, hi.col).bits);
+    }
+  }
+  RT_DEVICE static void mma(FragC& c, const FragA& a, const FragB& b);
+};
+
+#define RETENTION_MMA_M16N8K16(TYPE, c0, c1, c2, c3, A, B0, B1)                                   \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 "                     \
+               "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                          \
+               : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3)                                           \
+               : "r"(A.r[0]), "r"(A.r[1]), "r"(A.r[2]), "r"(A.r[3]), "r"(B0), "r"(B1))
+
+template <>
+RT_DEVICE void Sm80<f16_t>::mma(FragC& c, const FragA& a, const FragB& b) {
+  RETENTION_MMA_M16N8K16("f16", c.x[0], c.x[1], c.x[2], c.x[3], a, b.r[0], b.r[1]);
+  RETENTION_MMA_M16N8K16("f16", c.x[4], c.x[5], c.x[6], c.x[7], a, b.r[2], b.r[3]);
+}
+template <>
+RT_DEVICE void Sm80<bf16_t>::mma(FragC& c, const FragA& a, const FragB& b) {
+  RETENTION_MMA_M16N8K16("bf16", c.x[0], c.x[1], c.x[2], c.x[3], a, b.r[0], b.r[1]);
+  RETENTION_MMA_M16N8K16("bf16", c.x[4], c.x[5], c.x[6], c.x[7], a, b.r[2], b.r[3]);
+}
+#undef RETENTION_MMA_M16N8K16
+
+// fp32 on NVIDIA: same accumulator layout as Sm80 (so all epilogue code is shared), but the
+// "fragments" are just the shared-memory views and the product is done with FMAs.
+struct SimtF32 {
+  using Layout = frag::Sm80;
+  struct FragA {
+    SmemTile<float> t;
+  };
+  struct FragB {
+    SmemTile<float> t;
+  };
+  struct FragC {
+    float x[8];
+  };
+  RT_DEVICE static void load_a(FragA& f, SmemTile<float> a) { f.t = a; }
+  RT_DEVICE static void load_b(FragB& f, SmemTile<float> b) { f.t = b; }
+  // The sm80 accumulator pattern touches 2 rows x 4 columns per lane (rows g, g+8; columns
+  // 2t, 2t+1, 2t+8, 2t+9): per k step, 6 shared loads feed 8 FMAs.  Element i sits in row slot
+  // (i >> 1) & 1 and column slot (i & 1) + 2 (i >> 2), which is Layout::c spelled out.
+  RT_DEVICE static void mma(FragC& c, const FragA& a, const FragB& b) {
+    const int lane = gpu::lane_id();
+    const int row[2] = {Layout::c(lane, 0).row, Layout::c(lane, 2).row};
+    const int col[4] = {Layout::c(lane, 0).col, Layout::c(lane, 1).col, Layout::c(lane, 4).col,
+                        Layout::c(lane, 5).col};
+#pragma unroll 4
+    for (int k = 0; k < 16; ++k) {
+      const float a0 = a.t(row[0], k), a1 = a.t(row[1], k);
+      float bk[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) bk[j] = b.t(k, col[j]);
+#pragma unroll
+      for (int i = 0; i < Layout::kCElems; ++i)
+        c.x[i] = fmaf(((i >> 1) & 1) ? a1 : a0, bk[(i & 1) + 2 * (i >> 2)], c.x[i]);
+    }
+  }
+};
+
+#else  // RETENTION_HIP
+
+typedef _Float16 half4_t __attribute__((ext_vector_type(4)));
+typedef short bf16x4_t __attribute__((ext_vector_type(4)));
+typedef float float4_t __attribute__((ext_vector_type(4)));
+
+template <class T>
+struct Mfma;
+
+template <>
+struct Mfma<f16_t> {
+  using Layout = frag::Mfma16;
+  struct FragA {
+    half4_t v;
+  };
+  struct FragB {
+    half4_t v;
+  };
+  struct FragC {
+    float4_t x;
+  };
+  RT_DEVICE static void load_a(FragA& f, SmemTile<f16_t> a) {
+    const int lane = gpu::lane_id();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const frag::Coord rc = Layout::a(lane, i);
+      f.v[i] = __builtin_bit_cast(_Float16, a(rc.row, rc.col).bits);
+    }
+  }
+  RT_DEVICE static void load_b(FragB& f, SmemTile<f16_t> b) {
+    const int lane = gpu::lane_id();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const frag::Coord rc = Layout::b(lane, i);
+      f.v[i] = __builtin_bit_cast(_Float16, b(rc.row, rc.col).bits);
+    }
+  }
+  RT_DEVICE static void mma(FragC& c, const FragA& a, const FragB& b) {
+    c.x = __builtin_amdgcn_mfma_f32_16x16x16f16(a.v, b.v, c.x, 0, 0, 0);
+  }
+};
+
+template <>
+struct Mfma<bf16_t> {
+  using Layout = frag::Mfma16;
+  struct FragA {
+    bf16x4_t v;
+  };
+  struct FragB {
+    bf16x4_t v;
+  };
+  struct FragC {
+    float4_t x;
+  };
+  RT_DEVICE static void load_a(FragA& f, SmemTile<bf16_t> a) {
+    const int lane = gpu::lane_id();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const frag::Coord rc = Layout::a(lane, i);
+      f.v[i] = static_cast<short>(a(rc.row, rc.col).bits);
+    }
+  }
+  RT_DEVICE static void load_b(FragB& f, SmemTile<bf16_t> b) {
+    const int lane = gpu::lane_id();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const frag::Coord rc = Layout::b(lane, i);
+      f.v[i] = static_cast<short>(b(rc.row, rc.col).bits);
+    }
+  }
+  RT_DEVICE static void mma(FragC& c, const FragA& a, const FragB& b) {
+    c.x = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(a.v, b.v, c.x, 0, 0, 0);
+  }
+};
+
+template <>
+struct Mfma<float> {
+  using Layout = frag::Mfma16F32;
+  struct FragA {
+    float v[4];
+  };
+  struct FragB {
+    float v[4];
+  };
+  struct FragC {
+    float4_t x;
+  };
+  RT_DEVICE static void load_a(FragA& f, SmemTile<float> a) {
+    const int lane = gpu::lane_id();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const frag::Coord rc = Layout::a(lane, i);
+      f.v[i] = a(rc.row, rc.col);
+    }
+  }
+  RT_DEVICE static void load_b(FragB& f, SmemTile<float> b) {
+    const int lane = gpu::lane_id();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const frag::Coord rc = Layout::b(lane, i);
+      f.v[i] = b(rc.row, rc.col);
+    }
+  }
+  RT_DEVICE static void mma(FragC& c, const FragA& a, const FragB& b) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) c.x = __builtin_amdgcn_mfma_f32_16x16x4f32(a.v[i], b.v[i], c.x, 0, 0, 0);
+  }
+};
+
+#endif
+
+}  // namespace mma
+
+// The backend the kernels use for element type T on the current target.
+#if RETENTION_CUDA
+template <class T>
+struct MmaFor {
+  using type = mma::Sm80<T>;
+};
+template <>
+struct MmaFor<float> {
+  using type = mma::SimtF32;
+};
+#else
+template <class T>
+struct MmaFor {
+  using type = mma::Mfma<T>;
+};
+#endif
+
+// ------------------------------------------------------------------------------------------
+// Warp-level tile algebra on top of the atom.
+// ------------------------------------------------------------------------------------------
+#if defined(__CUDACC__) || defined(__HIPCC__)
+
+template <class Mma, int N>
+RT_DEVICE void fill(typename Mma::FragC (&acc)[N], float value) {
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int i = 0; i < Mma::Layout::kCElems; ++i) acc[j].x[i] = value;
+}
+
+// acc[j] += A[16 x 16K] * B[16K x 16N] (block j of 16 columns): one warp, one 16-row block.
+// A fragments are loaded once per k step and reused across the N column tiles.
+template <class Mma, int N, int K, class T>
+RT_DEVICE void warp_mma(typename Mma::FragC (&acc)[N], SmemTile<T> a, SmemTile<T> b) {
+  // Not unrolled over k: a fully unrolled body lets the schedulers hoist every fragment load
+  // of the step, which costs far more registers than it hides latency (it spilled on gfx90a).
+#pragma unroll 1
+  for (int kk = 0; kk < K; ++kk) {
+    typename Mma::FragA fa;
+    Mma::load_a(fa, a.block(0, 16 * kk));
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      typename Mma::FragB fb;
+      Mma::load_b(fb, b.block(16 * kk, 16 * j));
+      Mma::mma(acc[j], fa, fb);
+    }
+  }
+}
+
+// f(row, col, value&) for every accumulator element this lane owns; row/col are relative to
+// the 16-row block, col spans the N tiles.
+template <class Mma, int N, class F>
+RT_DEVICE void for_each(typename Mma::FragC (&acc)[N], F&& f) {
+  const int lane = gpu::lane_id();
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int i = 0; i < Mma::Layout::kCElems; ++i) {
+      const frag::Coord rc = Mma::Layout::c(lane, i);
+      float x = acc[j].x[i];  // by value: MFMA accumulators are vector types, not addressable
+      f(rc.row, 16 * j + rc.col, x);
+      acc[j].x[i] = x;
+    }
+}
+
+// Round the accumulators to T and write them to a 16 x 16N shared-memory block.
+template <class Mma, int N, class T>
+RT_DEVICE void store(SmemTile<T> dst, typename Mma::FragC (&acc)[N]) {
+  for_each<Mma, N>(acc, [&](int r, int c, float& x) { dst(r, c) = Elem<T>::from_float(x); });
+}
+
+#endif  // device
+
+}  // namespace retention::kernels

@@ -1,0 +1,526 @@
+// GoogleTest tests of the torch-free GPU kernels (kernels/*.cu), one source for nvcc and hipcc.
+//
+// Every kernel is compared against a float64 CPU evaluation of the recurrence written here
+// (S <- g S + k^T v, o = scale q S; the backward as the reverse scan of retnet-math §9), computed
+// from the *rounded* inputs, so the tolerance only covers the kernels' own rounding.  Outputs
+// are poisoned with NaN before each launch, so an element a kernel forgets to write fails.
+// Metric: relative RMS error, RMS(got - ref) / RMS(ref) (FLA's assert_close), plus finiteness.
+// Tests skip when there is no GPU; the numeric-conversion tests are host-only and always run.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gpu_compat.h"
+#include "numeric.h"
+#include "retention_kernels.h"
+
+namespace rk = retention::kernels;
+namespace gpu = retention::gpu;
+
+namespace {
+
+bool has_device() {
+  int n = 0;
+  return gpu::device_count(&n) == gpu::kSuccess && n > 0 && gpu::check_warp_size() == gpu::kSuccess;
+}
+
+#define SKIP_WITHOUT_DEVICE()                                    \
+  do {                                                           \
+    if (!has_device()) GTEST_SKIP() << "no GPU device available"; \
+  } while (0)
+
+#define GPU_OK(expr)                                           \
+  do {                                                         \
+    const gpu::error_t err_ = (expr);                          \
+    ASSERT_EQ(err_, gpu::kSuccess) << gpu::error_string(err_); \
+  } while (0)
+
+// ------------------------------------------------------------------------------------------
+// Host data in a given element type
+// ------------------------------------------------------------------------------------------
+std::size_t elem_size(rk::DType t) { return t == rk::DType::kF32 ? 4 : 2; }
+
+// Round x to the element type (in place) and return its storage bytes.
+std::vector<unsigned char> encode(rk::DType t, std::vector<double>& x) {
+  std::vector<unsigned char> bytes(x.size() * elem_size(t));
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const float f = static_cast<float>(x[i]);
+    if (t == rk::DType::kF32) {
+      std::memcpy(&bytes[4 * i], &f, 4);
+      x[i] = f;
+    } else {
+      const std::uint16_t b = t == rk::DType::kF16 ? rk::host::f32_to_f16(f) : rk::host::f32_to_bf16(f);
+      std::memcpy(&bytes[2 * i], &b, 2);
+      x[i] = t == rk::DType::kF16 ? rk::host::f16_to_f32(b) : rk::host::bf16_to_f32(b);
+    }
+  }
+  return bytes;
+}
+
+std::vector<double> decode(rk::DType t, const std::vector<unsigned char>& bytes) {
+  std::vector<double> x(bytes.size() / elem_size(t));
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    if (t == rk::DType::kF32) {
+      float f;
+      std::memcpy(&f, &bytes[4 * i], 4);
+      x[i] = f;
+    } else {
+      std::uint16_t b;
+      std::memcpy(&b, &bytes[2 * i], 2);
+      x[i] = t == rk::DType::kF16 ? rk::host::f16_to_f32(b) : rk::host::bf16_to_f32(b);
+    }
+  }
+  return x;
+}
+
+struct DeviceBuffer {
+  void* ptr = nullptr;
+  std::size_t bytes = 0;
+  explicit DeviceBuffer(std::size_t n) : bytes(n) {
+    if (n > 0 && gpu::malloc_device(&ptr, n) != gpu::kSuccess) ptr = nullptr;
+  }
+  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr(o.ptr), bytes(o.bytes) { o.ptr = nullptr; }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(DeviceBuffer&&) = delete;
+  ~DeviceBuffer() {
+    if (ptr) gpu::free_device(ptr);
+  }
+  template <class T>
+  T* as() const {
+    return static_cast<T*>(ptr);
+  }
+  void upload(const void* src) { gpu::copy_to_device(ptr, src, bytes); }
+  void poison() { gpu::memset_device(ptr, 0xff, bytes); }  // all-ones = NaN in f16, bf16 and f32
+  std::vector<unsigned char> download() const {
+    std::vector<unsigned char> h(bytes);
+    gpu::copy_to_host(h.data(), ptr, bytes);
+    return h;
+  }
+  std::vector<double> download_f32() const {
+    std::vector<float> f(bytes / 4);
+    gpu::copy_to_host(f.data(), ptr, bytes);
+    return std::vector<double>(f.begin(), f.end());
+  }
+};
+
+DeviceBuffer upload_f32(const std::vector<double>& x) {
+  std::vector<float> f(x.begin(), x.end());
+  DeviceBuffer d(f.size() * 4);
+  d.upload(f.data());
+  return d;
+}
+
+double rel_rms(const std::vector<double>& got, const std::vector<double>& ref) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    num += (got[i] - ref[i]) * (got[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  return den == 0 ? std::sqrt(num) : std::sqrt(num / den);
+}
+
+void expect_close(const std::vector<double>& got, const std::vector<double>& ref, double tol, const std::string& what) {
+  ASSERT_EQ(got.size(), ref.size()) << what;
+  std::size_t bad = 0;
+  for (double x : got) bad += !std::isfinite(x);
+  EXPECT_EQ(bad, 0u) << what << ": non-finite elements (unwritten or overflow)";
+  EXPECT_LT(rel_rms(got, ref), tol) << what;
+}
+
+double tolerance(rk::DType t) { return t == rk::DType::kF32 ? 1e-4 : t == rk::DType::kF16 ? 5e-3 : 1.5e-2; }
+const char* name(rk::DType t) { return t == rk::DType::kF32 ? "f32" : t == rk::DType::kF16 ? "f16" : "bf16"; }
+
+// ------------------------------------------------------------------------------------------
+// float64 reference (per (b, h), token by token)
+// ------------------------------------------------------------------------------------------
+struct Problem {
+  int B, T, H, dk, dv;
+  bool with_state;
+  std::vector<double> q, k, v, log_decay, s0;  // [B,T,H,dk] x2, [B,T,H,dv], [H], [B,H,dk,dv]
+  double scale;
+
+  std::size_t qi(int b, int t, int h, int d) const { return ((std::size_t(b) * T + t) * H + h) * dk + d; }
+  std::size_t vi(int b, int t, int h, int d) const { return ((std::size_t(b) * T + t) * H + h) * dv + d; }
+  std::size_t si(int b, int h, int r, int c) const { return ((std::size_t(b) * H + h) * dk + r) * dv + c; }
+};
+
+Problem make_problem(int B, int T, int H, int dk, int dv, bool with_state, unsigned seed) {
+  Problem p{B, T, H, dk, dv, with_state, {}, {}, {}, {}, {}, 1.0 / std::sqrt(double(dk))};
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> n01(0.0, 1.0);
+  auto fill = [&](std::vector<double>& x, std::size_t n, double s) {
+    x.resize(n);
+    for (auto& e : x) e = s * n01(gen);
+  };
+  fill(p.q, std::size_t(B) * T * H * dk, 1.0);
+  fill(p.k, std::size_t(B) * T * H * dk, 1.0);
+  fill(p.v, std::size_t(B) * T * H * dv, 1.0);
+  fill(p.s0, std::size_t(B) * H * dk * dv, with_state ? 0.5 : 0.0);
+  // RetNet decays, log(1 - 2^(-5-h)): head 15 has gamma = 1 - 2^-20 (practically undecayed).
+  for (int h = 0; h < H; ++h) p.log_decay.push_back(std::log1p(-std::ldexp(1.0, -5 - h)));
+  return p;
+}
+
+struct Reference {
+  std::vector<double> o, sT;              // forward
+  std::vector<double> dq, dk, dv, ds0;    // backward
+};
+
+Reference reference(const Problem& p, const std::vector<double>* dO = nullptr, const std::vector<double>* dsT = nullptr) {
+  Reference r;
+  r.o.assign(std::size_t(p.B) * p.T * p.H * p.dv, 0.0);
+  r.sT.assign(p.s0.size(), 0.0);
+  if (dO) {
+    r.dq.assign(p.q.size(), 0.0);
+    r.dk.assign(p.k.size(), 0.0);
+    r.dv.assign(p.v.size(), 0.0);
+    r.ds0.assign(p.s0.size(), 0.0);
+  }
+  std::vector<double> S(std::size_t(p.dk) * p.dv);
+  for (int b = 0; b < p.B; ++b)
+    for (int h = 0; h < p.H; ++h) {
+      const double g = std::exp(p.log_decay[h]);
+      for (int i = 0; i < p.dk * p.dv; ++i) S[i] = p.s0[p.si(b, h, 0, 0) + i];
+      for (int t = 0; t < p.T; ++t) {
+        for (int rr = 0; rr < p.dk; ++rr)
+          for (int c = 0; c < p.dv; ++c)
+            S[rr * p.dv + c] = g * S[rr * p.dv + c] + p.k[p.qi(b, t, h, rr)] * p.v[p.vi(b, t, h, c)];
+        for (int c = 0; c < p.dv; ++c) {
+          double acc = 0;
+          for (int rr = 0; rr < p.dk; ++rr) acc += p.q[p.qi(b, t, h, rr)] * S[rr * p.dv + c];
+          r.o[p.vi(b, t, h, c)] = p.scale * acc;
+        }
+        if (dO)  // dq_t = scale * S_t do_t
+          for (int rr = 0; rr < p.dk; ++rr) {
+            double acc = 0;
+            for (int c = 0; c < p.dv; ++c) acc += S[rr * p.dv + c] * (*dO)[p.vi(b, t, h, c)];
+            r.dq[p.qi(b, t, h, rr)] = p.scale * acc;
+          }
+      }
+      for (int i = 0; i < p.dk * p.dv; ++i) r.sT[p.si(b, h, 0, 0) + i] = S[i];
+      if (!dO) continue;
+      // Reverse scan: dU = dS_T; dU += scale q_t do_t^T; dk_t = dU v_t; dv_t = dU^T k_t; dU *= g.
+      std::vector<double> dU(std::size_t(p.dk) * p.dv, 0.0);
+      if (dsT)
+        for (int i = 0; i < p.dk * p.dv; ++i) dU[i] = (*dsT)[p.si(b, h, 0, 0) + i];
+      for (int t = p.T - 1; t >= 0; --t) {
+        for (int rr = 0; rr < p.dk; ++rr)
+          for (int c = 0; c < p.dv; ++c) dU[rr * p.dv + c] += p.scale * p.q[p.qi(b, t, h, rr)] * (*dO)[p.vi(b, t, h, c)];
+        for (int rr = 0; rr < p.dk; ++rr) {
+          double acc = 0;
+          for (int c = 0; c < p.dv; ++c) acc += dU[rr * p.dv + c] * p.v[p.vi(b, t, h, c)];
+          r.dk[p.qi(b, t, h, rr)] = acc;
+        }
+        for (int c = 0; c < p.dv; ++c) {
+          double acc = 0;
+          for (int rr = 0; rr < p.dk; ++rr) acc += dU[rr * p.dv + c] * p.k[p.qi(b, t, h, rr)];
+          r.dv[p.vi(b, t, h, c)] = acc;
+        }
+        for (auto& x : dU) x *= g;
+      }
+      for (int i = 0; i < p.dk * p.dv; ++i) r.ds0[p.si(b, h, 0, 0) + i] = dU[i];
+    }
+  return r;
+}
+
+// Contiguous [B, T, H, d] operand description.  `offset_elems` shifts the base pointer to
+// exercise the unaligned (scalar) load path.
+rk::Bthd bthd(void* base, const Problem& p, int d, int offset_elems, rk::DType t) {
+  rk::Bthd x;
+  x.ptr = static_cast<unsigned char*>(base) + offset_elems * elem_size(t);
+  x.stride_h = d;
+  x.stride_t = std::int64_t(p.H) * d;
+  x.stride_b = std::int64_t(p.T) * p.H * d;
+  return x;
+}
+
+// ------------------------------------------------------------------------------------------
+// Parameterised over (dtype, shape)
+// ------------------------------------------------------------------------------------------
+struct Case {
+  rk::DType dtype;
+  int B, T, H, dk, dv;
+  bool with_state;
+  int offset;  // element offset of every operand (0: aligned vector path, 1: scalar path)
+};
+
+std::string case_name(const testing::TestParamInfo<Case>& info) {
+  const Case& c = info.param;
+  return std::string(name(c.dtype)) + "_B" + std::to_string(c.B) + "_T" + std::to_string(c.T) + "_H" +
+         std::to_string(c.H) + "_dk" + std::to_string(c.dk) + "_dv" + std::to_string(c.dv) +
+         (c.with_state ? "_h0" : "") + (c.offset ? "_unaligned" : "");
+}
+
+std::vector<Case> cases() {
+  std::vector<Case> out;
+  for (rk::DType t : {rk::DType::kF16, rk::DType::kBF16, rk::DType::kF32}) {
+    out.push_back({t, 2, 1, 1, 64, 64, false, 0});      // a single token
+    out.push_back({t, 2, 63, 3, 60, 64, true, 0});      // partial chunk, ragged dk
+    out.push_back({t, 1, 65, 2, 256, 432, true, 0});    // one token past a chunk, dk=256, dv=432
+    out.push_back({t, 1, 1000, 16, 60, 48, false, 0});  // long, 16 heads (gamma up to 1 - 2^-20)
+    out.push_back({t, 2, 130, 5, 128, 100, true, 1});   // unaligned operands, dk=128 bucket
+  }
+  return out;
+}
+
+class RetentionKernels : public testing::TestWithParam<Case> {};
+
+TEST_P(RetentionKernels, ChunkForwardMatchesReference) {
+  SKIP_WITHOUT_DEVICE();
+  const Case c = GetParam();
+  Problem p = make_problem(c.B, c.T, c.H, c.dk, c.dv, c.with_state, 1234);
+  const auto qb = encode(c.dtype, p.q), kb = encode(c.dtype, p.k), vb = encode(c.dtype, p.v);
+  const Reference ref = reference(p);
+
+  const std::size_t pad = c.offset * elem_size(c.dtype);
+  DeviceBuffer dq(qb.size() + pad), dk(kb.size() + pad), dv(vb.size() + pad), dO(vb.size() + pad);
+  gpu::copy_to_device(static_cast<char*>(dq.ptr) + pad, qb.data(), qb.size());
+  gpu::copy_to_device(static_cast<char*>(dk.ptr) + pad, kb.data(), kb.size());
+  gpu::copy_to_device(static_cast<char*>(dv.ptr) + pad, vb.data(), vb.size());
+  DeviceBuffer decay = upload_f32(p.log_decay), s0 = upload_f32(p.s0), sT(p.s0.size() * 4);
+  dO.poison();
+  sT.poison();
+
+  rk::ChunkForwardParams prm;
+  prm.dtype = c.dtype;
+  prm.shape = {c.B, c.T, c.H, c.dk, c.dv};
+  prm.q = bthd(dq.ptr, p, c.dk, c.offset, c.dtype);
+  prm.k = bthd(dk.ptr, p, c.dk, c.offset, c.dtype);
+  prm.v = bthd(dv.ptr, p, c.dv, c.offset, c.dtype);
+  prm.o = bthd(dO.ptr, p, c.dv, c.offset, c.dtype);
+  prm.log_decay = decay.as<float>();
+  prm.scale = static_cast<float>(p.scale);
+  prm.initial_state = c.with_state ? s0.as<float>() : nullptr;
+  prm.final_state = sT.as<float>();
+  GPU_OK(rk::launch_chunk_forward(prm));
+  GPU_OK(gpu::synchronize());
+
+  auto ob = dO.download();
+  ob.erase(ob.begin(), ob.begin() + pad);
+  expect_close(decode(c.dtype, ob), ref.o, tolerance(c.dtype), "o");
+  expect_close(sT.download_f32(), ref.sT, tolerance(c.dtype), "final_state");
+}
+
+TEST_P(RetentionKernels, RecurrentForwardMatchesReference) {
+  SKIP_WITHOUT_DEVICE();
+  const Case c = GetParam();
+  Problem p = make_problem(c.B, c.T, c.H, c.dk, c.dv, c.with_state, 99);
+  const auto qb = encode(c.dtype, p.q), kb = encode(c.dtype, p.k), vb = encode(c.dtype, p.v);
+  const Reference ref = reference(p);
+
+  DeviceBuffer dq(qb.size()), dk(kb.size()), dv(vb.size()), dO(vb.size());
+  dq.upload(qb.data());
+  dk.upload(kb.data());
+  dv.upload(vb.data());
+  DeviceBuffer decay = upload_f32(p.log_decay), s0 = upload_f32(p.s0), sT(p.s0.size() * 4);
+  dO.poison();
+  sT.poison();
+
+  rk::RecurrentForwardParams prm;
+  prm.dtype = c.dtype;
+  prm.shape = {c.B, c.T, c.H, c.dk, c.dv};
+  prm.q = bthd(dq.ptr, p, c.dk, 0, c.dtype);
+  prm.k = bthd(dk.ptr, p, c.dk, 0, c.dtype);
+  prm.v = bthd(dv.ptr, p, c.dv, 0, c.dtype);
+  prm.o = bthd(dO.ptr, p, c.dv, 0, c.dtype);
+  prm.log_decay = decay.as<float>();
+  prm.scale = static_cast<float>(p.scale);
+  prm.initial_state = c.with_state ? s0.as<float>() : nullptr;
+  prm.final_state = sT.as<float>();
+  GPU_OK(rk::launch_recurrent_forward(prm));
+  GPU_OK(gpu::synchronize());
+
+  // The scan keeps everything in fp32: only the output rounding remains.
+  expect_close(decode(c.dtype, dO.download()), ref.o, tolerance(c.dtype), "o");
+  expect_close(sT.download_f32(), ref.sT, 1e-5, "final_state");
+}
+
+TEST_P(RetentionKernels, ChunkBackwardMatchesReference) {
+  SKIP_WITHOUT_DEVICE();
+  const Case c = GetParam();
+  Problem p = make_problem(c.B, c.T, c.H, c.dk, c.dv, c.with_state, 4321);
+  const auto qb = encode(c.dtype, p.q), kb = encode(c.dtype, p.k), vb = encode(c.dtype, p.v);
+  std::vector<double> grad_o(p.v.size()), grad_sT(p.s0.size());
+  std::mt19937 gen(77);
+  std::normal_distribution<double> n01;
+  for (auto& x : grad_o) x = n01(gen);
+  for (auto& x : grad_sT) x = c.with_state ? 0.1 * n01(gen) : 0.0;
+  const auto gob = encode(c.dtype, grad_o);
+  const Reference ref = reference(p, &grad_o, &grad_sT);
+
+  DeviceBuffer dq(qb.size()), dk(kb.size()), dv(vb.size()), dgo(gob.size());
+  dq.upload(qb.data());
+  dk.upload(kb.data());
+  dv.upload(vb.data());
+  dgo.upload(gob.data());
+  DeviceBuffer decay = upload_f32(p.log_decay), s0 = upload_f32(p.s0), gsT = upload_f32(grad_sT);
+  DeviceBuffer gq(qb.size()), gk(kb.size()), gv(vb.size()), gs0(p.s0.size() * 4);
+  for (DeviceBuffer* d : {&gq, &gk, &gv, &gs0}) d->poison();
+
+  rk::ChunkBackwardParams prm;
+  prm.dtype = c.dtype;
+  prm.shape = {c.B, c.T, c.H, c.dk, c.dv};
+  prm.q = bthd(dq.ptr, p, c.dk, 0, c.dtype);
+  prm.k = bthd(dk.ptr, p, c.dk, 0, c.dtype);
+  prm.v = bthd(dv.ptr, p, c.dv, 0, c.dtype);
+  prm.grad_o = bthd(dgo.ptr, p, c.dv, 0, c.dtype);
+  prm.grad_q = bthd(gq.ptr, p, c.dk, 0, c.dtype);
+  prm.grad_k = bthd(gk.ptr, p, c.dk, 0, c.dtype);
+  prm.grad_v = bthd(gv.ptr, p, c.dv, 0, c.dtype);
+  prm.log_decay = decay.as<float>();
+  prm.scale = static_cast<float>(p.scale);
+  prm.initial_state = c.with_state ? s0.as<float>() : nullptr;
+  prm.grad_final_state = c.with_state ? gsT.as<float>() : nullptr;
+  prm.grad_initial_state = gs0.as<float>();
+  DeviceBuffer ws(rk::chunk_backward_workspace_bytes(prm));
+  prm.workspace = ws.as<float>();
+  GPU_OK(rk::launch_chunk_backward(prm));
+  GPU_OK(gpu::synchronize());
+
+  const double tol = 2 * tolerance(c.dtype);
+  expect_close(decode(c.dtype, gq.download()), ref.dq, tol, "grad_q");
+  expect_close(decode(c.dtype, gk.download()), ref.dk, tol, "grad_k");
+  expect_close(decode(c.dtype, gv.download()), ref.dv, tol, "grad_v");
+  expect_close(gs0.download_f32(), ref.ds0, tol, "grad_initial_state");
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, RetentionKernels, testing::ValuesIn(cases()), case_name);
+
+// One decode step on a random state, in place.
+class RecurrentStep : public testing::TestWithParam<rk::DType> {};
+
+TEST_P(RecurrentStep, UpdatesStateInPlace) {
+  SKIP_WITHOUT_DEVICE();
+  const rk::DType t = GetParam();
+  Problem p = make_problem(3, 1, 5, 60, 432, true, 5);
+  const auto qb = encode(t, p.q), kb = encode(t, p.k), vb = encode(t, p.v);
+  const Reference ref = reference(p);
+  DeviceBuffer dq(qb.size()), dk(kb.size()), dv(vb.size()), dO(vb.size());
+  dq.upload(qb.data());
+  dk.upload(kb.data());
+  dv.upload(vb.data());
+  dO.poison();
+  DeviceBuffer decay = upload_f32(p.log_decay), state = upload_f32(p.s0);
+
+  rk::RecurrentStepParams prm;
+  prm.dtype = t;
+  prm.B = p.B;
+  prm.H = p.H;
+  prm.dk = p.dk;
+  prm.dv = p.dv;
+  prm.q = dq.ptr;
+  prm.q_stride_b = std::int64_t(p.H) * p.dk;
+  prm.q_stride_h = p.dk;
+  prm.k = dk.ptr;
+  prm.k_stride_b = prm.q_stride_b;
+  prm.k_stride_h = prm.q_stride_h;
+  prm.v = dv.ptr;
+  prm.v_stride_b = std::int64_t(p.H) * p.dv;
+  prm.v_stride_h = p.dv;
+  prm.o = dO.ptr;
+  prm.o_stride_b = prm.v_stride_b;
+  prm.o_stride_h = prm.v_stride_h;
+  prm.log_decay = decay.as<float>();
+  prm.scale = static_cast<float>(p.scale);
+  prm.state = state.as<float>();
+  GPU_OK(rk::launch_recurrent_step(prm));
+  GPU_OK(gpu::synchronize());
+
+  expect_close(decode(t, dO.download()), ref.o, tolerance(t), "o");
+  expect_close(state.download_f32(), ref.sT, 1e-6, "state");
+}
+
+INSTANTIATE_TEST_SUITE_P(DTypes, RecurrentStep, testing::Values(rk::DType::kF16, rk::DType::kBF16, rk::DType::kF32),
+                         [](const testing::TestParamInfo<rk::DType>& i) { return std::string(name(i.param)); });
+
+// fp16 output stays finite on the slowest-decaying head over a long sequence (the state grows
+// like 1 / (1 - gamma); it must be carried in fp32).
+TEST(RetentionKernelsNumerics, Fp16FiniteOnSlowestHead) {
+  SKIP_WITHOUT_DEVICE();
+  Problem p = make_problem(1, 4096, 16, 64, 64, false, 11);
+  for (auto& x : p.v) x = std::fabs(x);  // same-sign values: the worst case for growth
+  for (auto& x : p.k) x = std::fabs(x);
+  const auto qb = encode(rk::DType::kF16, p.q), kb = encode(rk::DType::kF16, p.k), vb = encode(rk::DType::kF16, p.v);
+  DeviceBuffer dq(qb.size()), dk(kb.size()), dv(vb.size()), dO(vb.size()), sT(std::size_t(16) * 64 * 64 * 4);
+  dq.upload(qb.data());
+  dk.upload(kb.data());
+  dv.upload(vb.data());
+  dO.poison();
+  DeviceBuffer decay = upload_f32(p.log_decay);
+  rk::ChunkForwardParams prm;
+  prm.dtype = rk::DType::kF16;
+  prm.shape = {1, 4096, 16, 64, 64};
+  prm.q = bthd(dq.ptr, p, 64, 0, prm.dtype);
+  prm.k = bthd(dk.ptr, p, 64, 0, prm.dtype);
+  prm.v = bthd(dv.ptr, p, 64, 0, prm.dtype);
+  prm.o = bthd(dO.ptr, p, 64, 0, prm.dtype);
+  prm.log_decay = decay.as<float>();
+  prm.scale = 0.125f;
+  prm.final_state = sT.as<float>();
+  GPU_OK(rk::launch_chunk_forward(prm));
+  GPU_OK(gpu::synchronize());
+  const auto o = decode(rk::DType::kF16, dO.download());
+  std::size_t bad = 0;
+  for (double x : o) bad += !std::isfinite(x);
+  EXPECT_EQ(bad, 0u);
+}
+
+// The compat header's reductions at full and partial width, on whatever wavefront size the
+// target has (32 or 64).
+__global__ void warp_reduce_kernel(float* full, float* part) {
+  const float x = static_cast<float>(threadIdx.x + 1);
+  full[threadIdx.x] = gpu::warp_reduce_sum(x);
+  part[threadIdx.x] = gpu::warp_reduce_sum<8>(x);
+}
+
+TEST(GpuCompat, WarpReduceSum) {
+  SKIP_WITHOUT_DEVICE();
+  constexpr int W = gpu::kWarpSize;
+  DeviceBuffer full(W * 4), part(W * 4);
+  warp_reduce_kernel<<<1, W>>>(full.as<float>(), part.as<float>());
+  GPU_OK(gpu::last_error());
+  GPU_OK(gpu::synchronize());
+  const auto f = full.download_f32(), q = part.download_f32();
+  for (int l = 0; l < W; ++l) {
+    EXPECT_EQ(f[l], W * (W + 1) / 2.0);
+    const int g = l / 8;
+    EXPECT_EQ(q[l], 8 * (8 * g + 1) + 28.0);  // sum of 8g+1 .. 8g+8
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Host-only: the bit conversions the tests (and the torch glue's expectations) rely on.
+// ------------------------------------------------------------------------------------------
+TEST(Numeric, HalfConversions) {
+  using namespace rk::host;
+  EXPECT_EQ(f32_to_f16(1.0f), 0x3c00);
+  EXPECT_EQ(f32_to_f16(-2.0f), 0xc000);
+  EXPECT_EQ(f32_to_f16(65504.0f), 0x7bff);
+  EXPECT_EQ(f32_to_f16(65519.0f), 0x7bff);
+  EXPECT_EQ(f32_to_f16(65520.0f), 0x7c00);        // rounds to infinity
+  EXPECT_EQ(f32_to_f16(std::ldexp(1.0f, -24)), 0x0001);  // smallest subnormal
+  EXPECT_EQ(f32_to_f16(std::ldexp(1.0f, -26)), 0x0000);  // below half of it
+  EXPECT_EQ(f32_to_f16(1.0f + std::ldexp(1.0f, -11)), 0x3c00);  // tie -> even
+  EXPECT_EQ(f32_to_f16(1.0f + 3 * std::ldexp(1.0f, -11)), 0x3c02);
+  EXPECT_TRUE(std::isnan(f16_to_f32(f32_to_f16(NAN))));
+  for (std::uint32_t b = 0; b < 0x7c00; ++b)  // every finite positive half round-trips
+    ASSERT_EQ(f32_to_f16(f16_to_f32(static_cast<std::uint16_t>(b))), b);
+}
+
+TEST(Numeric, BFloat16Conversions) {
+  using namespace rk::host;
+  EXPECT_EQ(f32_to_bf16(1.0f), 0x3f80);
+  EXPECT_EQ(f32_to_bf16(1.0f + std::ldexp(1.0f, -8)), 0x3f80);      // tie -> even
+  EXPECT_EQ(f32_to_bf16(1.0f + 3 * std::ldexp(1.0f, -8)), 0x3f82);  // tie -> even (up)
+  EXPECT_TRUE(std::isnan(bf16_to_f32(f32_to_bf16(NAN))));
+  for (std::uint32_t b = 0; b < 0x7f80; ++b)
+    ASSERT_EQ(f32_to_bf16(bf16_to_f32(static_cast<std::uint16_t>(b))), b);
+}
+
+}  // namespace
