@@ -28,5 +28,8 @@ if [ -x .ci/gpu_compile_check.sh ] || [ -f .ci/gpu_compile_check.sh ]; then
   fi
 fi
 
+echo "== main job, quick mode (train a few steps, generate, forms agree)"
+PYTHONPATH=python "$PYTHON" examples/train_lm.py --quick
+
 echo "== pytest"
 PYTHONPATH=python "$PYTHON" -m pytest tests/python -q -p no:cacheprovider
