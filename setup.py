@@ -1,11 +1,15 @@
-"""Builds the Python extension retention._C from csrc/ (and, with a CUDA build of torch, the
-kernels in kernels/ and the CUDA glue in csrc/cuda/)."""
+"""Builds the Python extension retention._C from csrc/ (and, with a CUDA or ROCm build of torch,
+the kernels in kernels/ and the GPU glue in csrc/cuda/).
+
+Env: RETENTION_GPU=none|cuda|rocm|auto (default auto); TORCH_CUDA_ARCH_LIST (default 8.0;9.0);
+PYTORCH_ROCM_ARCH (default gfx90a)."""
 import glob
 import os
 
 import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import (CUDA_HOME, ROCM_HOME, BuildExtension, CppExtension,
+                                       CUDAExtension)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -19,23 +23,72 @@ sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/meta/*.cpp") + r
 include_dirs = [os.path.join(ROOT, d) for d in ("csrc/include", "csrc", "kernels")]
 cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
 
-# CUDA when this torch was built with CUDA and a toolkit is present (RETENTION_GPU=none skips).
-use_cuda = (os.environ.get("RETENTION_GPU", "auto") != "none" and torch.version.cuda is not None
-            and CUDA_HOME is not None)
-if use_cuda:
-    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
-    ext = CUDAExtension(
-        "retention._C",
-        sources + rel("csrc/cuda/*.cu") + rel("kernels/*.cu"),
-        include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx_flags,
-                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
-                                     "-lineinfo"]},
-    )
-else:
-    ext = CppExtension("retention._C", sources, include_dirs=include_dirs,
-                       extra_compile_args=cxx_flags)
+
+def gpu_backend():
+    """'cuda', 'rocm' or None (CPU only) for this torch.
+
+    RETENTION_GPU=none|cuda|rocm|auto (default auto).  auto picks ROCm for a ROCm build of torch
+    (torch.version.hip), CUDA for a CUDA build with a toolkit (CUDA_HOME), else CPU; an explicit
+    cuda/rocm that this torch cannot build is an error rather than a silent CPU build.
+    """
+    want = os.environ.get("RETENTION_GPU", "auto").strip().lower()
+    want = {"": "auto", "off": "none", "cpu": "none", "0": "none", "hip": "rocm"}.get(want, want)
+    if want not in ("none", "cuda", "rocm", "auto"):
+        raise SystemExit(f"RETENTION_GPU must be none, cuda, rocm or auto, not {want!r}")
+    hip = getattr(torch.version, "hip", None) is not None
+    cuda = torch.version.cuda is not None and not hip
+    if want == "rocm" and not (hip and ROCM_HOME is not None):
+        raise SystemExit("RETENTION_GPU=rocm needs a ROCm build of torch (torch.version.hip) "
+                         "and ROCm (hipcc; ROCM_HOME)")
+    if want == "cuda" and not (cuda and CUDA_HOME is not None):
+        raise SystemExit("RETENTION_GPU=cuda needs a CUDA build of torch (torch.version.cuda) "
+                         "and the CUDA toolkit (nvcc; CUDA_HOME)")
+    if want == "none":
+        return None
+    if hip and ROCM_HOME is not None:
+        return "rocm"
+    if cuda and CUDA_HOME is not None:
+        return "cuda"
+    return None
+
+
+def rocm_archs():
+    """PYTORCH_ROCM_ARCH (';' or ' ' separated), default gfx90a.  CDNA (gfx9xx, wave64) only:
+    kernels/gpu_compat.h refuses wave32 RDNA targets."""
+    spec = os.environ.get("PYTORCH_ROCM_ARCH", "gfx90a")
+    archs = [a for a in spec.replace(" ", ";").split(";") if a]
+    bad = [a for a in archs if not a.startswith("gfx9")]
+    if not archs or bad:
+        raise SystemExit(f"PYTORCH_ROCM_ARCH: need CDNA (gfx9xx) architectures such as gfx90a, "
+                         f"got {spec!r}")
+    return archs
+
+
+def extension(backend):
+    if backend is None:
+        return CppExtension("retention._C", sources, include_dirs=include_dirs,
+                            extra_compile_args=cxx_flags)
+    gpu_sources = sources + rel("csrc/cuda/*.cu") + rel("kernels/*.cu")
+    if backend == "cuda":
+        # sm_80 and sm_90 (no 9.0a: the kernels use mma.sync, not wgmma).
+        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        device_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    else:
+        # torch's ROCm build hipifies the .cu sources and compiles them with hipcc; the flags
+        # under "nvcc" go to hipcc.  Explicit --offload-arch (never auto-detection: it needs a
+        # GPU); torch then adds only -fno-gpu-rdc.  PYTORCH_ROCM_ARCH is set to the same list for
+        # torch versions that read it regardless.  No -fgpu-flush-denormals-to-zero: the CUDA
+        # build keeps denormals (no -ftz) and the float64 references assume IEEE fp32, so both
+        # vendors round the same way.  No -D flags: gpu_compat.h detects HIP by itself.
+        archs = rocm_archs()
+        os.environ["PYTORCH_ROCM_ARCH"] = ";".join(archs)
+        device_flags = (["-O3", "-std=c++17"] + [f"--offload-arch={a}" for a in archs]
+                        + ["-Wno-unused-result"])
+    return CUDAExtension("retention._C", gpu_sources, include_dirs=include_dirs,
+                         extra_compile_args={"cxx": cxx_flags, "nvcc": device_flags})
+
+
+ext = extension(gpu_backend())
 
 setup(
     name="retention",
