@@ -31,5 +31,10 @@ fi
 echo "== main job, quick mode (train a few steps, generate, forms agree)"
 PYTHONPATH=python "$PYTHON" examples/train_lm.py --quick
 
+echo "== cost-curve benchmark, quick mode (runs and writes valid output; timings not asserted)"
+cc_out=$(mktemp -d)
+PYTHONPATH=python "$PYTHON" bench/cost_curves.py --quick --out "$cc_out"
+rm -rf "$cc_out"
+
 echo "== pytest"
 PYTHONPATH=python "$PYTHON" -m pytest tests/python -q -p no:cacheprovider
