@@ -26,6 +26,7 @@ __all__ = [
     "retention_reference",
     "reference_grads",
     "default_scale",
+    "retention_term_rms",
 ]
 
 
@@ -101,6 +102,25 @@ def retention_loop(q, k, v, log_decay, scale=None, initial_state=None):
 
 
 retention_reference = retention_quadratic
+
+
+def retention_term_rms(q, k, v, log_decay, scale=None, initial_state=None):
+    """Natural magnitude of each output element: sqrt(sum of its squared product terms).
+
+    o_n[j] is a sum of products  scale * g^(n-m) q_n[i] k_m[i] v_m[j]  (plus the S_0 terms).  A
+    floating-point sum of such terms has an error proportional to sqrt(sum of squared terms), not
+    to |o_n[j]|: when the terms cancel (e.g. T=1 and q.k ~ 0, one scalar shared by every output
+    element) |o| is tiny but the rounding error is not.  Squaring every factor (and doubling the
+    log decay) turns the reference into exactly that sum of squares, so this is the error scale a
+    correct fp32 kernel is entitled to.  For random inputs without cancellation it equals RMS(o).
+    """
+    sq = lambda x: None if x is None else _f64(x) ** 2
+    dk = q.shape[-1]
+    if scale is None:
+        scale = default_scale(dk)
+    o2, _ = retention_quadratic(sq(q), sq(k), sq(v), 2.0 * _f64(log_decay), scale=scale ** 2,
+                                initial_state=sq(initial_state))
+    return o2.clamp_min(0.0).sqrt()
 
 
 def reference_grads(q, k, v, log_decay, scale=None, initial_state=None, grad_o=None,

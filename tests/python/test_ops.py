@@ -18,7 +18,7 @@ from conftest import (
     random_log_decay,
     state_dtype_for,
 )
-from reference import default_scale, retention_loop, retention_quadratic
+from reference import default_scale, retention_loop, retention_quadratic, retention_term_rms
 
 # form name -> (callable(q, k, v, ld, **kw), extra kwargs)
 FORMS = {
@@ -84,8 +84,30 @@ def test_forward_f32_vs_reference(form, B, T, H, dk, dv, with_state, device, see
     assert o.dtype == torch.float32 and o.shape == (B, T, H, dv) and o.device.type == device
     assert S.dtype == torch.float32 and S.shape == (B, H, dk, dv)
     o_ref, S_ref = retention_quadratic(q, k, v, ld, initial_state=S0)
-    assert_close_rel(o, o_ref, TOL[torch.float32], f"{form} o", seed=seed)
+    # (1,1,1,60,432) without a state: every output is (q.k) v_j, so one cancelling dot product
+    # would make RMS(o) tiny while fp32 rounding stays proportional to the summed terms.
+    o_terms = retention_term_rms(q, k, v, ld, initial_state=S0)
+    assert_close_rel(o, o_ref, TOL[torch.float32], f"{form} o", seed=seed, term_rms=o_terms)
     assert_close_rel(S, S_ref, TOL[torch.float32], f"{form} final_state", seed=seed)
+
+
+def test_term_rms_scale_is_exact_on_a_hand_case(seed):
+    """retention_term_rms on T=1, no state: sqrt(sum_i (s q_i k_i v_j)^2), checked by hand."""
+    q, k, v = make_qkv(1, 1, 1, 5, 3, dtype=torch.float64)
+    ld = random_log_decay(1, dtype=torch.float64)
+    got = retention_term_rms(q, k, v, ld, scale=0.7)
+    expect = 0.7 * torch.sqrt(((q[0, 0, 0] * k[0, 0, 0]) ** 2).sum()) * v[0, 0, 0].abs()
+    assert_close_rel(got[0, 0, 0], expect, 1e-14, "term rms", seed=seed)
+
+
+def test_term_rms_does_not_loosen_random_cases(seed):
+    """Without cancellation the term scale must equal RMS(o) to within the randomness of the
+    draw (so it does not loosen the fp32 check on ordinary inputs): 0.3x..3x for these sizes."""
+    q, k, v = make_qkv(2, 40, 4, 32, 16, dtype=torch.float64)
+    ld = random_log_decay(4, dtype=torch.float64)
+    o, _ = retention_quadratic(q, k, v, ld)
+    ratio = float(retention_term_rms(q, k, v, ld).pow(2).mean().sqrt() / o.pow(2).mean().sqrt())
+    assert 0.8 < ratio < 1.25, ratio
 
 
 DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16",
