@@ -21,7 +21,10 @@ def rel(pattern):
 sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/meta/*.cpp") + rel(
     "csrc/autograd/*.cpp")
 include_dirs = [os.path.join(ROOT, d) for d in ("csrc/include", "csrc", "kernels")]
-cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+# -fopenmp: at::parallel_for is inline in ATen's headers; without OpenMP in *our* translation
+# units it compiles to a serial loop even though torch itself runs on OpenMP.
+cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp"]
+link_flags = ["-fopenmp"]
 
 
 def gpu_backend():
@@ -67,7 +70,7 @@ def rocm_archs():
 def extension(backend):
     if backend is None:
         return CppExtension("retention._C", sources, include_dirs=include_dirs,
-                            extra_compile_args=cxx_flags)
+                            extra_compile_args=cxx_flags, extra_link_args=link_flags)
     gpu_sources = sources + rel("csrc/cuda/*.cu") + rel("kernels/*.cu")
     if backend == "cuda":
         # sm_80 and sm_90 (no 9.0a: the kernels use mma.sync, not wgmma).
@@ -85,7 +88,8 @@ def extension(backend):
         device_flags = (["-O3", "-std=c++17"] + [f"--offload-arch={a}" for a in archs]
                         + ["-Wno-unused-result"])
     return CUDAExtension("retention._C", gpu_sources, include_dirs=include_dirs,
-                         extra_compile_args={"cxx": cxx_flags, "nvcc": device_flags})
+                         extra_compile_args={"cxx": cxx_flags, "nvcc": device_flags},
+                         extra_link_args=link_flags)
 
 
 ext = extension(gpu_backend())

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/blas_threads.h"
 
 namespace retention {
 namespace {
@@ -137,6 +138,7 @@ void chunk_forward_impl(const Dims& d, const at::Tensor& q, const at::Tensor& k,
                         const at::Tensor& v, const std::vector<double>& log_gamma, double scale,
                         int64_t C, const at::Tensor& o, const at::Tensor& state) {
   const auto acc = state.scalar_type();
+  const SingleThreadedBlas blas_guard;
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
     RETENTION_WORKER_GUARD;
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -167,6 +169,7 @@ void chunk_backward_impl(const Dims& d, const at::Tensor& grad_o, const at::Tens
                          const OptTensor& grad_final_state, const at::Tensor& dq,
                          const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& dS0) {
   const auto acc = dS0.scalar_type();
+  const SingleThreadedBlas blas_guard;
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
     RETENTION_WORKER_GUARD;
     for (int64_t bh = begin; bh < end; ++bh) {
