@@ -2,6 +2,8 @@
 // with the same message whatever the device.
 #pragma once
 
+#include <cmath>
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -99,6 +101,87 @@ inline at::Tensor as_single_step(const char* op, const char* name, const at::Ten
   TORCH_CHECK(x.dim() == 3 || (x.dim() == 4 && x.size(1) == 1), op, ": ", name,
               " must be [B, H, d] or [B, 1, H, d] for a single decode step, got ", x.sizes());
   return x.dim() == 3 ? x.unsqueeze(1) : x;
+}
+
+// recurrent_step / msr_step update the state in place.
+inline void check_step_state(const char* op, const at::Tensor& state, const at::Tensor& q) {
+  TORCH_CHECK(state.scalar_type() == state_dtype(q.scalar_type()), op, ": state must be ",
+              state_dtype(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ",
+              state.scalar_type());
+  TORCH_CHECK(state.is_contiguous(), op, ": state must be contiguous (it is updated in place)");
+}
+
+// Shapes of a fused-layer call: N sequences (= B, or the number of packed sequences).
+struct MsrDims {
+  Dims d;
+  int64_t N;
+};
+
+inline MsrDims check_msr_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& v, const OptTensor& g,
+                                const at::Tensor& log_decay, int64_t form, int64_t chunk_size,
+                                const OptTensor& initial_state, const OptTensor& offsets,
+                                const OptTensor& cu_seqlens, int64_t rotary,
+                                const OptTensor& norm_weight, double eps,
+                                const char* state_name = "initial_state") {
+  const Dims d = check_inputs(op, q, k, v, log_decay, {});
+  TORCH_CHECK(form >= 0 && form <= 2, op, ": form must be 0 (chunk), 1 (parallel) or 2 (recurrent), got ", form);
+  check_chunk_size(op, chunk_size);
+  TORCH_CHECK(rotary >= 0 && rotary <= 2, op,
+              ": rotary must be 0 (none), 1 (torchscale) or 2 (neox), got ", rotary);
+  TORCH_CHECK(rotary == 0 || d.dk % 2 == 0, op, ": a rotary embedding needs an even dk, got dk = ",
+              d.dk);
+  TORCH_CHECK(eps >= 0.0 && eps < INFINITY, op, ": eps must be finite and non-negative, got ", eps);
+  if (has(g)) {
+    TORCH_CHECK(g->dim() == 4 && g->size(0) == d.B && g->size(1) == d.T && g->size(2) == d.H &&
+                    g->size(3) == d.dv,
+                op, ": g must have the shape of v [B, T, H, dv] = ", v.sizes(), ", got ", g->sizes());
+    TORCH_CHECK(g->scalar_type() == q.scalar_type(), op, ": g must have the dtype of q (",
+                q.scalar_type(), "), got ", g->scalar_type());
+    TORCH_CHECK(g->device() == q.device(), op, ": all tensors must be on the same device, but q is on ",
+                q.device(), " and g is on ", g->device());
+  }
+  int64_t N = d.B;
+  if (has(cu_seqlens)) {
+    const auto& cu = *cu_seqlens;
+    TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2, op,
+                ": cu_seqlens must be 1-D [N + 1] with N >= 1 sequences, got shape ", cu.sizes());
+    TORCH_CHECK(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong, op,
+                ": cu_seqlens must be int32 or int64, got ", cu.scalar_type());
+    TORCH_CHECK(d.B == 1, op, ": packed sequences (cu_seqlens) need B == 1, got B = ", d.B);
+    TORCH_CHECK(cu.device() == q.device(), op, ": cu_seqlens must be on the device of q (",
+                q.device(), "), got ", cu.device());
+    N = cu.numel() - 1;
+  }
+  if (has(offsets)) {
+    TORCH_CHECK(offsets->dim() == 1 && offsets->numel() == N, op,
+                ": offsets must be 1-D [N] = [", N, "] (one start position per sequence), got ",
+                offsets->sizes());
+    TORCH_CHECK(offsets->scalar_type() == at::kLong, op, ": offsets must be int64, got ",
+                offsets->scalar_type());
+    TORCH_CHECK(offsets->device() == q.device(), op, ": offsets must be on the device of q (",
+                q.device(), "), got ", offsets->device());
+  }
+  if (has(norm_weight)) {
+    TORCH_CHECK(norm_weight->dim() == 1 && norm_weight->size(0) == d.dv, op,
+                ": norm_weight must have shape [dv] = [", d.dv, "], got ", norm_weight->sizes());
+    TORCH_CHECK(is_float_type(norm_weight->scalar_type()), op,
+                ": norm_weight must be a float tensor, got ", norm_weight->scalar_type());
+    TORCH_CHECK(norm_weight->device() == q.device(), op,
+                ": norm_weight must be on the device of q (", q.device(), "), got ",
+                norm_weight->device());
+  }
+  if (has(initial_state)) check_state(op, state_name, *initial_state, q, Dims{N, d.T, d.H, d.dk, d.dv});
+  return {d, N};
+}
+
+inline void check_msr_grads(const char* op, const MsrDims& m, const at::Tensor& q,
+                            const at::Tensor& grad_y, const OptTensor& grad_final_state) {
+  check_grad_o(op, grad_y, m.d, q, {});
+  if (has(grad_final_state)) {
+    check_state(op, "grad_final_state", *grad_final_state, q,
+                Dims{m.N, m.d.T, m.d.H, m.d.dk, m.d.dv});
+  }
 }
 
 }  // namespace retention

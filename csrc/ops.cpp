@@ -1,5 +1,6 @@
 // Op schemas and the public C++ API. Every public function goes through the dispatcher, so the
 // same call reaches the CPU, CUDA or Meta kernel and records autograd.
+#include <algorithm>
 #include <cmath>
 
 #include <ATen/ATen.h>
@@ -15,6 +16,11 @@ TORCH_LIBRARY(retention, m) {
   m.def("parallel_backward(Tensor grad_o, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v, Tensor log_decay, float scale, Tensor? initial_state) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("recurrent_forward(Tensor q, Tensor k, Tensor v, Tensor log_decay, float scale, Tensor? initial_state) -> (Tensor, Tensor)");
   m.def("recurrent_step(Tensor q, Tensor k, Tensor v, Tensor log_decay, float scale, Tensor(a!) state) -> Tensor");
+  // Fused layer core (retention.h): form 0 chunk / 1 parallel / 2 recurrent; rotary 0 none /
+  // 1 torchscale / 2 neox.
+  m.def("msr_forward(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor log_decay, float scale, int form, int chunk_size, Tensor? initial_state, Tensor? offsets, Tensor? cu_seqlens, int rotary, bool norm, Tensor? norm_weight, float eps, bool decay_norm) -> (Tensor, Tensor)");
+  m.def("msr_backward(Tensor grad_y, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v, Tensor? g, Tensor log_decay, float scale, int chunk_size, Tensor? initial_state, Tensor? offsets, Tensor? cu_seqlens, int rotary, bool norm, Tensor? norm_weight, float eps, bool decay_norm) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("msr_step(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor log_decay, float scale, Tensor(a!) state, Tensor? offsets, int rotary, bool norm, Tensor? norm_weight, float eps, bool decay_norm) -> Tensor");
 }
 
 namespace retention {
@@ -93,6 +99,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> parallel_backward(
               const at::Tensor&, const at::Tensor&, double, const OptTensor&)>(
           "retention::parallel_backward");
   return handle.call(grad_o, grad_final_state, q, k, v, log_decay, scale, initial_state);
+}
+
+std::tuple<at::Tensor, at::Tensor> msr_forward(const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v, const OptTensor& g,
+                                               const at::Tensor& log_decay,
+                                               const MsrOptions& o,
+                                               const OptTensor& initial_state,
+                                               const OptTensor& offsets,
+                                               const OptTensor& cu_seqlens,
+                                               const OptTensor& norm_weight) {
+  static auto handle =
+      op<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+              const at::Tensor&, double, int64_t, int64_t, const OptTensor&, const OptTensor&,
+              const OptTensor&, int64_t, bool, const OptTensor&, double, bool)>(
+          "retention::msr_forward");
+  return handle.call(q, k, v, g, log_decay, scale_or_default(o.scale, q),
+                     static_cast<int64_t>(o.form), o.chunk_size, initial_state, offsets,
+                     cu_seqlens, static_cast<int64_t>(o.rotary), o.norm, norm_weight, o.eps,
+                     o.decay_norm);
+}
+
+at::Tensor msr_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const OptTensor& g, const at::Tensor& log_decay, at::Tensor& state,
+                    const MsrOptions& o, const OptTensor& offsets, const OptTensor& norm_weight) {
+  static auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+                    const at::Tensor&, double, const at::Tensor&, const OptTensor&, int64_t, bool,
+                    const OptTensor&, double, bool)>("retention::msr_step");
+  return handle.call(q, k, v, g, log_decay, scale_or_default(o.scale, q), state, offsets,
+                     static_cast<int64_t>(o.rotary), o.norm, norm_weight, o.eps, o.decay_norm);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> msr_backward(
+    const at::Tensor& grad_y, const OptTensor& grad_final_state, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const OptTensor& g, const at::Tensor& log_decay,
+    const MsrOptions& o, const OptTensor& initial_state, const OptTensor& offsets,
+    const OptTensor& cu_seqlens, const OptTensor& norm_weight) {
+  using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  static auto handle =
+      op<Six(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+             const at::Tensor&, const OptTensor&, const at::Tensor&, double, int64_t,
+             const OptTensor&, const OptTensor&, const OptTensor&, int64_t, bool,
+             const OptTensor&, double, bool)>("retention::msr_backward");
+  const int64_t chunk = o.form == Form::Chunk ? o.chunk_size
+                        : o.form == Form::Parallel ? std::max<int64_t>(1, q.size(1))
+                                                   : kDefaultChunkSize;
+  return handle.call(grad_y, grad_final_state, q, k, v, g, log_decay,
+                     scale_or_default(o.scale, q), chunk, initial_state, offsets, cu_seqlens,
+                     static_cast<int64_t>(o.rotary), o.norm, norm_weight, o.eps, o.decay_norm);
 }
 
 at::Tensor retnet_log_decay(int64_t num_heads) {
