@@ -10,6 +10,8 @@ from . import _C  # noqa: F401  (registers torch.ops.retention)
 from .functional import (
     chunk_retention,
     linspace_log_decay,
+    msr,
+    msr_step,
     parallel_retention,
     recurrent_retention,
     recurrent_step,
@@ -22,6 +24,8 @@ ops = torch.ops.retention
 __all__ = [
     "chunk_retention",
     "linspace_log_decay",
+    "msr",
+    "msr_step",
     "ops",
     "parallel_retention",
     "recurrent_retention",
