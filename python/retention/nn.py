@@ -94,28 +94,60 @@ def decay_normaliser(log_decay: Tensor, positions: Tensor) -> Tensor:
     return torch.rsqrt(s)
 
 
+def _clone_offset(offset):
+    return offset.clone() if isinstance(offset, Tensor) else offset
+
+
 class RetentionState:
     """Decoding state of one MultiScaleRetention layer.
 
-    state:  raw retention state U [B, H, dk, dv], fp32 (fp64 for fp64 modules), FLA convention
+    state:  raw retention state U [N, H, dk, dv], fp32 (fp64 for fp64 modules), FLA convention
             (U_n = γ U_{n-1} + k_n^T v_n with the rotated, dk^-0.5-scaled keys).
-    offset: absolute position of the next token (= number of tokens consumed so far).
+    offset: absolute position of the next token (= number of tokens consumed so far): an int
+            shared by all N sequences, or an int64 tensor [N] when they are at different
+            positions (packed prompts of different lengths, padded batches).
     """
 
     __slots__ = ("state", "offset")
 
-    def __init__(self, state: Tensor, offset: int):
+    def __init__(self, state: Tensor, offset: Union[int, Tensor]):
         self.state = state
-        self.offset = int(offset)
+        if isinstance(offset, Tensor):
+            if offset.dim() != 1 or offset.shape[0] != state.shape[0]:
+                raise ValueError(f"per-sequence offsets must have shape [{state.shape[0]}], got {list(offset.shape)}")
+            self.offset = offset.to(device=state.device, dtype=torch.int64)
+        else:
+            self.offset = int(offset)
+
+    def offsets(self) -> Tensor:
+        """Start positions as an int64 tensor [N] on the state's device."""
+        if isinstance(self.offset, Tensor):
+            return self.offset
+        return torch.full((self.state.shape[0],), self.offset, dtype=torch.int64, device=self.state.device)
+
+    def advance(self, n: Union[int, Tensor]) -> None:
+        """Move every sequence n tokens on (n: int or int64 tensor [N])."""
+        if isinstance(n, Tensor) and not isinstance(self.offset, Tensor):
+            self.offset = self.offsets()
+        self.offset = self.offset + (n.to(self.state.device) if isinstance(n, Tensor) else int(n))
+
+    def reorder(self, index: Tensor) -> "RetentionState":
+        """Beam search: keep sequences `index` (int64 [N'], repeats allowed), in place."""
+        index = index.to(device=self.state.device, dtype=torch.int64)
+        self.state = self.state.index_select(0, index)
+        if isinstance(self.offset, Tensor):
+            self.offset = self.offset.index_select(0, index)
+        return self
 
     def clone(self) -> "RetentionState":
-        return RetentionState(self.state.detach().clone(), self.offset)
+        return RetentionState(self.state.detach().clone(), _clone_offset(self.offset))
 
     def detach(self) -> "RetentionState":
-        return RetentionState(self.state.detach(), self.offset)
+        return RetentionState(self.state.detach(), _clone_offset(self.offset))
 
     def __repr__(self):
-        return f"RetentionState(shape={tuple(self.state.shape)}, dtype={self.state.dtype}, offset={self.offset})"
+        off = self.offset.tolist() if isinstance(self.offset, Tensor) else self.offset
+        return f"RetentionState(shape={tuple(self.state.shape)}, dtype={self.state.dtype}, offset={off})"
 
 
 class RetNetState:
@@ -127,8 +159,14 @@ class RetNetState:
         self.layers = list(layers)
 
     @property
-    def offset(self) -> int:
+    def offset(self) -> Union[int, Tensor]:
         return self.layers[0].offset if self.layers else 0
+
+    def reorder(self, index: Tensor) -> "RetNetState":
+        """Beam search: keep sequences `index` in every layer, in place."""
+        for s in self.layers:
+            s.reorder(index)
+        return self
 
     def clone(self) -> "RetNetState":
         return RetNetState([s.clone() for s in self.layers])
@@ -194,6 +232,7 @@ class MultiScaleRetention(nn.Module):
         layernorm_eps: float = 1e-6,
         chunk_size: int = 64,
         decay: Union[str, Tensor] = "retnet",
+        fused: bool = True,
     ):
         super().__init__()
         if embed_dim % num_heads or value_dim % num_heads:
@@ -212,6 +251,8 @@ class MultiScaleRetention(nn.Module):
         self.gate = _activation(gate_fn)
         self.layernorm_eps = layernorm_eps
         self.chunk_size = chunk_size
+        # The fused op has the swish gate built in; other gates run the unfused composition.
+        self.fused = bool(fused) and str(gate_fn).lower() in ("swish", "silu")
 
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=False)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=False)
@@ -258,77 +299,122 @@ class MultiScaleRetention(nn.Module):
 
     def extra_repr(self):
         return (f"embed_dim={self.embed_dim}, value_dim={self.value_dim}, num_heads={self.num_heads}, "
-                f"gate_fn={self.gate_fn!r}, layernorm_eps={self.layernorm_eps}, chunk_size={self.chunk_size}")
+                f"gate_fn={self.gate_fn!r}, layernorm_eps={self.layernorm_eps}, chunk_size={self.chunk_size}, "
+                f"fused={self.fused}")
 
     # ------------------------------------------------------------------------------------------
     def _rotate(self, x: Tensor, positions: Tensor) -> Tensor:
-        """Interleaved rotation of x [..., T, H, dk] at absolute positions [T] (fp32/fp64 math)."""
+        """Interleaved rotation of x [B, T, H, dk] at absolute positions [T] or [B, T].
+
+        Angles p·θ in float64 like the fused kernels (torchscale's fp32 product is off by
+        ~p·6e-8 rad), then applied in fp32 (fp64 for fp64 inputs)."""
         cd = _compute_dtype(x.dtype)
-        key = (x.device, cd)
+        key = x.device
         angle = self._angle_cache.get(key)
-        if angle is None:  # small per-(device, dtype) cache; not a buffer, not in the state dict
-            angle = self._angle_cache[key] = rotation_angles(self.key_dim).to(device=x.device, dtype=cd)
-        ang = positions.to(device=x.device, dtype=cd)[:, None] * angle[None, :]  # [T, dk]
-        sin, cos = torch.sin(ang)[:, None, :], torch.cos(ang)[:, None, :]  # [T, 1, dk]
+        if angle is None:  # small per-device cache; not a buffer, not in the state dict
+            i = torch.arange(self.key_dim // 2, dtype=torch.float64)
+            half = self.key_dim // 2
+            theta = 10000.0 ** (-i / (half - 1)) if half > 1 else torch.ones(1, dtype=torch.float64)
+            angle = self._angle_cache[key] = theta.repeat_interleave(2).to(x.device)
+        ang = positions.to(device=x.device, dtype=torch.float64)[..., None] * angle  # [(B,) T, dk]
+        sin, cos = torch.sin(ang).to(cd).unsqueeze(-2), torch.cos(ang).to(cd).unsqueeze(-2)
         xf = x.to(cd)
         return (xf * cos + rotate_every_two(xf) * sin).to(x.dtype)
 
-    def _project(self, x: Tensor, offset: int):
-        """x [B, T, D] -> rotated q, k [B,T,H,dk], v [B,T,H,dv], g [B,T,Dv], positions [T]."""
+    def _project(self, x: Tensor):
+        """x [B, T, D] -> un-rotated q, scaled k [B,T,H,dk], v, g [B,T,H,dv]."""
         B, T, _ = x.shape
         H = self.num_heads
-        q = self.q_proj(x)
-        k = self.k_proj(x) * self.scaling  # torchscale scales the key before the rotation
-        v = self.v_proj(x)
-        g = self.g_proj(x)
-        q = q.view(B, T, H, self.key_dim)
-        k = k.view(B, T, H, self.key_dim)
-        v = v.view(B, T, H, self.head_dim)
-        positions = torch.arange(offset, offset + T, device=x.device, dtype=torch.float64)
-        return self._rotate(q, positions), self._rotate(k, positions), v, g, positions
+        q = self.q_proj(x).view(B, T, H, self.key_dim)
+        k = (self.k_proj(x) * self.scaling).view(B, T, H, self.key_dim)  # torchscale scales k before the rotation
+        v = self.v_proj(x).view(B, T, H, self.head_dim)
+        g = self.g_proj(x).view(B, T, H, self.head_dim)
+        return q, k, v, g
+
+    def _fused_options(self):
+        return dict(scale=1.0, rotary="torchscale", norm=True, eps=self.layernorm_eps, decay_norm=True)
 
     def _finish(self, raw: Tensor, g: Tensor, positions: Tensor, x_dtype: torch.dtype) -> Tensor:
-        """raw [B,T,H,dv] -> out [B,T,D]: ×1/sqrt(S_{n+1}), per-head RMSNorm, gate, out_proj."""
+        """Unfused epilogue: raw [B,T,H,dv] -> ×1/sqrt(S_{p+1}), per-head RMSNorm, gate [B,T,Dv]."""
         B, T = raw.shape[:2]
         cd = _compute_dtype(raw.dtype)
         ld = self.log_decay.to(torch.float64 if cd == torch.float64 else torch.float32)
-        factor = decay_normaliser(ld, positions.to(device=raw.device)).to(cd)  # [T, H]
-        o = raw.to(cd) * factor[None, :, :, None]
+        pos = positions.to(device=raw.device)
+        factor = decay_normaliser(ld, pos.reshape(-1)).to(cd).view(*pos.shape, -1)  # [(B,) T, H]
+        o = raw.to(cd) * factor[..., None]
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.layernorm_eps)
         o = o.to(x_dtype).reshape(B, T, self.value_dim)
-        o = self.gate(g) * o
-        return self.out_proj(o)
+        return self.gate(g.reshape(B, T, self.value_dim)) * o
 
-    def _check_state(self, state: Optional[RetentionState], B: int, x: Tensor):
+    def _check_state(self, state: Optional[RetentionState], N: int):
         if state is None:
             return None, 0
         if not isinstance(state, RetentionState):
             raise TypeError(f"state must be a RetentionState or None, got {type(state).__name__}")
-        want = (B, self.num_heads, self.key_dim, self.head_dim)
+        want = (N, self.num_heads, self.key_dim, self.head_dim)
         if tuple(state.state.shape) != want:
-            raise ValueError(f"state has shape {list(state.state.shape)}, expected [B, H, dk, dv] = {list(want)}")
+            raise ValueError(f"state has shape {list(state.state.shape)}, expected [N, H, dk, dv] = {list(want)}")
         return state.state, state.offset
 
     def forward(self, x: Tensor, form: str = "chunk", state: Optional[RetentionState] = None,
-                chunk_size: Optional[int] = None) -> Tuple[Tensor, RetentionState]:
+                chunk_size: Optional[int] = None, cu_seqlens: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None) -> Tuple[Tensor, RetentionState]:
         """x [B, T, D] -> (out [B, T, D], new RetentionState).
 
         form: "parallel" | "chunk" (alias "chunkwise") | "recurrent"; all give the same result up
         to rounding.  ``state`` (optional) continues from an earlier call (absolute positions
-        resume at state.offset); it is not modified."""
+        resume at state.offset); it is not modified.
+        cu_seqlens: int32/int64 [N + 1] with B == 1: N packed sequences (states [N, H, dk, dv]).
+        attention_mask: [B, T] (1/True = token, 0 = padding; left or right padding, or any
+        pattern): only the tokens of each row form its sequence; padded outputs are 0."""
         if form not in _FORMS:
             raise ValueError(f"form must be 'parallel', 'chunk' or 'recurrent', got {form!r}")
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must have shape [B, T, {self.embed_dim}], got {list(x.shape)}")
+        if attention_mask is not None:
+            if cu_seqlens is not None:
+                raise ValueError("pass either cu_seqlens or attention_mask, not both")
+            return self._forward_masked(x, attention_mask, form, state, chunk_size)
         B, T, _ = x.shape
-        init, offset = self._check_state(state, B, x)
-        q, k, v, g, positions = self._project(x, offset)
-        kwargs = dict(scale=1.0, initial_state=init, output_final_state=True)
-        if _FORMS[form] == "chunk":
-            kwargs["chunk_size"] = int(chunk_size if chunk_size is not None else self.chunk_size)
-        raw, final_state = _pkg.retention(q, k, v, self.log_decay, form=_FORMS[form], **kwargs)
-        out = self._finish(raw, g, positions, x.dtype)
-        return out, RetentionState(final_state, offset + T)
+        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        init, offset = self._check_state(state, N)
+        q, k, v, g = self._project(x)
+        chunk = int(chunk_size if chunk_size is not None else self.chunk_size)
+        if self.fused:
+            offsets = None
+            if isinstance(offset, Tensor) or offset != 0:
+                offsets = state.offsets()
+            y, final_state = _pkg.msr(q, k, v, g, self.log_decay, form=_FORMS[form], chunk_size=chunk,
+                                      initial_state=init, offsets=offsets, cu_seqlens=cu_seqlens,
+                                      output_final_state=True, **self._fused_options())
+            out = self.out_proj(y.reshape(B, T, self.value_dim))
+        else:
+            if cu_seqlens is not None:
+                raise ValueError(f"cu_seqlens needs the fused layer (gate_fn 'swish'), this one has gate_fn={self.gate_fn!r}")
+            positions = torch.arange(T, device=x.device, dtype=torch.float64)
+            positions = positions + (offset.to(x.device, torch.float64)[:, None] if isinstance(offset, Tensor) else offset)
+            kwargs = dict(scale=1.0, initial_state=init, output_final_state=True)
+            if _FORMS[form] == "chunk":
+                kwargs["chunk_size"] = chunk
+            raw, final_state = _pkg.retention(self._rotate(q, positions), self._rotate(k, positions), v,
+                                              self.log_decay, form=_FORMS[form], **kwargs)
+            out = self.out_proj(self._finish(raw, g, positions, x.dtype))
+        new_state = RetentionState(final_state, _clone_offset(offset))
+        new_state.advance(T if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]).long())
+        return out, new_state
+
+    def _forward_masked(self, x, attention_mask, form, state, chunk_size):
+        B, T, D = x.shape
+        if tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask must have shape [B, T] = [{B}, {T}], got {list(attention_mask.shape)}")
+        keep = attention_mask.to(device=x.device).reshape(-1) != 0
+        idx = keep.nonzero().squeeze(1)
+        lengths = keep.view(B, T).sum(1)
+        cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+        packed = x.reshape(B * T, D).index_select(0, idx)[None]
+        out_p, new_state = self.forward(packed, form=form, state=state, chunk_size=chunk_size, cu_seqlens=cu)
+        out = x.new_zeros(B * T, D).index_copy(0, idx, out_p[0].to(x.dtype))
+        return out.view(B, T, D), new_state
 
     def init_state(self, batch_size: int, device=None, dtype: torch.dtype = torch.float32) -> RetentionState:
         """Zero state at offset 0 (dtype fp32, or fp64 for fp64 modules)."""
@@ -340,7 +426,8 @@ class MultiScaleRetention(nn.Module):
         """Decode one token: x_t [B, D] or [B, 1, D] -> (out with the same layout, state).
 
         UPDATES ``state`` IN PLACE (its tensor and offset) and returns the same object (a new zero
-        state is created when ``state`` is None).  Inference only (runs under no_grad)."""
+        state is created when ``state`` is None).  Sequences may be at different positions
+        (``state.offset`` a tensor [B]).  Inference only (runs under no_grad)."""
         squeeze = x_t.dim() == 2
         x = x_t[:, None] if squeeze else x_t
         if x.dim() != 3 or x.shape[1] != 1 or x.shape[-1] != self.embed_dim:
@@ -349,16 +436,24 @@ class MultiScaleRetention(nn.Module):
         sdt = _compute_dtype(x.dtype)
         if state is None:
             state = self.init_state(B, device=x.device, dtype=sdt)
-        self._check_state(state, B, x)
+        self._check_state(state, B)
         S = state.state
         if S.requires_grad or not S.is_contiguous() or S.device != x.device:
             # never write into a tensor that may belong to an autograd graph or to a view
             S = S.detach().to(x.device).contiguous().clone()
         state.state = S
-        q, k, v, g, positions = self._project(x, state.offset)
-        raw = _pkg.recurrent_step(q, k, v, self.log_decay, S, scale=1.0)  # [B,1,H,dv]; S updated
-        out = self._finish(raw, g, positions, x.dtype)
-        state.offset += 1
+        q, k, v, g = self._project(x)
+        if self.fused:
+            y = _pkg.msr_step(q, k, v, g, self.log_decay, S, offsets=state.offsets(), **self._fused_options())
+            out = self.out_proj(y.reshape(B, 1, self.value_dim))
+        else:
+            off = state.offset
+            positions = (off.to(x.device, torch.float64)[:, None] if isinstance(off, Tensor)
+                         else torch.full((1,), float(off), dtype=torch.float64, device=x.device))
+            raw = _pkg.recurrent_step(self._rotate(q, positions), self._rotate(k, positions), v,
+                                      self.log_decay, S, scale=1.0)  # [B,1,H,dv]; S updated
+            out = self.out_proj(self._finish(raw, g, positions, x.dtype))
+        state.advance(1)
         return (out[:, 0] if squeeze else out), state
 
 
@@ -390,8 +485,9 @@ class RetNetDecoderLayer(nn.Module):
         self.final_layer_norm = RMSNorm(embed_dim, eps=layernorm_eps)
         self.ffn = GLU(embed_dim, ffn_dim, activation_fn)
 
-    def forward(self, x, form="chunk", state=None, chunk_size=None):
-        h, new_state = self.retention(self.retention_layer_norm(x), form=form, state=state, chunk_size=chunk_size)
+    def forward(self, x, form="chunk", state=None, chunk_size=None, cu_seqlens=None, attention_mask=None):
+        h, new_state = self.retention(self.retention_layer_norm(x), form=form, state=state, chunk_size=chunk_size,
+                                      cu_seqlens=cu_seqlens, attention_mask=attention_mask)
         y = x + h
         return y + self.ffn(self.final_layer_norm(y)), new_state
 
@@ -444,13 +540,15 @@ class RetNet(nn.Module):
         return state.layers
 
     def forward(self, tokens: Tensor, form: str = "chunk", state: Optional[RetNetState] = None,
-                chunk_size: Optional[int] = None) -> Tuple[Tensor, RetNetState]:
+                chunk_size: Optional[int] = None, cu_seqlens: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None) -> Tuple[Tensor, RetNetState]:
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape [B, T], got {list(tokens.shape)}")
         x = self.embed_tokens(tokens)
         new_states = []
         for layer, st in zip(self.layers, self._states(state)):
-            x, ns = layer(x, form=form, state=st, chunk_size=chunk_size)
+            x, ns = layer(x, form=form, state=st, chunk_size=chunk_size, cu_seqlens=cu_seqlens,
+                          attention_mask=attention_mask)
             new_states.append(ns)
         return self.output_projection(self.layer_norm(x)), RetNetState(new_states)
 

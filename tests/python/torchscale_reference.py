@@ -14,8 +14,13 @@ Deliberate differences from torchscale (documented so tests can rely on them):
     q_proj/k_proj/v_proj/g_proj/out_proj weights, like torchscale's MultiScaleRetention;
   * RMSNorm statistics are computed in float64 for float64 inputs (torchscale always uses
     x.float()); this makes the module usable as a float64 reference.
-The buffers are created in float32 with torchscale's formulas, so `.double()` gives the same
-fp32-rounded constants that a `.double()`-ed torchscale model would use.
+  * the rotation frequencies θ_i = 10000^(-i/(dk/2-1)) are computed in float64 (torchscale
+    evaluates the same formula in float32, which perturbs θ by ~6e-8 relative: angles at position
+    p differ by < p·6e-8 rad).  The library computes θ and p·θ in float64 in every path (fused
+    kernels and unfused layer), the documented contract; keeping torchscale's fp32 rounding here
+    would only re-test that rounding.
+The decay buffer is created in float32 with torchscale's formula, so `.double()` gives the same
+fp32-rounded decays that a `.double()`-ed torchscale model would use (and the library uses).
 """
 
 import torch
@@ -31,8 +36,8 @@ def torchscale_log_decay(num_heads):
 
 
 def torchscale_angle(key_dim):
-    """[θ0, θ0, θ1, θ1, ...], θ_i = 1 / 10000^(i/(dk/2-1)), float32 (as torchscale)."""
-    angle = 1.0 / (10000 ** torch.linspace(0, 1, key_dim // 2))
+    """[θ0, θ0, θ1, θ1, ...], θ_i = 1 / 10000^(i/(dk/2-1)), torchscale's formula in float64."""
+    angle = 1.0 / (10000 ** torch.linspace(0, 1, key_dim // 2, dtype=torch.float64))
     return angle.unsqueeze(-1).repeat(1, 2).flatten()
 
 
@@ -83,7 +88,7 @@ class TorchscaleMSR(nn.Module):
         self.group_norm = TorchscaleRMSNorm(self.head_dim, eps=layernorm_eps, elementwise_affine=False)
         ld = torchscale_log_decay(num_heads) if log_decay is None else log_decay.detach().clone()
         self.register_buffer("decay", ld, persistent=False)
-        self.register_buffer("angle", torchscale_angle(self.key_dim), persistent=False)
+        self.angle64 = torchscale_angle(self.key_dim)  # float64, not a buffer (see module docstring)
         for lin, gain in ((self.q_proj, 2 ** -2.5), (self.k_proj, 2 ** -2.5), (self.v_proj, 2 ** -2.5),
                           (self.g_proj, 2 ** -2.5), (self.out_proj, 2 ** -1)):
             nn.init.xavier_uniform_(lin.weight, gain=gain)
@@ -91,8 +96,8 @@ class TorchscaleMSR(nn.Module):
     # --- relative position (RetNetRelPos) --------------------------------------------------------
     def _parallel_relpos(self, slen):
         index = torch.arange(slen).to(self.decay)
-        ang = index[:, None] * self.angle[None, :]
-        sin, cos = torch.sin(ang), torch.cos(ang)
+        ang = torch.arange(slen, dtype=torch.float64)[:, None] * self.angle64[None, :]
+        sin, cos = torch.sin(ang).to(self.decay), torch.cos(ang).to(self.decay)
         lower = torch.tril(torch.ones(slen, slen)).to(self.decay).bool()
         dist = (index[:, None] - index[None, :]).masked_fill(~lower, float("inf"))
         mask = torch.nan_to_num(torch.exp(dist * self.decay[:, None, None]))  # (H, T, T), 0 above diag
@@ -100,8 +105,8 @@ class TorchscaleMSR(nn.Module):
         return sin, cos, mask
 
     def _recurrent_relpos(self, slen):
-        ang = self.angle * (slen - 1)
-        return torch.sin(ang), torch.cos(ang), self.decay.exp()
+        ang = self.angle64 * (slen - 1)
+        return torch.sin(ang).to(self.decay), torch.cos(ang).to(self.decay), self.decay.exp()
 
     # --- shared projections ------------------------------------------------------------------------
     def _qkvg(self, x, sin, cos):
