@@ -428,3 +428,83 @@ TEST_F(RetentionApi, EmptySequence) {
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Fused layer core (msr_*): reference = the token loop above on rotated inputs, then the
+// epilogue written out here.
+
+// torchscale's interleaved rotation of x [B, T, H, dk] at positions offset + t (float64).
+Tensor rotate_interleaved(const Tensor& x, int64_t offset) {
+  const auto T = x.size(1), dk = x.size(3), half = dk / 2;
+  auto i = torch::arange(half, torch::kFloat64);
+  auto theta = torch::pow(10000.0, -i / static_cast<double>(half - 1));
+  auto p = torch::arange(T, torch::kFloat64) + static_cast<double>(offset);
+  auto ang = (p.unsqueeze(1) * theta.unsqueeze(0)).view({1, T, 1, half});
+  auto a = x.to(torch::kFloat64).slice(3, 0, dk, 2), b = x.to(torch::kFloat64).slice(3, 1, dk, 2);
+  auto ra = a * ang.cos() - b * ang.sin(), rb = b * ang.cos() + a * ang.sin();
+  return torch::stack({ra, rb}, -1).flatten(3);
+}
+
+TEST_F(RetentionApi, MsrForwardMatchesRotatedReferenceWithNormAndGate) {
+  auto in = make_inputs(2, 19, 3, 8, 10);
+  auto g = torch::randn({2, 19, 3, 10}, torch::kFloat64);
+  const double eps = 1e-6, scale = 0.4;
+  const int64_t offset = 7;
+  retention::MsrOptions opt;
+  opt.chunk_size = 4;
+  opt.scale = scale;
+  opt.eps = eps;
+  auto offsets = torch::full({2}, offset, torch::kLong);
+  Tensor y, S;
+  std::tie(y, S) = retention::msr_forward(in.q, in.k, in.v, g, in.ld, opt, in.S0, offsets);
+  Tensor u, S_ref;
+  std::tie(u, S_ref) = reference(rotate_interleaved(in.q, offset),
+                                 rotate_interleaved(in.k, offset), in.v, in.ld, scale, in.S0);
+  auto z = u / (u.pow(2).mean(-1, true) + eps).sqrt();
+  auto y_ref = z * g * torch::sigmoid(g);
+  EXPECT_REL_CLOSE(y, y_ref, kTolF64);
+  EXPECT_REL_CLOSE(S, S_ref, kTolF64);
+
+  // one decode step continues where the forward pass stopped
+  auto q1 = torch::randn({2, 1, 3, 8}, torch::kFloat64), k1 = torch::randn_like(q1);
+  auto v1 = torch::randn({2, 1, 3, 10}, torch::kFloat64), g1 = torch::randn_like(v1);
+  auto state = S.clone();
+  auto y1 = retention::msr_step(q1, k1, v1, g1, in.ld, state, opt, offsets + 19);
+  Tensor u1, S1;
+  std::tie(u1, S1) = reference(rotate_interleaved(q1, offset + 19),
+                               rotate_interleaved(k1, offset + 19), v1, in.ld, scale, S);
+  auto y1_ref = u1 / (u1.pow(2).mean(-1, true) + eps).sqrt() * g1 * torch::sigmoid(g1);
+  EXPECT_REL_CLOSE(y1, y1_ref, kTolF64);
+  EXPECT_REL_CLOSE(state, S1, kTolF64);
+}
+
+TEST_F(RetentionApi, MsrPackedSequencesAndGradients) {
+  // two packed sequences [0, 5) and [5, 12): each must equal its own raw retention
+  auto in = make_inputs(1, 12, 2, 6, 4);
+  auto cu = torch::tensor({0, 5, 12}, torch::kInt);
+  retention::MsrOptions opt;
+  opt.rotary = retention::Rotary::None;
+  opt.norm = false;
+  opt.chunk_size = 3;
+  auto S0 = torch::randn({2, 2, 6, 4}, torch::kFloat64);
+  auto q = in.q.clone().requires_grad_(), v = in.v.clone().requires_grad_();
+  Tensor y, S;
+  std::tie(y, S) = retention::msr_forward(q, in.k, v, {}, in.ld, opt, S0, {}, cu);
+  const int64_t bounds[3] = {0, 5, 12};
+  for (int s = 0; s < 2; ++s) {
+    const auto t0 = bounds[s], n = bounds[s + 1] - bounds[s];
+    Tensor o_ref, S_ref;
+    std::tie(o_ref, S_ref) = reference(in.q.narrow(1, t0, n), in.k.narrow(1, t0, n),
+                                       in.v.narrow(1, t0, n), in.ld, 1.0 / std::sqrt(6.0),
+                                       S0.narrow(0, s, 1));
+    EXPECT_REL_CLOSE(y.narrow(1, t0, n), o_ref, kTolF64);
+    EXPECT_REL_CLOSE(S.narrow(0, s, 1), S_ref, kTolF64);
+  }
+  (y.pow(2).sum() + S.sum()).backward();
+  ASSERT_TRUE(q.grad().defined() && v.grad().defined());
+  EXPECT_GT(q.grad().abs().max().item<double>(), 0.0);
+  expect_error_contains(
+      [&] { retention::msr_forward(in.q, in.k, in.v, {}, in.ld, opt, {}, {},
+                                   torch::tensor({0, 5, 11}, torch::kInt)); },
+      "cu_seqlens[-1] must equal the packed length T = 12");
+}
