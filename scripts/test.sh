@@ -36,5 +36,11 @@ cc_out=$(mktemp -d)
 PYTHONPATH=python "$PYTHON" bench/cost_curves.py --quick --out "$cc_out"
 rm -rf "$cc_out"
 
+echo "== fused-layer benchmark, quick mode (runs and writes valid output; timings not asserted)"
+fl_out=$(mktemp -d)
+PYTHONPATH=python "$PYTHON" bench/fused_layer.py --quick --out "$fl_out"
+test -s "$(ls "$fl_out"/fused_layer_*.md)"
+rm -rf "$fl_out"
+
 echo "== pytest"
 PYTHONPATH=python "$PYTHON" -m pytest tests/python -q -p no:cacheprovider
