@@ -5,8 +5,9 @@
 #   2. hipcc: every kernel TU for gfx90a with -save-temps; from the ISA and code-object
 #      metadata: matrix kernels must contain v_mfma, no kernel may use scratch
 #      (private_segment_fixed_size 0, vgpr_spill_count 0), LDS <= 64 KiB.
-#   3. The kernel GoogleTest binary, built for CUDA and for HIP and run (its tests skip
-#      without a device; this proves they link and start).
+#   3. The kernel GoogleTest binary (test_kernels.cu + test_msr.cu), built for CUDA and for
+#      HIP and run (its GPU tests skip without a device; this proves they link and start; the
+#      host-only tests, e.g. the MSR reference against finite differences, must pass).
 #   4. test_fragment_layout (host only): built with g++ and run; it must pass.
 #
 # Usage: .ci/gpu_compile_check.sh [build-dir]        (default: build/gpu-check)
@@ -23,7 +24,8 @@ GTEST_MAIN_LIB=${GTEST_MAIN_LIB:-/usr/lib/x86_64-linux-gnu/libgtest_main.a}
 JOBS=${JOBS:-2}
 PY=${PYTHON:-/usr/bin/python3}
 
-KERNEL_TUS=(chunk_bwd chunk_fwd recurrent)  # longest first
+KERNEL_TUS=(msr_fwd msr_bwd chunk_bwd chunk_fwd msr_step recurrent)  # longest first
+TEST_SOURCES=(tests/cpp/kernels/test_kernels.cu tests/cpp/kernels/test_msr.cu)  # one GoogleTest binary
 HIP_ARCH=gfx90a
 CUDA_ARCHS=(80 90)
 
@@ -96,13 +98,13 @@ gtest_cuda() {
   local objs=() tu
   for tu in "${KERNEL_TUS[@]}"; do objs+=("$OUT/cuda/${tu}_sm80.o"); done
   job gtest_cuda_build "$NVCC" -std=c++17 -O2 "-I$ROOT/kernels" -gencode "arch=compute_80,code=[sm_80,compute_80]" \
-    tests/cpp/kernels/test_kernels.cu "${objs[@]}" -o "$OUT/cuda/test_kernels" "$GTEST_LIB" "$GTEST_MAIN_LIB" -lpthread
+    "${TEST_SOURCES[@]}" "${objs[@]}" -o "$OUT/cuda/test_kernels" "$GTEST_LIB" "$GTEST_MAIN_LIB" -lpthread
 }
 
 gtest_hip() {
   local objs=() tu
   for tu in "${KERNEL_TUS[@]}"; do objs+=("$OUT/hip/$tu.o"); done
-  job gtest_hip_build "$HIPCC" "${HIP_FLAGS[@]}" -x hip tests/cpp/kernels/test_kernels.cu -x none "${objs[@]}" \
+  job gtest_hip_build "$HIPCC" "${HIP_FLAGS[@]}" -x hip "${TEST_SOURCES[@]}" -x none "${objs[@]}" \
     -o "$OUT/hip/test_kernels" "$GTEST_LIB" "$GTEST_MAIN_LIB" -lpthread
 }
 
@@ -147,10 +149,12 @@ def demangle(names):
 def short(name):
     name = re.sub(r"retention::kernels::(\(anonymous namespace\)::)?", "", name)
     name = name.replace(", NoFusion", "").replace("void ", "")
-    return re.sub(r"\((ChunkForwardParams|ChunkBackwardParams|RecurrentForwardParams|RecurrentStepParams)\)", "", name)
+    name = re.sub(r"\(ChunkTraits<[^()]*>::Fusion::(Forward|Backward)Params\)", "", name)
+    return re.sub(r"\((ChunkForwardParams|ChunkBackwardParams|RecurrentForwardParams|RecurrentStepParams|MsrChunkBackward|MsrStepParams)\)", "", name)
 
 # Matrix-core kernels (must show v_mfma on gfx90a, except their fp32 instantiations on NVIDIA
 # which are SIMT by design).
+# The MSR instantiations (MsrFusion) carry the same names.
 MATRIX = ("chunk_forward_kernel", "chunk_backward_dq_kernel", "chunk_backward_dkv_kernel")
 
 print("\n== job status ==")

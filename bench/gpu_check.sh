@@ -74,7 +74,7 @@ build_gtests() {
     g++ -std=c++17 -O2 -I"$gt/include" -c "$gt/src/gtest_main.cc" -o "$b/gtest_main.o" &&
     ar rcs "$b/libgtest.a" "$b/gtest-all.o" "$b/gtest_main.o" &&
     "$NVCC" -std=c++17 -O3 -Ikernels -I"$gt/include" -gencode "arch=compute_$CUDA_ARCH,code=sm_$CUDA_ARCH" \
-      -lineinfo tests/cpp/kernels/test_kernels.cu kernels/*.cu -o "$OUT/test_kernels" "$b/libgtest.a" -lpthread
+      -lineinfo tests/cpp/kernels/test_kernels.cu tests/cpp/kernels/test_msr.cu kernels/*.cu -o "$OUT/test_kernels" "$b/libgtest.a" -lpthread
 }
 step build_kernel_tests build_gtests &&
   step kernel_tests "$OUT/test_kernels" --gtest_output="xml:$OUT/kernel_tests.xml"
@@ -84,7 +84,7 @@ step pytest env PYTHONPATH=python "$PY" -m pytest -q tests/python -rs --junitxml
 
 # ---- 4. compute-sanitizer -------------------------------------------------------------------------
 # A small, representative subset: every kernel once, odd shapes, all dtypes of the forward.
-SAN_FILTER='*ChunkForward*f16_B2_T63*:*ChunkForward*bf16_B1_T65*:*ChunkForward*f32_B2_T130*:*ChunkBackward*f16_B2_T63*:*ChunkBackward*f32_B1_T65*:*RecurrentForward*bf16_B2_T63*:*RecurrentStep*:*WarpReduce*'
+SAN_FILTER='*ChunkForward*f16_B2_T63*:*ChunkForward*bf16_B1_T65*:*ChunkForward*f32_B2_T130*:*ChunkBackward*f16_B2_T63*:*ChunkBackward*f32_B1_T65*:*RecurrentForward*bf16_B2_T63*:*RecurrentStep*:*WarpReduce*:*MsrKernels*f16_B1_T150*:*MsrKernels*bf16_B2_T37*:*MsrStep*f32*'
 if [[ -x $OUT/test_kernels && -x $SANITIZER ]]; then
   for tool in memcheck racecheck synccheck initcheck; do
     step "sanitizer_$tool" "$SANITIZER" --tool "$tool" --error-exitcode 1 "$OUT/test_kernels" --gtest_filter="$SAN_FILTER"

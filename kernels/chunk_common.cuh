@@ -22,57 +22,6 @@ namespace retention::kernels {
 
 inline constexpr float kLog2e = 1.4426950408889634f;
 
-// Compile-time fusion options.  Only the defaults exist today; the hooks mark where a rotary
-// prologue (applied to q/k tiles right after they land in shared memory: interleaved pairs
-// never straddle a BK tile) and a per-head RMSNorm + gate epilogue (needs the full dv row, so
-// it requires gridDim.x == 1 or a second pass) would go.
-struct NoFusion {
-  static constexpr bool kRotary = false;
-  static constexpr bool kNormGate = false;
-};
-
-template <class T_, int kMaxDk_, int kStateRegs_ = 64, class Fusion_ = NoFusion>
-struct ChunkTraits {
-  using T = T_;
-  using Fusion = Fusion_;
-  using Mma = typename MmaFor<T>::type;
-  using FragC = typename Mma::FragC;
-  static_assert(!Fusion::kRotary && !Fusion::kNormGate, "fusion hooks are not implemented yet");
-
-  static constexpr bool kHalfWidth = sizeof(T) == 2;
-  static constexpr int kMaxDk = kMaxDk_;
-  // Chunk length == dk tile: every product in a chunk step is BT x (multiple of 16), and the
-  // state update K^T V has BK rows, so one warp-per-16-rows split serves all of them.
-  static constexpr int BT = kHalfWidth ? 64 : 32;
-  static constexpr int BK = BT;
-  static constexpr int kWarps = BT / 16;
-  static constexpr int kThreads = kWarps * gpu::kWarpSize;
-  static constexpr int KT = (kMaxDk + BK - 1) / BK;
-  // The state slice per warp is KT x (16 x BV), i.e. KT * BV / 2 fp32 registers per lane of a
-  // 32-wide warp.  kStateRegs caps that so the other accumulators fit without spilling (the
-  // reverse backward sweep holds three more tile rows than the forward and gets a smaller cap).
-  static constexpr int kStateRegs = kStateRegs_;
-  static constexpr int BV_ = 2 * kStateRegs / KT < 64 ? 2 * kStateRegs / KT : 64;
-  static constexpr int BV = BV_ < 16 ? 16 : BV_;
-  static_assert(BV >= 16 && BV % 16 == 0, "BV must be a multiple of the atom");
-
-  // Shared-memory row padding: 16 bytes keeps vector stores aligned and shifts consecutive
-  // rows across banks for the column-wise fragment reads.
-  static constexpr int kPad = 16 / static_cast<int>(sizeof(T));
-  static constexpr int LDK = BK + kPad;  // [BT x BK] tiles (q, k) and [BT x BT] tiles (scores)
-  static constexpr int LDV = BV + kPad;  // [BT x BV] and [BK x BV] tiles
-  static_assert(BT == BK, "score tiles reuse the q/k row stride");
-
-  static constexpr int kTileK = BT * LDK;  // elements of one q/k/score tile
-  static constexpr int kTileV = BT * LDV;  // elements of one v-like tile
-
-  // Shared memory of each kernel, in bytes (see the buffer lists in the kernels).
-  static constexpr int kSmemForward = (2 * kTileK + 3 * kTileV) * static_cast<int>(sizeof(T));
-  static constexpr int kSmemDq = (2 * kTileK + 4 * kTileV) * static_cast<int>(sizeof(T));
-  static constexpr int kSmemDkv = (3 * kTileK + 4 * kTileV) * static_cast<int>(sizeof(T));
-  static_assert(kSmemDkv <= 64 * 1024, "must fit the 64 KiB LDS of CDNA");
-};
-
 // gamma^n for integer n >= 0.  n == 0 is special-cased so that gamma == 0 (log2 = -inf) gives
 // the correct 1 instead of exp2(0 * -inf) = NaN.
 RT_DEVICE float decay_pow(int n, float log2_gamma) {
@@ -141,6 +90,91 @@ RT_DEVICE void scale_rows(T* dst, const T* src, int ld, F&& row_factor) {
     dst[r * ld + c] = Elem<T>::from_float(Elem<T>::to_float(src[r * ld + c]) * row_factor(r));
   }
 }
+
+// Where the tokens of one CTA's sequence live.  Without fusion a sequence is a batch row; the
+// fused MSR kernels (msr_common.cuh) also map packed sequences (cu_seqlens) of batch row 0.
+struct SeqSpan {
+  int b;                 // batch row of q / k / v / o
+  std::int64_t t_begin;  // first token of the sequence in that row
+  std::int64_t length;   // number of tokens (0 allowed: the state passes through)
+  std::int64_t state;    // index of its [H, dk, dv] block in the initial / final states
+  std::int64_t pos0;     // absolute position of its first token (rotary angle, decay normaliser)
+};
+
+// Compile-time fusion policy of the chunk kernels.  The kernels call it at three points:
+//   sequence(p, n)   which tokens / state sequence n (blockIdx.x / H) covers
+//   load_qk(...)     the prologue: global -> shared copy of the q / k tiles of one dk tile (the
+//                    place for a rotary embedding; it gets the row base and the dk offset, so
+//                    it can read rotation partners outside the tile)
+//   epilogue hooks   forward only, when kEpilogue (see chunk_fwd.cuh)
+// NoFusion is the raw op: batch rows, plain copies, o stored as is.  MsrFusion lives in
+// msr_common.cuh.
+struct NoFusion {
+  static constexpr bool kEpilogue = false;
+  using ForwardParams = ChunkForwardParams;
+  using BackwardParams = ChunkBackwardParams;
+  static constexpr int forward_extra_smem(int /*warps*/, int /*bv*/) { return 0; }
+
+  template <class P>
+  static std::int64_t num_sequences(const P& p) {
+    return p.shape.B;
+  }
+  template <class P>
+  RT_DEVICE static SeqSpan sequence(const P& p, int n) {
+    return {n, 0, p.shape.T, n, 0};
+  }
+  // Rows [0, rows_valid) of the dk tile [k0, k0 + C) of q and k; q_row / k_row point at
+  // column 0 of the first row.  dst_q may be null (the dq sweep only needs k).
+  template <int R, int C, int kThreads, class T, class P>
+  RT_DEVICE static void load_qk(const P&, T* dst_q, const T* q_row, std::int64_t q_stride, T* dst_k,
+                                const T* k_row, std::int64_t k_stride, int ld, int rows_valid, int k0,
+                                int dk, std::int64_t /*pos0*/) {
+    if (dst_q != nullptr) load_tile<R, C, kThreads>(dst_q, ld, q_row + k0, q_stride, rows_valid, dk - k0);
+    load_tile<R, C, kThreads>(dst_k, ld, k_row + k0, k_stride, rows_valid, dk - k0);
+  }
+};
+
+template <class T_, int kMaxDk_, int kStateRegs_ = 64, class Fusion_ = NoFusion>
+struct ChunkTraits {
+  using T = T_;
+  using Fusion = Fusion_;
+  using Mma = typename MmaFor<T>::type;
+  using FragC = typename Mma::FragC;
+
+  static constexpr bool kHalfWidth = sizeof(T) == 2;
+  static constexpr int kMaxDk = kMaxDk_;
+  // Chunk length == dk tile: every product in a chunk step is BT x (multiple of 16), and the
+  // state update K^T V has BK rows, so one warp-per-16-rows split serves all of them.
+  static constexpr int BT = kHalfWidth ? 64 : 32;
+  static constexpr int BK = BT;
+  static constexpr int kWarps = BT / 16;
+  static constexpr int kThreads = kWarps * gpu::kWarpSize;
+  static constexpr int KT = (kMaxDk + BK - 1) / BK;
+  // The state slice per warp is KT x (16 x BV), i.e. KT * BV / 2 fp32 registers per lane of a
+  // 32-wide warp.  kStateRegs caps that so the other accumulators fit without spilling (the
+  // reverse backward sweep holds three more tile rows than the forward and gets a smaller cap).
+  static constexpr int kStateRegs = kStateRegs_;
+  static constexpr int BV_ = 2 * kStateRegs / KT < 64 ? 2 * kStateRegs / KT : 64;
+  static constexpr int BV = BV_ < 16 ? 16 : BV_;
+  static_assert(BV >= 16 && BV % 16 == 0, "BV must be a multiple of the atom");
+
+  // Shared-memory row padding: 16 bytes keeps vector stores aligned and shifts consecutive
+  // rows across banks for the column-wise fragment reads.
+  static constexpr int kPad = 16 / static_cast<int>(sizeof(T));
+  static constexpr int LDK = BK + kPad;  // [BT x BK] tiles (q, k) and [BT x BT] tiles (scores)
+  static constexpr int LDV = BV + kPad;  // [BT x BV] and [BK x BV] tiles
+  static_assert(BT == BK, "score tiles reuse the q/k row stride");
+
+  static constexpr int kTileK = BT * LDK;  // elements of one q/k/score tile
+  static constexpr int kTileV = BT * LDV;  // elements of one v-like tile
+
+  // Shared memory of each kernel, in bytes (see the buffer lists in the kernels).
+  static constexpr int kSmemForward = (2 * kTileK + 3 * kTileV) * static_cast<int>(sizeof(T)) +
+                                      Fusion::forward_extra_smem(kWarps, BV);
+  static constexpr int kSmemDq = (2 * kTileK + 4 * kTileV) * static_cast<int>(sizeof(T));
+  static constexpr int kSmemDkv = (3 * kTileK + 4 * kTileV) * static_cast<int>(sizeof(T));
+  static_assert(kSmemDkv <= 64 * 1024, "must fit the 64 KiB LDS of CDNA");
+};
 
 // State slice <-> fp32 [dk, dv] matrix in global memory (initial / final states).  The warp's
 // accumulators cover rows kt*BK + 16w + [0, 16) and columns v0 + [0, BV).

@@ -22,6 +22,12 @@ struct Coord {
   int col;
 };
 
+// Accumulator row groups (used by the row / column reductions of tile_mma.h): in every layout
+// below, the lanes holding the elements of one accumulator row are kCRowLanes consecutive
+// lanes, l / kCRowLanes equal, and element i of those lanes lies in the same row.  So a row
+// reduction is a butterfly over lane masks < kCRowLanes, and a column reduction one over lane
+// masks >= kCRowLanes.  test_fragment_layout checks this property for each layout.
+
 // NVIDIA mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32, issued twice (n = 0..7
 // and n = 8..15).  PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type":
 // lanes form 8 groups of 4 (group = lane / 4, thread-in-group = lane % 4).  Elements are
@@ -32,6 +38,7 @@ struct Sm80 {
   static constexpr int kAElems = 8;
   static constexpr int kBElems = 8;
   static constexpr int kCElems = 8;
+  static constexpr int kCRowLanes = 4;
 
   static RT_LAYOUT_FN Coord a(int lane, int i) {
     return {(lane >> 2) + 8 * ((i >> 1) & 1), 2 * (lane & 3) + (i & 1) + 8 * (i >> 2)};
@@ -53,6 +60,7 @@ struct Mfma16 {
   static constexpr int kAElems = 4;
   static constexpr int kBElems = 4;
   static constexpr int kCElems = 4;
+  static constexpr int kCRowLanes = 16;
 
   static RT_LAYOUT_FN Coord a(int lane, int i) { return {lane & 15, 4 * (lane >> 4) + i}; }
   static RT_LAYOUT_FN Coord b(int lane, int i) { return {4 * (lane >> 4) + i, lane & 15}; }
@@ -67,6 +75,7 @@ struct Mfma16F32 {
   static constexpr int kAElems = 4;
   static constexpr int kBElems = 4;
   static constexpr int kCElems = 4;
+  static constexpr int kCRowLanes = Mfma16::kCRowLanes;
 
   static RT_LAYOUT_FN Coord a(int lane, int i) { return {lane & 15, 4 * i + (lane >> 4)}; }
   static RT_LAYOUT_FN Coord b(int lane, int i) { return {4 * i + (lane >> 4), lane & 15}; }

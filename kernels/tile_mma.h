@@ -317,6 +317,83 @@ RT_DEVICE void for_each(typename Mma::FragC (&acc)[N], F&& f) {
     }
 }
 
+// Row and column reductions of a warp's 16 x 16N accumulator block, for epilogues that need
+// per-row statistics (RMSNorm) or per-column sums over rows (a weight gradient).  They rely on
+// the row groups of fragment_layout.h: the lanes sharing a row are kCRowLanes consecutive
+// lanes, so a row total is a butterfly over lane masks below kCRowLanes and a column total one
+// over the masks from kCRowLanes up.  Element indices are compile-time after unrolling, so the
+// "same row / same column" tests below fold to constants (the lane terms cancel).
+
+// The values are per-element float arrays v[i] in the accumulator layout of one 16 x 16 tile
+// (element i of this lane), typically computed from accumulators by the caller; a caller
+// covering several tiles sums them per element first (row totals) or reduces tile by tile
+// (column totals), which keeps only one tile's worth of values live.
+
+// out[i] = sum over the row of element i (all lanes of its row group, all elements of this
+// lane in that row); every lane of the row group gets it.
+template <class Mma>
+RT_DEVICE void row_reduce(const float (&v)[Mma::Layout::kCElems], float (&out)[Mma::Layout::kCElems]) {
+  using L = typename Mma::Layout;
+  constexpr int E = L::kCElems;
+  const int lane = gpu::lane_id();
+#pragma unroll
+  for (int i = 0; i < E; ++i) {
+    float t = 0.f;
+#pragma unroll
+    for (int i2 = 0; i2 < E; ++i2)
+      if (L::c(lane, i2).row == L::c(lane, i).row) t += v[i2];
+    out[i] = gpu::warp_reduce_sum<L::kCRowLanes>(t);
+  }
+}
+
+// In place: v[i] becomes the sum over the 16 rows of the column of element i; every lane
+// holding that column gets it.
+template <class Mma>
+RT_DEVICE void col_reduce(float (&v)[Mma::Layout::kCElems]) {
+  using L = typename Mma::Layout;
+  constexpr int E = L::kCElems;
+  const int lane = gpu::lane_id();
+  float part[E];
+#pragma unroll
+  for (int i = 0; i < E; ++i) {
+    float t = 0.f;
+#pragma unroll
+    for (int i2 = 0; i2 < E; ++i2)
+      if (L::c(lane, i2).col == L::c(lane, i).col) t += v[i2];
+    part[i] = t;
+  }
+#pragma unroll
+  for (int i = 0; i < E; ++i) {
+    float t = part[i];
+#pragma unroll
+    for (int m = L::kCRowLanes; m < gpu::kWarpSize; m <<= 1) t += gpu::shfl_xor(t, m);
+    v[i] = t;
+  }
+}
+
+// Whether element i is the first of this lane's elements in its row / column: with the lane
+// group, it picks exactly one writer per row (lanes lane % kCRowLanes == 0) or per column
+// (lanes lane < kCRowLanes) after the reductions above.
+template <class Mma>
+RT_DEVICE bool first_in_row(int lane, int i) {
+  using L = typename Mma::Layout;
+  bool first = lane % L::kCRowLanes == 0;
+#pragma unroll
+  for (int i2 = 0; i2 < L::kCElems; ++i2)
+    if (i2 < i && L::c(lane, i2).row == L::c(lane, i).row) first = false;
+  return first;
+}
+
+template <class Mma>
+RT_DEVICE bool first_in_col(int lane, int i) {
+  using L = typename Mma::Layout;
+  bool first = lane < L::kCRowLanes;
+#pragma unroll
+  for (int i2 = 0; i2 < L::kCElems; ++i2)
+    if (i2 < i && L::c(lane, i2).col == L::c(lane, i).col) first = false;
+  return first;
+}
+
 // Round the accumulators to T and write them to a 16 x 16N shared-memory block.
 template <class Mma, int N, class T>
 RT_DEVICE void store(SmemTile<T> dst, typename Mma::FragC (&acc)[N]) {

@@ -269,3 +269,33 @@ TEST(FragmentLayout, TransposedViewsThroughTheMappings) {
       ASSERT_EQ(r.c[lane][i], ref[c.row][c.col]);
     }
 }
+
+namespace {
+
+// The row / column reductions of tile_mma.h rely on: the lanes sharing an accumulator row are
+// the kCRowLanes consecutive lanes of a group, for every element index alike, and lanes of
+// different groups never share a row (so the remaining lane bits walk down a column).
+template <class L>
+void expect_row_groups() {
+  static_assert(L::kLanes % L::kCRowLanes == 0, "groups tile the warp");
+  for (int lane = 0; lane < L::kLanes; ++lane)
+    for (int other = 0; other < L::kLanes; ++other)
+      for (int i = 0; i < L::kCElems; ++i) {
+        const frag::Coord a = L::c(lane, i), b = L::c(other, i);
+        const bool same_group = lane / L::kCRowLanes == other / L::kCRowLanes;
+        ASSERT_EQ(a.row == b.row, same_group) << "lanes " << lane << ", " << other << " element " << i;
+        // Within a lane, the column of an element is a function of (lane % kCRowLanes, i):
+        // lanes of different groups at the same offset hold the same columns.
+        if (lane % L::kCRowLanes == other % L::kCRowLanes) {
+          ASSERT_EQ(a.col, b.col);
+        }
+      }
+}
+
+}  // namespace
+
+TEST(FragmentLayout, AccumulatorRowGroups) {
+  expect_row_groups<frag::Sm80>();
+  expect_row_groups<frag::Mfma16>();
+  expect_row_groups<frag::Mfma16F32>();
+}

@@ -1,0 +1,337 @@
+// msr_bwd.cu - the fused MSR backward (design in msr_common.cuh):
+//
+//   1. statistics pass (norm with more than one dv tile): partial sum u^2, sum dz w u per row
+//   2. gradient pass: du (workspace, input dtype), dg, per-CTA column sums of dz n^
+//      (1 and 2 are the forward chunk kernel again, recomputing u; msr_fwd.cu)
+//   0. q~, k~ rotated once into the workspace (input dtype); every kernel below reads those
+//   3. the dq sweep and the dk/dv/dS0 sweep of chunk_bwd.cuh with du as grad_o, on q~ / k~ and
+//      packed sequences
+//   4. cast of the fp32 dq~ / dk~ accumulators to the input dtype, applying R(p)^T
+//   5. d_norm_weight = sum of the per-CTA column sums (fixed order, no atomics)
+#include "chunk_bwd.cuh"
+#include "msr_common.cuh"
+
+namespace retention::kernels {
+namespace {
+
+using MsrSweepFusion = MsrFusion<true>;
+
+template <class T>
+struct MsrSweeps {
+  template <int kMaxDk>
+  struct Bucket {
+    static gpu::error_t run(const MsrChunkBackward& p) {
+      // The raw sweeps' state budgets: without a prologue (q~ / k~ come pre-rotated) the
+      // sweeps differ from the raw ones only by the sequence map.
+      using TrDq = ChunkTraits<T, kMaxDk, 64, MsrSweepFusion>;
+      using TrDkv = ChunkTraits<T, kMaxDk, 32, MsrSweepFusion>;
+      const dim3 grid_dq(static_cast<unsigned>(p.seq.num_sequences * p.shape.H),
+                         static_cast<unsigned>((p.shape.dv + TrDq::BV - 1) / TrDq::BV));
+      const dim3 grid_dkv(static_cast<unsigned>(p.seq.num_sequences * p.shape.H),
+                          static_cast<unsigned>((p.shape.dv + TrDkv::BV - 1) / TrDkv::BV));
+      constexpr int kSmemDq = gpu::dynamic_smem_bytes(TrDq::kSmemDq);
+      constexpr int kSmemDkv = gpu::dynamic_smem_bytes(TrDkv::kSmemDkv);
+      auto* dq_kernel = &chunk_backward_dq_kernel<TrDq>;
+      auto* dkv_kernel = &chunk_backward_dkv_kernel<TrDkv>;
+      gpu::error_t e = gpu::set_max_dynamic_smem(dq_kernel, kSmemDq);
+      if (e == gpu::kSuccess) e = gpu::set_max_dynamic_smem(dkv_kernel, kSmemDkv);
+      if (e != gpu::kSuccess) return e;
+      dq_kernel<<<grid_dq, TrDq::kThreads, kSmemDq, p.stream>>>(p);
+      if ((e = gpu::last_error()) != gpu::kSuccess) return e;
+      dkv_kernel<<<grid_dkv, TrDkv::kThreads, kSmemDkv, p.stream>>>(p);
+      return gpu::last_error();
+    }
+  };
+};
+
+// grad[b, t, h, d] = (R(p)^T acc[b, h, t, :])[d] rounded to T, for dq and dk.  One CTA per
+// (sequence, head) slice of rows; each thread keeps one column d (its theta and partner) and
+// walks rows.
+constexpr int kCastColumns = 64;
+constexpr int kCastRows = 4;
+
+template <class T>
+__global__ void __launch_bounds__(kCastColumns* kCastRows) msr_cast_grads_kernel(const MsrChunkBackward p) {
+  const Shape& n = p.shape;
+  const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk);
+  const int h = blockIdx.x % H;
+  const SeqSpan seq = msr_sequence(p, blockIdx.x / H);
+  const std::int64_t bh = static_cast<std::int64_t>(seq.b) * H + h;
+  const float* const dq_acc = p.workspace + bh * n.T * dk;
+  const float* const dk_acc = p.workspace + (n.B * n.H + bh) * n.T * dk;
+  const int row_lane = threadIdx.x / kCastColumns;
+  for (int d = threadIdx.x % kCastColumns; d < dk; d += kCastColumns) {
+    int partner = d, pair = 0;
+    float sign = 0.f;
+    double theta = 0.0;
+    if (p.rotary != RotaryMode::kNone) {
+      rotary_pair(p.rotary, d, dk, partner, sign, pair);
+      theta = p.theta[pair];
+    }
+    for (std::int64_t r = blockIdx.y * kCastRows + row_lane; r < seq.length; r += gridDim.y * kCastRows) {
+      const std::int64_t t = seq.t_begin + r;
+      float gq = dq_acc[t * dk + d], gk = dk_acc[t * dk + d];
+      if (p.rotary != RotaryMode::kNone) {
+        // R^T: the partner term changes sign.
+        float cs, sn;
+        rotary_cos_sin(static_cast<double>(seq.pos0 + r), theta, cs, sn);
+        gq = gq * cs - sign * dq_acc[t * dk + partner] * sn;
+        gk = gk * cs - sign * dk_acc[t * dk + partner] * sn;
+      }
+      bthd_ptr<T>(p.grad_q, seq.b, t, h, d)[0] = Elem<T>::from_float(gq);
+      bthd_ptr<T>(p.grad_k, seq.b, t, h, d)[0] = Elem<T>::from_float(gk);
+    }
+  }
+}
+
+// q~ = R(p) q, k~ = R(p) k into contiguous [B, T, H, dk] copies (same thread mapping as the
+// cast below).  Rows outside every sequence do not exist (cu covers [0, T)).
+template <class T>
+__global__ void __launch_bounds__(kCastColumns* kCastRows) msr_rotate_qk_kernel(const MsrChunkBackward p, Bthd q_out,
+                                                                              Bthd k_out) {
+  const Shape& n = p.shape;
+  const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk);
+  const int h = blockIdx.x % H;
+  const SeqSpan seq = msr_sequence(p, blockIdx.x / H);
+  const int row_lane = threadIdx.x / kCastColumns;
+  for (int d = threadIdx.x % kCastColumns; d < dk; d += kCastColumns) {
+    int partner = d, pair = 0;
+    float sign = 0.f;
+    rotary_pair(p.rotary, d, dk, partner, sign, pair);
+    const double theta = p.theta[pair];
+    for (std::int64_t r = blockIdx.y * kCastRows + row_lane; r < seq.length; r += gridDim.y * kCastRows) {
+      const std::int64_t t = seq.t_begin + r;
+      float cs, sn;
+      rotary_cos_sin(static_cast<double>(seq.pos0 + r), theta, cs, sn);
+      const T* q = bthd_ptr<T>(p.q, seq.b, t, h, 0);
+      const T* k = bthd_ptr<T>(p.k, seq.b, t, h, 0);
+      bthd_ptr<T>(q_out, seq.b, t, h, d)[0] =
+          Elem<T>::from_float(Elem<T>::to_float(q[d]) * cs + sign * Elem<T>::to_float(q[partner]) * sn);
+      bthd_ptr<T>(k_out, seq.b, t, h, d)[0] =
+          Elem<T>::from_float(Elem<T>::to_float(k[d]) * cs + sign * Elem<T>::to_float(k[partner]) * sn);
+    }
+  }
+}
+
+// grad_norm_weight[c] = sum over the N*H rows of dw_partial[:, c].
+__global__ void __launch_bounds__(256) msr_reduce_dw_kernel(const float* dw_partial, std::int64_t rows, std::int64_t dv,
+                                                             float* grad_norm_weight) {
+  const std::int64_t c = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  if (c >= dv) return;
+  float s = 0.f;
+  for (std::int64_t r = 0; r < rows; ++r) s += dw_partial[r * dv + c];
+  grad_norm_weight[c] = s;
+}
+
+// Grid of the row-walking kernels: (sequence, head) x enough row slices for ~16 rows each.
+dim3 row_grid(const MsrChunkBackward& p) {
+  const std::int64_t y = (p.shape.T + kCastRows * 16 - 1) / (kCastRows * 16);
+  return dim3(static_cast<unsigned>(p.seq.num_sequences * p.shape.H),
+              static_cast<unsigned>(y < 1 ? 1 : y > 1024 ? 1024 : y));
+}
+
+template <class T>
+gpu::error_t launch_cast(const MsrChunkBackward& p) {
+  msr_cast_grads_kernel<T><<<row_grid(p), kCastColumns * kCastRows, 0, p.stream>>>(p);
+  return gpu::last_error();
+}
+
+template <class T>
+gpu::error_t launch_rotate(const MsrChunkBackward& p, const Bthd& q_out, const Bthd& k_out) {
+  msr_rotate_qk_kernel<T><<<row_grid(p), kCastColumns * kCastRows, 0, p.stream>>>(p, q_out, k_out);
+  return gpu::last_error();
+}
+
+struct Layout {
+  std::size_t theta = 0, acc = 0, stats = 0, dw = 0, du = 0, qk = 0, total = 0;
+};
+
+std::size_t align16(std::size_t x) { return (x + 15) / 16 * 16; }
+
+Layout workspace_layout(const MsrBackwardParams& p) {
+  const Shape& n = p.shape;
+  Layout l;
+  std::size_t off = kThetaTableBytes;
+  const bool any = n.B > 0 && n.T > 0 && n.H > 0 && n.dv > 0;
+  l.acc = off;
+  if (any) off += align16(2 * static_cast<std::size_t>(n.B * n.H * n.T * n.dk) * sizeof(float));
+  const int bv = msr_forward_tile_width(p.dtype, n.dk, true);
+  const std::int64_t tiles = bv > 0 ? (n.dv + bv - 1) / bv : 0;
+  l.stats = off;
+  if (any && p.opt.norm && tiles > 1) off += align16(static_cast<std::size_t>(tiles * msr_stats_rows(n) * 2) * sizeof(float));
+  l.dw = off;
+  if (p.opt.norm && p.opt.norm_weight != nullptr)
+    off += align16(static_cast<std::size_t>(p.seq.num_sequences * n.H * n.dv) * sizeof(float));
+  const std::size_t elem = p.dtype == DType::kF32 ? 4 : 2;
+  l.du = off;
+  if (any) off += align16(static_cast<std::size_t>(n.B * n.T * n.H * n.dv) * elem);
+  l.qk = off;
+  if (any && p.opt.rotary != RotaryMode::kNone) off += 2 * align16(static_cast<std::size_t>(n.B * n.T * n.H * n.dk) * elem);
+  l.total = off;
+  return l;
+}
+
+}  // namespace
+
+std::size_t msr_backward_workspace_bytes(const MsrBackwardParams& p) { return workspace_layout(p).total; }
+
+gpu::error_t launch_msr_backward(const MsrBackwardParams& p) {
+  const Shape& n = p.shape;
+  if (!msr_shape_ok(n, p.seq, p.opt, p.log_decay)) return gpu::kErrorInvalidValue;
+  const std::int64_t N = p.seq.num_sequences;
+  if (N * n.H == 0) return gpu::kSuccess;
+  if (n.dv == 0 || p.grad_initial_state == nullptr || p.workspace == nullptr) return gpu::kErrorInvalidValue;
+  if (p.g.ptr != nullptr && p.grad_g.ptr == nullptr) return gpu::kErrorInvalidValue;
+  const bool want_dw = p.opt.norm && p.opt.norm_weight != nullptr;
+  if (want_dw && p.grad_norm_weight == nullptr) return gpu::kErrorInvalidValue;
+  if (gpu::error_t e = gpu::check_warp_size(); e != gpu::kSuccess) return e;
+
+  const Layout l = workspace_layout(p);
+  unsigned char* const ws = static_cast<unsigned char*>(p.workspace);
+  double* const theta = reinterpret_cast<double*>(ws + l.theta);
+  gpu::error_t e = launch_rotary_theta(p.opt.rotary, n.dk, theta, p.stream);
+  if (e != gpu::kSuccess) return e;
+
+  // du: a contiguous [B, T, H, dv] tensor of the input dtype.
+  Bthd du;
+  du.ptr = ws + l.du;
+  du.stride_h = n.dv;
+  du.stride_t = n.H * n.dv;
+  du.stride_b = n.T * n.H * n.dv;
+
+  // 0. q~, k~ (the backward kernels run without a rotary prologue).
+  Bthd q_used = p.q, k_used = p.k;
+  MsrChunkBackward rot;
+  rot.dtype = p.dtype;
+  rot.shape = n;
+  rot.q = p.q;
+  rot.k = p.k;
+  rot.seq = p.seq;
+  rot.rotary = p.opt.rotary;
+  rot.theta = theta;
+  rot.stream = p.stream;
+  if (p.opt.rotary != RotaryMode::kNone && n.T > 0 && n.dk > 0) {
+    const std::size_t elem = p.dtype == DType::kF32 ? 4 : 2;
+    const std::size_t bytes = align16(static_cast<std::size_t>(n.B * n.T * n.H * n.dk) * elem);
+    for (Bthd* x : {&q_used, &k_used}) {
+      x->ptr = ws + l.qk + (x == &k_used ? bytes : 0);
+      x->stride_h = n.dk;
+      x->stride_t = n.H * n.dk;
+      x->stride_b = n.T * n.H * n.dk;
+    }
+    switch (p.dtype) {
+      case DType::kF16:
+        e = launch_rotate<f16_t>(rot, q_used, k_used);
+        break;
+      case DType::kBF16:
+        e = launch_rotate<bf16_t>(rot, q_used, k_used);
+        break;
+      case DType::kF32:
+        e = launch_rotate<float>(rot, q_used, k_used);
+        break;
+    }
+    if (e != gpu::kSuccess) return e;
+  }
+
+  // 1-2. Epilogue backward (recomputes u).
+  MsrChunkForward f;
+  f.dtype = p.dtype;
+  f.shape = n;
+  f.q = q_used;
+  f.k = k_used;
+  f.v = p.v;
+  f.o = du;
+  f.log_decay = p.log_decay;
+  f.scale = p.scale;
+  f.chunk_size = p.chunk_size;
+  f.initial_state = p.initial_state;
+  f.final_state = nullptr;
+  f.stream = p.stream;
+  f.seq = p.seq;
+  f.opt = p.opt;
+  f.opt.rotary = RotaryMode::kNone;  // q~ / k~ already rotated
+  f.theta = theta;
+  f.g = p.g;
+  f.grad_y = p.grad_y;
+  f.grad_g = p.grad_g;
+  f.stats = reinterpret_cast<float*>(ws + l.stats);
+  f.dw_partial = want_dw ? reinterpret_cast<float*>(ws + l.dw) : nullptr;
+  if (n.T > 0) {
+    if (l.dw > l.stats) {  // a statistics buffer exists: more than one dv tile
+      f.pass = MsrPass::kBackwardStats;
+      if ((e = launch_msr_chunk_pass(f)) != gpu::kSuccess) return e;
+    }
+    f.pass = MsrPass::kBackwardGrad;
+    if ((e = launch_msr_chunk_pass(f)) != gpu::kSuccess) return e;
+  } else if (want_dw) {
+    if ((e = gpu::memset_async(p.grad_norm_weight, 0, static_cast<std::size_t>(n.dv) * sizeof(float), p.stream)) !=
+        gpu::kSuccess)
+      return e;
+  }
+
+  // 3. The retention sweeps with du as grad_o.
+  MsrChunkBackward b;
+  b.dtype = p.dtype;
+  b.shape = n;
+  b.q = q_used;
+  b.k = k_used;
+  b.v = p.v;
+  b.grad_o = du;
+  b.grad_q = p.grad_q;
+  b.grad_k = p.grad_k;
+  b.grad_v = p.grad_v;
+  b.log_decay = p.log_decay;
+  b.scale = p.scale;
+  b.chunk_size = p.chunk_size;
+  b.initial_state = p.initial_state;
+  b.grad_final_state = p.grad_final_state;
+  b.grad_initial_state = p.grad_initial_state;
+  b.workspace = reinterpret_cast<float*>(ws + l.acc);
+  b.stream = p.stream;
+  b.seq = p.seq;
+  b.rotary = RotaryMode::kNone;  // q~ / k~ already rotated; the cast below applies R^T
+  b.theta = theta;
+  if (n.T > 0 && n.dk > 0) {
+    const std::size_t acc_bytes = 2 * static_cast<std::size_t>(n.B * n.H * n.T * n.dk) * sizeof(float);
+    if ((e = gpu::memset_async(b.workspace, 0, acc_bytes, p.stream)) != gpu::kSuccess) return e;
+  }
+  switch (p.dtype) {
+    case DType::kF16:
+      e = dispatch_dk<MsrSweeps<f16_t>::template Bucket>(n.dk, b);
+      break;
+    case DType::kBF16:
+      e = dispatch_dk<MsrSweeps<bf16_t>::template Bucket>(n.dk, b);
+      break;
+    case DType::kF32:
+      e = dispatch_dk<MsrSweeps<float>::template Bucket>(n.dk, b);
+      break;
+  }
+  if (e != gpu::kSuccess) return e;
+
+  // 4. dq, dk (un-rotated).
+  b.rotary = p.opt.rotary;
+  if (n.T > 0 && n.dk > 0) {
+    switch (p.dtype) {
+      case DType::kF16:
+        e = launch_cast<f16_t>(b);
+        break;
+      case DType::kBF16:
+        e = launch_cast<bf16_t>(b);
+        break;
+      case DType::kF32:
+        e = launch_cast<float>(b);
+        break;
+    }
+    if (e != gpu::kSuccess) return e;
+  }
+
+  // 5. d_norm_weight.
+  if (want_dw && n.T > 0) {
+    msr_reduce_dw_kernel<<<static_cast<unsigned>((n.dv + 255) / 256), 256, 0, p.stream>>>(
+        reinterpret_cast<const float*>(ws + l.dw), N * n.H, n.dv, p.grad_norm_weight);
+    e = gpu::last_error();
+  }
+  return e;
+}
+
+}  // namespace retention::kernels

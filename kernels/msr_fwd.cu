@@ -1,0 +1,178 @@
+// msr_fwd.cu - the fused MSR forward: the chunk forward kernel (chunk_fwd.cuh) instantiated
+// with MsrFusion (rotary prologue, packed sequences, decay normaliser / RMSNorm / gate
+// epilogue; see msr_common.cuh for the design), and its launchers.  The same instantiation
+// runs the two epilogue passes of the backward (msr_bwd.cu): the pass is a runtime value.
+#include "chunk_fwd.cuh"
+#include "msr_common.cuh"
+
+namespace retention::kernels {
+namespace {
+
+// Half the raw forward's state budget (BV = 64 / 32 / 16 for dk <= 64 / 128 / 256; a quarter,
+// BV = 64 / 16 / 16, for the backward's epilogue passes): the rotary prologue and the
+// epilogue need registers next to the state, and with the raw budget ptxas spills (the raw
+// kernels already sit at 230-255 registers).
+constexpr int kMsrForwardStateRegs = 32;
+
+template <class T, int kMaxDk, bool kBackwardPasses = false>
+using MsrForwardTraits = ChunkTraits<T, kMaxDk, kBackwardPasses ? kMsrForwardStateRegs / 2 : kMsrForwardStateRegs,
+                                     MsrFusion<kBackwardPasses>>;
+
+template <class T, bool kBackwardPasses>
+struct MsrForward {
+  template <int kMaxDk>
+  struct Bucket {
+    static gpu::error_t run(const MsrChunkForward& p) {
+      if constexpr (sizeof(T) == 4 && kMaxDk == 64) {
+        return gpu::kErrorInvalidValue;  // not used: see use_bucket_64
+      } else {
+        return launch<kMaxDk>(p);
+      }
+    }
+    template <int kBucket>
+    static gpu::error_t launch(const MsrChunkForward& p) {
+      using Tr = MsrForwardTraits<T, kBucket, kBackwardPasses>;
+      constexpr int kSmem = gpu::dynamic_smem_bytes(Tr::kSmemForward);
+      auto* kernel = &chunk_forward_kernel<Tr>;
+      gpu::error_t e = gpu::set_max_dynamic_smem(kernel, kSmem);
+      if (e != gpu::kSuccess) return e;
+      const dim3 grid(static_cast<unsigned>(p.seq.num_sequences * p.shape.H),
+                      static_cast<unsigned>((p.shape.dv + Tr::BV - 1) / Tr::BV));
+      kernel<<<grid, Tr::kThreads, kSmem, p.stream>>>(p);
+      return gpu::last_error();
+    }
+  };
+};
+
+template <int kMaxDk>
+struct TileWidth {
+  template <bool kBackwardPasses>
+  static int of(DType dtype) {
+    switch (dtype) {
+      case DType::kF16:
+        return MsrForwardTraits<f16_t, kMaxDk, kBackwardPasses>::BV;
+      case DType::kBF16:
+        return MsrForwardTraits<bf16_t, kMaxDk, kBackwardPasses>::BV;
+      case DType::kF32:
+        return MsrForwardTraits<float, kMaxDk == 64 ? 128 : kMaxDk, kBackwardPasses>::BV;
+    }
+    return 0;
+  }
+  static int run(DType dtype, bool backward) { return backward ? of<true>(dtype) : of<false>(dtype); }
+};
+
+std::int64_t dv_tiles(DType dtype, const Shape& n) {
+  const int bv = msr_forward_tile_width(dtype, n.dk, false);
+  return bv > 0 ? (n.dv + bv - 1) / bv : 0;
+}
+
+// The statistics pass is needed when the norm is on and dv spans more than one tile.
+bool needs_stats_pass(DType dtype, const Shape& n, const MsrOptions& opt) {
+  return opt.norm && dv_tiles(dtype, n) > 1;
+}
+
+__global__ void rotary_theta_kernel(RotaryMode mode, int dk, double* theta) {
+  for (int i = threadIdx.x; i < dk / 2; i += blockDim.x) theta[i] = rotary_theta(mode, i, dk);
+}
+
+}  // namespace
+
+gpu::error_t launch_rotary_theta(RotaryMode mode, std::int64_t dk, double* theta, gpu::stream_t stream) {
+  if (mode == RotaryMode::kNone || dk < 2) return gpu::kSuccess;
+  if (theta == nullptr) return gpu::kErrorInvalidValue;
+  rotary_theta_kernel<<<1, 128, 0, stream>>>(mode, static_cast<int>(dk), theta);
+  return gpu::last_error();
+}
+
+// fp32 passes with dk <= 64 use the 128 bucket: the 64 one spills on sm_80 (ptxas settles
+// on 168 registers there), and the wider bucket only pads dk.
+bool use_bucket_64(DType dtype, std::int64_t dk, bool /*backward_passes*/) {
+  return dk <= 64 && dtype != DType::kF32;
+}
+
+int msr_forward_tile_width(DType dtype, std::int64_t dk, bool backward_passes) {
+  if (use_bucket_64(dtype, dk, backward_passes)) return TileWidth<64>::run(dtype, backward_passes);
+  if (dk <= 128) return TileWidth<128>::run(dtype, backward_passes);
+  if (dk <= kMaxHeadDimK) return TileWidth<256>::run(dtype, backward_passes);
+  return 0;
+}
+
+gpu::error_t launch_msr_chunk_pass(const MsrChunkForward& p) {
+  if (p.seq.num_sequences * p.shape.H == 0 || p.shape.dv == 0) return gpu::kSuccess;
+  if (gpu::error_t e = gpu::check_warp_size(); e != gpu::kSuccess) return e;
+  const bool backward = p.pass == MsrPass::kBackwardStats || p.pass == MsrPass::kBackwardGrad;
+  switch (p.dtype) {
+    case DType::kF16:
+      return backward ? dispatch_dk<MsrForward<f16_t, true>::template Bucket>(p.shape.dk, p)
+                      : dispatch_dk<MsrForward<f16_t, false>::template Bucket>(p.shape.dk, p);
+    case DType::kBF16:
+      return backward ? dispatch_dk<MsrForward<bf16_t, true>::template Bucket>(p.shape.dk, p)
+                      : dispatch_dk<MsrForward<bf16_t, false>::template Bucket>(p.shape.dk, p);
+    case DType::kF32: {
+      const std::int64_t bucket_dk = p.shape.dk <= 128 ? 128 : p.shape.dk;  // never 64: use_bucket_64
+      return backward ? dispatch_dk<MsrForward<float, true>::template Bucket>(bucket_dk, p)
+                      : dispatch_dk<MsrForward<float, false>::template Bucket>(bucket_dk, p);
+    }
+  }
+  return gpu::kErrorInvalidValue;
+}
+
+// Workspace: [rotary theta table (kThetaTableBytes) | statistics (tiles x B*T*H x 2 fp32)].
+std::size_t msr_forward_workspace_bytes(const MsrForwardParams& p) {
+  const Shape& n = p.shape;
+  std::size_t bytes = kThetaTableBytes;
+  if (n.B > 0 && n.T > 0 && n.H > 0 && n.dv > 0 && needs_stats_pass(p.dtype, n, p.opt))
+    bytes += static_cast<std::size_t>(dv_tiles(p.dtype, n) * msr_stats_rows(n) * 2) * sizeof(float);
+  return bytes;
+}
+
+// Shared argument validation of the MSR launchers.
+bool msr_shape_ok(const Shape& n, const MsrSequences& seq, const MsrOptions& opt, const float* log_decay) {
+  if (n.B < 0 || n.T < 0 || n.H < 0 || n.dk < 0 || n.dv < 0 || n.dk > kMaxHeadDimK || log_decay == nullptr)
+    return false;
+  if (seq.num_sequences < 0 || (seq.cu_seqlens == nullptr && seq.num_sequences != n.B)) return false;
+  if (seq.cu_seqlens != nullptr && n.B != 1) return false;
+  if (opt.rotary != RotaryMode::kNone && opt.rotary != RotaryMode::kTorchscale && opt.rotary != RotaryMode::kNeox)
+    return false;
+  if (opt.rotary != RotaryMode::kNone && n.dk % 2 != 0) return false;
+  return true;
+}
+
+gpu::error_t launch_msr_forward(const MsrForwardParams& p) {
+  const Shape& n = p.shape;
+  if (!msr_shape_ok(n, p.seq, p.opt, p.log_decay)) return gpu::kErrorInvalidValue;
+  if (p.seq.num_sequences * n.H == 0 || n.dv == 0) return gpu::kSuccess;
+
+  MsrChunkForward c;
+  c.dtype = p.dtype;
+  c.shape = n;
+  c.q = p.q;
+  c.k = p.k;
+  c.v = p.v;
+  c.o = p.y;
+  c.log_decay = p.log_decay;
+  c.scale = p.scale;
+  c.chunk_size = p.chunk_size;
+  c.initial_state = p.initial_state;
+  c.stream = p.stream;
+  c.seq = p.seq;
+  c.opt = p.opt;
+  c.g = p.g;
+  if (p.workspace == nullptr) return gpu::kErrorInvalidValue;
+  unsigned char* const ws = static_cast<unsigned char*>(p.workspace);
+  c.theta = reinterpret_cast<const double*>(ws);
+  if (gpu::error_t e = launch_rotary_theta(p.opt.rotary, n.dk, reinterpret_cast<double*>(ws), p.stream);
+      e != gpu::kSuccess)
+    return e;
+  if (needs_stats_pass(p.dtype, n, p.opt)) {
+    c.stats = reinterpret_cast<float*>(ws + kThetaTableBytes);
+    c.pass = MsrPass::kForwardStats;
+    c.final_state = nullptr;
+    if (gpu::error_t e = launch_msr_chunk_pass(c); e != gpu::kSuccess) return e;
+  }
+  c.pass = MsrPass::kForwardOutput;
+  c.final_state = p.final_state;
+  return launch_msr_chunk_pass(c);
+}
+
+}  // namespace retention::kernels

@@ -1,0 +1,580 @@
+// GoogleTest tests of the fused MSR layer-core kernels (kernels/msr_*.cu), one source for nvcc
+// and hipcc, linked into the same binary as test_kernels.cu.
+//
+// The reference is a plain float64 CPU evaluation written from the math of msr_kernels.h
+// (rotation with float64 angles, token-by-token retention per sequence, decay normaliser,
+// RMSNorm, swish gate; the backward as the epilogue backward followed by the reverse scan),
+// computed from the *rounded* inputs.  The reference backward is itself checked against
+// finite differences of the reference forward (host-only, always runs).  Outputs are poisoned
+// with NaN before each launch; metric: relative RMS error plus finiteness.  GPU tests skip
+// without a device.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gpu_compat.h"
+#include "msr_kernels.h"
+#include "numeric.h"
+
+namespace rk = retention::kernels;
+namespace gpu = retention::gpu;
+
+namespace {
+
+bool has_device() {
+  int n = 0;
+  return gpu::device_count(&n) == gpu::kSuccess && n > 0 && gpu::check_warp_size() == gpu::kSuccess;
+}
+
+#define MSR_SKIP_WITHOUT_DEVICE()                                 \
+  do {                                                            \
+    if (!has_device()) GTEST_SKIP() << "no GPU device available"; \
+  } while (0)
+
+#define MSR_GPU_OK(expr)                                       \
+  do {                                                         \
+    const gpu::error_t err_ = (expr);                          \
+    ASSERT_EQ(err_, gpu::kSuccess) << gpu::error_string(err_); \
+  } while (0)
+
+std::size_t elem_size(rk::DType t) { return t == rk::DType::kF32 ? 4 : 2; }
+const char* dtype_name(rk::DType t) { return t == rk::DType::kF32 ? "f32" : t == rk::DType::kF16 ? "f16" : "bf16"; }
+double tolerance(rk::DType t) { return t == rk::DType::kF32 ? 2e-4 : t == rk::DType::kF16 ? 1e-2 : 3e-2; }
+
+// Round x to the element type in place; return the storage bytes.
+std::vector<unsigned char> encode(rk::DType t, std::vector<double>& x) {
+  std::vector<unsigned char> bytes(x.size() * elem_size(t));
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const float f = static_cast<float>(x[i]);
+    if (t == rk::DType::kF32) {
+      std::memcpy(&bytes[4 * i], &f, 4);
+      x[i] = f;
+    } else {
+      const std::uint16_t b = t == rk::DType::kF16 ? rk::host::f32_to_f16(f) : rk::host::f32_to_bf16(f);
+      std::memcpy(&bytes[2 * i], &b, 2);
+      x[i] = t == rk::DType::kF16 ? rk::host::f16_to_f32(b) : rk::host::bf16_to_f32(b);
+    }
+  }
+  return bytes;
+}
+
+std::vector<double> decode(rk::DType t, const std::vector<unsigned char>& bytes) {
+  std::vector<double> x(bytes.size() / elem_size(t));
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    if (t == rk::DType::kF32) {
+      float f;
+      std::memcpy(&f, &bytes[4 * i], 4);
+      x[i] = f;
+    } else {
+      std::uint16_t b;
+      std::memcpy(&b, &bytes[2 * i], 2);
+      x[i] = t == rk::DType::kF16 ? rk::host::f16_to_f32(b) : rk::host::bf16_to_f32(b);
+    }
+  }
+  return x;
+}
+
+struct Buffer {
+  void* ptr = nullptr;
+  std::size_t bytes = 0;
+  explicit Buffer(std::size_t n) : bytes(n) {
+    if (n > 0 && gpu::malloc_device(&ptr, n) != gpu::kSuccess) ptr = nullptr;
+  }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() {
+    if (ptr) gpu::free_device(ptr);
+  }
+  template <class T>
+  T* as() const {
+    return static_cast<T*>(ptr);
+  }
+  void upload(const void* src) { gpu::copy_to_device(ptr, src, bytes); }
+  void poison() { gpu::memset_device(ptr, 0xff, bytes); }
+  std::vector<unsigned char> download() const {
+    std::vector<unsigned char> h(bytes);
+    gpu::copy_to_host(h.data(), ptr, bytes);
+    return h;
+  }
+  std::vector<double> download_f32() const {
+    std::vector<float> f(bytes / 4);
+    gpu::copy_to_host(f.data(), ptr, bytes);
+    return std::vector<double>(f.begin(), f.end());
+  }
+};
+
+std::vector<float> to_f32(const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); }
+
+double rel_rms(const std::vector<double>& got, const std::vector<double>& ref) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    num += (got[i] - ref[i]) * (got[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  return den == 0 ? std::sqrt(num) : std::sqrt(num / den);
+}
+
+void expect_close(const std::vector<double>& got, const std::vector<double>& ref, double tol, const std::string& what) {
+  ASSERT_EQ(got.size(), ref.size()) << what;
+  std::size_t bad = 0;
+  for (double x : got) bad += !std::isfinite(x);
+  EXPECT_EQ(bad, 0u) << what << ": non-finite elements (unwritten or overflow)";
+  EXPECT_LT(rel_rms(got, ref), tol) << what;
+}
+
+// ------------------------------------------------------------------------------------------
+// Problem and float64 reference
+// ------------------------------------------------------------------------------------------
+struct Config {
+  rk::DType dtype;
+  int B, T, H, dk, dv;
+  std::vector<std::int64_t> cu;  // empty: batch rows are the sequences
+  int rotary;                    // 0 none, 1 torchscale, 2 neox
+  bool norm, weight, gate, decay_norm, state;
+  std::int64_t offset_base;      // offsets[s] = offset_base * (s + 1) (0: no offsets)
+};
+
+struct Msr {
+  Config c;
+  int N;
+  double scale, eps = 1e-6;
+  std::vector<double> q, k, v, g, w, log_decay, s0;
+  std::vector<std::int64_t> offsets;
+
+  std::size_t qi(int b, std::int64_t t, int h, int d) const { return ((std::size_t(b) * c.T + t) * c.H + h) * c.dk + d; }
+  std::size_t vi(int b, std::int64_t t, int h, int d) const { return ((std::size_t(b) * c.T + t) * c.H + h) * c.dv + d; }
+  std::size_t si(int s, int h) const { return (std::size_t(s) * c.H + h) * c.dk * c.dv; }
+  // (batch row, first token, length) of sequence s.
+  void span(int s, int& b, std::int64_t& t0, std::int64_t& len) const {
+    if (c.cu.empty()) {
+      b = s, t0 = 0, len = c.T;
+    } else {
+      b = 0, t0 = c.cu[s], len = c.cu[s + 1] - c.cu[s];
+    }
+  }
+};
+
+Msr make_msr(const Config& c, unsigned seed) {
+  Msr m;
+  m.c = c;
+  m.N = c.cu.empty() ? c.B : static_cast<int>(c.cu.size()) - 1;
+  m.scale = 1.0 / std::sqrt(double(c.dk));
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> n01;
+  auto fill = [&](std::vector<double>& x, std::size_t n, double s, double mean = 0) {
+    x.resize(n);
+    for (auto& e : x) e = mean + s * n01(gen);
+  };
+  fill(m.q, std::size_t(c.B) * c.T * c.H * c.dk, 1.0);
+  fill(m.k, std::size_t(c.B) * c.T * c.H * c.dk, 1.0);
+  fill(m.v, std::size_t(c.B) * c.T * c.H * c.dv, 1.0);
+  fill(m.g, c.gate ? std::size_t(c.B) * c.T * c.H * c.dv : 0, 1.5);
+  fill(m.w, c.weight ? c.dv : 0, 0.3, 1.0);
+  fill(m.s0, c.state ? std::size_t(m.N) * c.H * c.dk * c.dv : 0, 0.5);
+  for (int h = 0; h < c.H; ++h) m.log_decay.push_back(static_cast<float>(std::log1p(-std::ldexp(1.0, -5 - h))));
+  if (c.offset_base != 0)
+    for (int s = 0; s < m.N; ++s) m.offsets.push_back(c.offset_base * (s + 1));
+  return m;
+}
+
+std::int64_t offset_of(const Msr& m, int s) { return m.offsets.empty() ? 0 : m.offsets[s]; }
+
+// x' = R(p) x (inverse: R(p)^T x) for one head vector of length dk, float64 throughout.
+void rotate(const Msr& m, std::int64_t pos, const double* x, double* out, bool inverse) {
+  const int dk = m.c.dk, half = dk / 2;
+  for (int d = 0; d < dk; ++d) out[d] = x[d];
+  if (m.c.rotary == 0) return;
+  for (int i = 0; i < half; ++i) {
+    const int a = m.c.rotary == 1 ? 2 * i : i, b = m.c.rotary == 1 ? 2 * i + 1 : i + half;
+    const double theta = m.c.rotary == 1 ? (half == 1 ? 1.0 : std::pow(10000.0, -double(i) / (half - 1)))
+                                         : std::pow(10000.0, -2.0 * i / dk);
+    const double cs = std::cos(pos * theta), sn = (inverse ? -1 : 1) * std::sin(pos * theta);
+    out[a] = x[a] * cs - x[b] * sn;
+    out[b] = x[b] * cs + x[a] * sn;
+  }
+}
+
+struct Ref {
+  std::vector<double> y, sT;                     // forward
+  std::vector<double> dq, dk, dv, dg, ds0, dw;   // backward
+};
+
+// Forward (and, with dy, the backward) of the whole layer core in float64.
+Ref reference(const Msr& m, const std::vector<double>* dy = nullptr, const std::vector<double>* dsT = nullptr) {
+  const Config& c = m.c;
+  const int dk = c.dk, dv = c.dv;
+  Ref r;
+  r.y.assign(m.v.size(), 0.0);
+  r.sT.assign(std::size_t(m.N) * c.H * dk * dv, 0.0);
+  if (dy) {
+    r.dq.assign(m.q.size(), 0.0);
+    r.dk.assign(m.k.size(), 0.0);
+    r.dv.assign(m.v.size(), 0.0);
+    r.dg.assign(m.g.size(), 0.0);
+    r.ds0.assign(r.sT.size(), 0.0);
+    r.dw.assign(c.weight ? dv : 0, 0.0);
+  }
+  for (int s = 0; s < m.N; ++s) {
+    int b;
+    std::int64_t t0, len;
+    m.span(s, b, t0, len);
+    for (int h = 0; h < c.H; ++h) {
+      const double lg = m.log_decay[h], gamma = std::exp(lg);
+      std::vector<double> qr(len * dk), kr(len * dk), du(len * dv, 0.0);
+      for (std::int64_t n = 0; n < len; ++n) {
+        rotate(m, offset_of(m, s) + n, &m.q[m.qi(b, t0 + n, h, 0)], &qr[n * dk], false);
+        rotate(m, offset_of(m, s) + n, &m.k[m.qi(b, t0 + n, h, 0)], &kr[n * dk], false);
+      }
+      std::vector<double> S(dk * dv, 0.0), u(dv);
+      if (c.state) std::copy(m.s0.begin() + m.si(s, h), m.s0.begin() + m.si(s, h) + dk * dv, S.begin());
+      std::vector<std::vector<double>> states;  // S_n after token n (for dq)
+      for (std::int64_t n = 0; n < len; ++n) {
+        for (int i = 0; i < dk; ++i)
+          for (int j = 0; j < dv; ++j) S[i * dv + j] = gamma * S[i * dv + j] + kr[n * dk + i] * m.v[m.vi(b, t0 + n, h, j)];
+        if (dy) states.push_back(S);
+        for (int j = 0; j < dv; ++j) {
+          double acc = 0;
+          for (int i = 0; i < dk; ++i) acc += qr[n * dk + i] * S[i * dv + j];
+          u[j] = m.scale * acc;
+        }
+        // Epilogue.
+        const std::int64_t jpos = offset_of(m, s) + n + 1;
+        const double a = c.decay_norm ? 1.0 / std::sqrt(lg == 0 ? double(jpos) : std::expm1(jpos * lg) / std::expm1(lg)) : 1.0;
+        double ms = 0;
+        for (int j = 0; j < dv; ++j) ms += a * u[j] * a * u[j];
+        const double rr = c.norm ? 1.0 / std::sqrt(ms / dv + m.eps) : 1.0;
+        double mean_dn_nh = 0;
+        std::vector<double> dz(dv);
+        for (int j = 0; j < dv; ++j) {
+          const double o = a * u[j], nh = o * rr, wj = c.weight ? m.w[j] : 1.0;
+          const double z = c.norm ? nh * wj : o;
+          const std::size_t yi = m.vi(b, t0 + n, h, j);
+          const double gv = c.gate ? m.g[yi] : 0, sg = 1 / (1 + std::exp(-gv));
+          r.y[yi] = c.gate ? gv * sg * z : z;
+          if (dy) {
+            const double d = (*dy)[yi];
+            dz[j] = c.gate ? d * gv * sg : d;
+            if (c.gate) r.dg[yi] = d * z * sg * (1 + gv * (1 - sg));
+            if (c.norm && c.weight) r.dw[j] += dz[j] * nh;
+            mean_dn_nh += dz[j] * wj * nh / dv;
+          }
+        }
+        if (dy)
+          for (int j = 0; j < dv; ++j) {
+            const double o = a * u[j], nh = o * rr, wj = c.weight ? m.w[j] : 1.0;
+            du[n * dv + j] = c.norm ? a * rr * (dz[j] * wj - nh * mean_dn_nh) : a * dz[j];
+          }
+      }
+      std::copy(S.begin(), S.end(), r.sT.begin() + m.si(s, h));
+      if (!dy) continue;
+      // Retention backward with du: dq~_n = scale S_n du_n; reverse scan for dk~, dv, dS0.
+      std::vector<double> U(dk * dv, 0.0), tmp(dk);
+      if (dsT) std::copy(dsT->begin() + m.si(s, h), dsT->begin() + m.si(s, h) + dk * dv, U.begin());
+      for (std::int64_t n = 0; n < len; ++n) {
+        for (int i = 0; i < dk; ++i) {
+          double acc = 0;
+          for (int j = 0; j < dv; ++j) acc += states[n][i * dv + j] * du[n * dv + j];
+          tmp[i] = m.scale * acc;
+        }
+        rotate(m, offset_of(m, s) + n, tmp.data(), &r.dq[m.qi(b, t0 + n, h, 0)], true);
+      }
+      for (std::int64_t n = len - 1; n >= 0; --n) {
+        for (int i = 0; i < dk; ++i)
+          for (int j = 0; j < dv; ++j) U[i * dv + j] += m.scale * qr[n * dk + i] * du[n * dv + j];
+        for (int i = 0; i < dk; ++i) {
+          double acc = 0;
+          for (int j = 0; j < dv; ++j) acc += U[i * dv + j] * m.v[m.vi(b, t0 + n, h, j)];
+          tmp[i] = acc;
+        }
+        rotate(m, offset_of(m, s) + n, tmp.data(), &r.dk[m.qi(b, t0 + n, h, 0)], true);
+        for (int j = 0; j < dv; ++j) {
+          double acc = 0;
+          for (int i = 0; i < dk; ++i) acc += U[i * dv + j] * kr[n * dk + i];
+          r.dv[m.vi(b, t0 + n, h, j)] = acc;
+        }
+        for (auto& x : U) x *= gamma;
+      }
+      std::copy(U.begin(), U.end(), r.ds0.begin() + m.si(s, h));
+    }
+  }
+  return r;
+}
+
+// ------------------------------------------------------------------------------------------
+// Host-only: the reference backward is the gradient of the reference forward.
+// ------------------------------------------------------------------------------------------
+TEST(MsrReference, BackwardMatchesFiniteDifferences) {
+  for (int rotary : {1, 2}) {
+    Config c{rk::DType::kF32, 1, 7, 2, 6, 5, {0, 3, 3, 7}, rotary, true, true, true, true, true, 1000};
+    Msr m = make_msr(c, 3);
+    std::mt19937 gen(5);
+    std::normal_distribution<double> n01;
+    std::vector<double> dy(m.v.size()), dsT(std::size_t(m.N) * c.H * c.dk * c.dv);
+    for (auto& x : dy) x = n01(gen);
+    for (auto& x : dsT) x = 0.3 * n01(gen);
+    const Ref r = reference(m, &dy, &dsT);
+    // loss = <dy, y> + <dsT, sT>
+    auto loss = [&](const Msr& mm) {
+      const Ref f = reference(mm);
+      double l = 0;
+      for (std::size_t i = 0; i < f.y.size(); ++i) l += dy[i] * f.y[i];
+      for (std::size_t i = 0; i < f.sT.size(); ++i) l += dsT[i] * f.sT[i];
+      return l;
+    };
+    auto check = [&](std::vector<double> Msr::*field, const std::vector<double>& grad, const char* what) {
+      for (std::size_t i = 0; i < grad.size(); i += 3) {
+        Msr p = m, n = m;
+        const double e = 1e-6;
+        (p.*field)[i] += e;
+        (n.*field)[i] -= e;
+        const double fd = (loss(p) - loss(n)) / (2 * e);
+        ASSERT_NEAR(grad[i], fd, 1e-5 * (1 + std::fabs(fd))) << what << "[" << i << "] rotary " << rotary;
+      }
+    };
+    check(&Msr::q, r.dq, "dq");
+    check(&Msr::k, r.dk, "dk");
+    check(&Msr::v, r.dv, "dv");
+    check(&Msr::g, r.dg, "dg");
+    check(&Msr::w, r.dw, "dw");
+    check(&Msr::s0, r.ds0, "ds0");
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// GPU tests
+// ------------------------------------------------------------------------------------------
+std::vector<Config> configs() {
+  using D = rk::DType;
+  // Packed: an empty sequence, a one-token one, a boundary inside the first chunk (5), and
+  // sequences crossing chunk boundaries.
+  const std::vector<std::int64_t> cu = {0, 0, 1, 5, 70, 70, 150};
+  std::vector<Config> out;
+  for (D t : {D::kF32, D::kBF16}) {
+    out.push_back({t, 1, 150, 2, 60, 432, cu, 1, true, true, true, true, true, 100000});    // dv over several tiles
+    out.push_back({t, 1, 150, 2, 128, 432, cu, 2, true, false, true, false, true, 7});      // neox, dk = 128
+    out.push_back({t, 2, 37, 3, 60, 48, {}, 1, true, true, false, true, false, 0});         // one dv tile: 1 pass
+    out.push_back({t, 2, 70, 2, 128, 100, {}, 0, false, false, true, true, true, 3});       // no norm, no rotary
+  }
+  out.push_back({D::kF16, 1, 150, 2, 128, 432, cu, 1, true, true, true, true, true, 1 << 20});
+  return out;
+}
+
+std::string config_name(const testing::TestParamInfo<Config>& info) {
+  const Config& c = info.param;
+  return std::string(dtype_name(c.dtype)) + "_B" + std::to_string(c.B) + "_T" + std::to_string(c.T) + "_dk" +
+         std::to_string(c.dk) + "_dv" + std::to_string(c.dv) + (c.cu.empty() ? "" : "_varlen") + "_rot" +
+         std::to_string(c.rotary) + (c.norm ? "_norm" : "") + (c.weight ? "w" : "") + (c.gate ? "_gate" : "") +
+         (c.decay_norm ? "_dn" : "") + (c.state ? "_h0" : "");
+}
+
+rk::Bthd bthd(void* p, const Config& c, int d) {
+  rk::Bthd x;
+  x.ptr = p;
+  x.stride_h = d;
+  x.stride_t = std::int64_t(c.H) * d;
+  x.stride_b = std::int64_t(c.T) * c.H * d;
+  return x;
+}
+
+// Device copies of one problem.
+struct DeviceMsr {
+  Buffer q, k, v, g, w, decay, s0, cu, offsets;
+  DeviceMsr(Msr& m)
+      : q(m.q.size() * elem_size(m.c.dtype)), k(m.k.size() * elem_size(m.c.dtype)),
+        v(m.v.size() * elem_size(m.c.dtype)), g(m.g.size() * elem_size(m.c.dtype)), w(m.w.size() * 4),
+        decay(m.log_decay.size() * 4), s0(m.s0.size() * 4), cu(m.c.cu.size() * 8), offsets(m.offsets.size() * 8) {
+    q.upload(encode(m.c.dtype, m.q).data());
+    k.upload(encode(m.c.dtype, m.k).data());
+    v.upload(encode(m.c.dtype, m.v).data());
+    if (!m.g.empty()) g.upload(encode(m.c.dtype, m.g).data());
+    for (auto& x : m.w) x = static_cast<float>(x);
+    for (auto& x : m.s0) x = static_cast<float>(x);
+    if (!m.w.empty()) w.upload(to_f32(m.w).data());
+    decay.upload(to_f32(m.log_decay).data());
+    if (!m.s0.empty()) s0.upload(to_f32(m.s0).data());
+    if (!m.c.cu.empty()) cu.upload(m.c.cu.data());
+    if (!m.offsets.empty()) offsets.upload(m.offsets.data());
+  }
+  rk::MsrSequences seq(const Msr& m) const {
+    rk::MsrSequences s;
+    s.cu_seqlens = m.c.cu.empty() ? nullptr : cu.ptr;
+    s.cu_seqlens_int64 = true;
+    s.num_sequences = m.N;
+    s.offsets = m.offsets.empty() ? nullptr : offsets.as<std::int64_t>();
+    return s;
+  }
+  rk::MsrOptions opt(const Msr& m) const {
+    rk::MsrOptions o;
+    o.rotary = static_cast<rk::RotaryMode>(m.c.rotary);
+    o.norm = m.c.norm;
+    o.norm_weight = m.c.weight ? w.as<float>() : nullptr;
+    o.eps = static_cast<float>(m.eps);
+    o.decay_norm = m.c.decay_norm;
+    return o;
+  }
+};
+
+class MsrKernels : public testing::TestWithParam<Config> {};
+
+TEST_P(MsrKernels, ForwardMatchesReference) {
+  MSR_SKIP_WITHOUT_DEVICE();
+  Msr m = make_msr(GetParam(), 11);
+  DeviceMsr d(m);  // rounds m's inputs to the element type
+  const Ref ref = reference(m);
+  const Config& c = m.c;
+  Buffer y(m.v.size() * elem_size(c.dtype)), sT(ref.sT.size() * 4);
+  y.poison();
+  sT.poison();
+
+  rk::MsrForwardParams p;
+  p.dtype = c.dtype;
+  p.shape = {c.B, c.T, c.H, c.dk, c.dv};
+  p.q = bthd(d.q.ptr, c, c.dk);
+  p.k = bthd(d.k.ptr, c, c.dk);
+  p.v = bthd(d.v.ptr, c, c.dv);
+  if (c.gate) p.g = bthd(d.g.ptr, c, c.dv);
+  p.y = bthd(y.ptr, c, c.dv);
+  p.log_decay = d.decay.as<float>();
+  p.scale = static_cast<float>(m.scale);
+  p.seq = d.seq(m);
+  p.opt = d.opt(m);
+  p.initial_state = c.state ? d.s0.as<float>() : nullptr;
+  p.final_state = sT.as<float>();
+  Buffer ws(rk::msr_forward_workspace_bytes(p));
+  p.workspace = ws.ptr;
+  MSR_GPU_OK(rk::launch_msr_forward(p));
+  MSR_GPU_OK(gpu::synchronize());
+
+  expect_close(decode(c.dtype, y.download()), ref.y, tolerance(c.dtype), "y");
+  expect_close(sT.download_f32(), ref.sT, tolerance(c.dtype), "final_state");
+}
+
+TEST_P(MsrKernels, BackwardMatchesReference) {
+  MSR_SKIP_WITHOUT_DEVICE();
+  Msr m = make_msr(GetParam(), 12);
+  DeviceMsr d(m);
+  const Config& c = m.c;
+  std::mt19937 gen(9);
+  std::normal_distribution<double> n01;
+  std::vector<double> dy(m.v.size()), dsT(std::size_t(m.N) * c.H * c.dk * c.dv);
+  for (auto& x : dy) x = n01(gen);
+  for (auto& x : dsT) x = c.state ? static_cast<float>(0.1 * n01(gen)) : 0.0;
+  Buffer gy(dy.size() * elem_size(c.dtype)), gsT(dsT.size() * 4);
+  gy.upload(encode(c.dtype, dy).data());
+  gsT.upload(to_f32(dsT).data());
+  const Ref ref = reference(m, &dy, &dsT);
+
+  const std::size_t es = elem_size(c.dtype);
+  Buffer dq(m.q.size() * es), dk(m.k.size() * es), dv(m.v.size() * es), dg(m.g.size() * es),
+      ds0(dsT.size() * 4), dw(m.w.size() * 4);
+  for (Buffer* b : {&dq, &dk, &dv, &dg, &ds0, &dw}) b->poison();
+
+  rk::MsrBackwardParams p;
+  p.dtype = c.dtype;
+  p.shape = {c.B, c.T, c.H, c.dk, c.dv};
+  p.q = bthd(d.q.ptr, c, c.dk);
+  p.k = bthd(d.k.ptr, c, c.dk);
+  p.v = bthd(d.v.ptr, c, c.dv);
+  if (c.gate) {
+    p.g = bthd(d.g.ptr, c, c.dv);
+    p.grad_g = bthd(dg.ptr, c, c.dv);
+  }
+  p.grad_y = bthd(gy.ptr, c, c.dv);
+  p.log_decay = d.decay.as<float>();
+  p.scale = static_cast<float>(m.scale);
+  p.seq = d.seq(m);
+  p.opt = d.opt(m);
+  p.initial_state = c.state ? d.s0.as<float>() : nullptr;
+  p.grad_final_state = c.state ? gsT.as<float>() : nullptr;
+  p.grad_q = bthd(dq.ptr, c, c.dk);
+  p.grad_k = bthd(dk.ptr, c, c.dk);
+  p.grad_v = bthd(dv.ptr, c, c.dv);
+  p.grad_initial_state = ds0.as<float>();
+  p.grad_norm_weight = c.norm && c.weight ? dw.as<float>() : nullptr;
+  Buffer ws(rk::msr_backward_workspace_bytes(p));
+  p.workspace = ws.ptr;
+  MSR_GPU_OK(rk::launch_msr_backward(p));
+  MSR_GPU_OK(gpu::synchronize());
+
+  const double tol = 2 * tolerance(c.dtype);
+  expect_close(decode(c.dtype, dq.download()), ref.dq, tol, "grad_q");
+  expect_close(decode(c.dtype, dk.download()), ref.dk, tol, "grad_k");
+  expect_close(decode(c.dtype, dv.download()), ref.dv, tol, "grad_v");
+  if (c.gate) expect_close(decode(c.dtype, dg.download()), ref.dg, tol, "grad_g");
+  expect_close(ds0.download_f32(), ref.ds0, tol, "grad_initial_state");
+  if (c.norm && c.weight) expect_close(dw.download_f32(), ref.dw, tol, "grad_norm_weight");
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, MsrKernels, testing::ValuesIn(configs()), config_name);
+
+// One decode step per batch row at its own position, against the reference of a one-token
+// sequence with that offset.
+class MsrStep : public testing::TestWithParam<Config> {};
+
+TEST_P(MsrStep, MatchesReference) {
+  MSR_SKIP_WITHOUT_DEVICE();
+  Msr m = make_msr(GetParam(), 13);
+  DeviceMsr d(m);
+  const Ref ref = reference(m);
+  const Config& c = m.c;
+  Buffer y(m.v.size() * elem_size(c.dtype)), state(std::size_t(c.B) * c.H * c.dk * c.dv * 4);
+  y.poison();
+  if (c.state) {
+    state.upload(to_f32(m.s0).data());
+  } else {
+    gpu::memset_device(state.ptr, 0, state.bytes);
+  }
+
+  rk::MsrStepParams p;
+  p.dtype = c.dtype;
+  p.B = c.B;
+  p.H = c.H;
+  p.dk = c.dk;
+  p.dv = c.dv;
+  p.q = d.q.ptr;
+  p.q_stride_b = std::int64_t(c.H) * c.dk;
+  p.q_stride_h = c.dk;
+  p.k = d.k.ptr;
+  p.k_stride_b = p.q_stride_b;
+  p.k_stride_h = p.q_stride_h;
+  p.v = d.v.ptr;
+  p.v_stride_b = std::int64_t(c.H) * c.dv;
+  p.v_stride_h = c.dv;
+  if (c.gate) {
+    p.g = d.g.ptr;
+    p.g_stride_b = p.v_stride_b;
+    p.g_stride_h = p.v_stride_h;
+  }
+  p.y = y.ptr;
+  p.y_stride_b = p.v_stride_b;
+  p.y_stride_h = p.v_stride_h;
+  p.log_decay = d.decay.as<float>();
+  p.scale = static_cast<float>(m.scale);
+  p.state = state.as<float>();
+  p.offsets = m.offsets.empty() ? nullptr : d.offsets.as<std::int64_t>();
+  p.opt = d.opt(m);
+  MSR_GPU_OK(rk::launch_msr_step(p));
+  MSR_GPU_OK(gpu::synchronize());
+
+  expect_close(decode(c.dtype, y.download()), ref.y, tolerance(c.dtype), "y");
+  expect_close(state.download_f32(), ref.sT, 1e-5, "state");
+}
+
+std::vector<Config> step_configs() {
+  using D = rk::DType;
+  std::vector<Config> out;
+  for (D t : {D::kF32, D::kBF16, D::kF16}) {
+    out.push_back({t, 3, 1, 2, 60, 432, {}, 1, true, true, true, true, true, 123456});
+    out.push_back({t, 2, 1, 3, 128, 432, {}, 2, true, false, false, false, true, 5});
+  }
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, MsrStep, testing::ValuesIn(step_configs()), config_name);
+
+}  // namespace
