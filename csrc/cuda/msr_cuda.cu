@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "kernel_params.h"
 #include "msr_kernels.h"
 
 namespace retention {
@@ -26,37 +27,10 @@ namespace rk = retention::kernels;
 using Pair = std::tuple<at::Tensor, at::Tensor>;
 using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-rk::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return rk::DType::kF16;
-    case at::kBFloat16:
-      return rk::DType::kBF16;
-    default:
-      return rk::DType::kF32;
-  }
-}
-
-at::Tensor unit_inner_stride(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
-
-rk::Bthd bthd(const at::Tensor& x) {
-  rk::Bthd b;
-  b.ptr = x.data_ptr();
-  b.stride_b = x.stride(0);
-  b.stride_t = x.stride(1);
-  b.stride_h = x.stride(2);
-  return b;
-}
-
-rk::Shape shape_of(const Dims& d) {
-  rk::Shape s;
-  s.B = d.B;
-  s.T = d.T;
-  s.H = d.H;
-  s.dk = d.dk;
-  s.dv = d.dv;
-  return s;
-}
+using glue::bthd;
+using glue::kernel_dtype;
+using glue::shape_of;
+using glue::unit_inner_stride;
 
 at::Tensor fp32_contiguous(const OptTensor& s) { return has(s) ? s->to(at::kFloat).contiguous() : at::Tensor(); }
 const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }

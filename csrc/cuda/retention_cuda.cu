@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "kernel_params.h"
 #include "retention_kernels.h"
 
 namespace retention {
@@ -24,38 +25,10 @@ namespace rk = retention::kernels;
 using Pair = std::tuple<at::Tensor, at::Tensor>;
 using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-rk::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return rk::DType::kF16;
-    case at::kBFloat16:
-      return rk::DType::kBF16;
-    default:
-      return rk::DType::kF32;
-  }
-}
-
-// The kernels take any B/T/H strides but need a unit stride along the head dimension.
-at::Tensor unit_inner_stride(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
-
-rk::Bthd bthd(const at::Tensor& x) {
-  rk::Bthd b;
-  b.ptr = x.data_ptr();
-  b.stride_b = x.stride(0);
-  b.stride_t = x.stride(1);
-  b.stride_h = x.stride(2);
-  return b;
-}
-
-rk::Shape shape_of(const Dims& d) {
-  rk::Shape s;
-  s.B = d.B;
-  s.T = d.T;
-  s.H = d.H;
-  s.dk = d.dk;
-  s.dv = d.dv;
-  return s;
-}
+using glue::bthd;
+using glue::kernel_dtype;
+using glue::shape_of;
+using glue::unit_inner_stride;
 
 // fp32 [B, H, dk, dv] contiguous copy of an optional state, or an undefined tensor.
 at::Tensor fp32_state(const OptTensor& s) {
