@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "gpu_compat.h"
+#include "kernel_test_util.h"
 #include "msr_kernels.h"
 #include "numeric.h"
 
@@ -26,106 +27,12 @@ namespace gpu = retention::gpu;
 
 namespace {
 
-bool has_device() {
-  int n = 0;
-  return gpu::device_count(&n) == gpu::kSuccess && n > 0 && gpu::check_warp_size() == gpu::kSuccess;
-}
+using namespace kernel_test;
 
-#define MSR_SKIP_WITHOUT_DEVICE()                                 \
-  do {                                                            \
-    if (!has_device()) GTEST_SKIP() << "no GPU device available"; \
-  } while (0)
-
-#define MSR_GPU_OK(expr)                                       \
-  do {                                                         \
-    const gpu::error_t err_ = (expr);                          \
-    ASSERT_EQ(err_, gpu::kSuccess) << gpu::error_string(err_); \
-  } while (0)
-
-std::size_t elem_size(rk::DType t) { return t == rk::DType::kF32 ? 4 : 2; }
 const char* dtype_name(rk::DType t) { return t == rk::DType::kF32 ? "f32" : t == rk::DType::kF16 ? "f16" : "bf16"; }
 double tolerance(rk::DType t) { return t == rk::DType::kF32 ? 2e-4 : t == rk::DType::kF16 ? 1e-2 : 3e-2; }
 
-// Round x to the element type in place; return the storage bytes.
-std::vector<unsigned char> encode(rk::DType t, std::vector<double>& x) {
-  std::vector<unsigned char> bytes(x.size() * elem_size(t));
-  for (std::size_t i = 0; i < x.size(); ++i) {
-    const float f = static_cast<float>(x[i]);
-    if (t == rk::DType::kF32) {
-      std::memcpy(&bytes[4 * i], &f, 4);
-      x[i] = f;
-    } else {
-      const std::uint16_t b = t == rk::DType::kF16 ? rk::host::f32_to_f16(f) : rk::host::f32_to_bf16(f);
-      std::memcpy(&bytes[2 * i], &b, 2);
-      x[i] = t == rk::DType::kF16 ? rk::host::f16_to_f32(b) : rk::host::bf16_to_f32(b);
-    }
-  }
-  return bytes;
-}
-
-std::vector<double> decode(rk::DType t, const std::vector<unsigned char>& bytes) {
-  std::vector<double> x(bytes.size() / elem_size(t));
-  for (std::size_t i = 0; i < x.size(); ++i) {
-    if (t == rk::DType::kF32) {
-      float f;
-      std::memcpy(&f, &bytes[4 * i], 4);
-      x[i] = f;
-    } else {
-      std::uint16_t b;
-      std::memcpy(&b, &bytes[2 * i], 2);
-      x[i] = t == rk::DType::kF16 ? rk::host::f16_to_f32(b) : rk::host::bf16_to_f32(b);
-    }
-  }
-  return x;
-}
-
-struct Buffer {
-  void* ptr = nullptr;
-  std::size_t bytes = 0;
-  explicit Buffer(std::size_t n) : bytes(n) {
-    if (n > 0 && gpu::malloc_device(&ptr, n) != gpu::kSuccess) ptr = nullptr;
-  }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  ~Buffer() {
-    if (ptr) gpu::free_device(ptr);
-  }
-  template <class T>
-  T* as() const {
-    return static_cast<T*>(ptr);
-  }
-  void upload(const void* src) { gpu::copy_to_device(ptr, src, bytes); }
-  void poison() { gpu::memset_device(ptr, 0xff, bytes); }
-  std::vector<unsigned char> download() const {
-    std::vector<unsigned char> h(bytes);
-    gpu::copy_to_host(h.data(), ptr, bytes);
-    return h;
-  }
-  std::vector<double> download_f32() const {
-    std::vector<float> f(bytes / 4);
-    gpu::copy_to_host(f.data(), ptr, bytes);
-    return std::vector<double>(f.begin(), f.end());
-  }
-};
-
 std::vector<float> to_f32(const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); }
-
-double rel_rms(const std::vector<double>& got, const std::vector<double>& ref) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < ref.size(); ++i) {
-    num += (got[i] - ref[i]) * (got[i] - ref[i]);
-    den += ref[i] * ref[i];
-  }
-  return den == 0 ? std::sqrt(num) : std::sqrt(num / den);
-}
-
-void expect_close(const std::vector<double>& got, const std::vector<double>& ref, double tol, const std::string& what) {
-  ASSERT_EQ(got.size(), ref.size()) << what;
-  std::size_t bad = 0;
-  for (double x : got) bad += !std::isfinite(x);
-  EXPECT_EQ(bad, 0u) << what << ": non-finite elements (unwritten or overflow)";
-  EXPECT_LT(rel_rms(got, ref), tol) << what;
-}
 
 // ------------------------------------------------------------------------------------------
 // Problem and float64 reference
@@ -383,7 +290,7 @@ rk::Bthd bthd(void* p, const Config& c, int d) {
 
 // Device copies of one problem.
 struct DeviceMsr {
-  Buffer q, k, v, g, w, decay, s0, cu, offsets;
+  DeviceBuffer q, k, v, g, w, decay, s0, cu, offsets;
   DeviceMsr(Msr& m)
       : q(m.q.size() * elem_size(m.c.dtype)), k(m.k.size() * elem_size(m.c.dtype)),
         v(m.v.size() * elem_size(m.c.dtype)), g(m.g.size() * elem_size(m.c.dtype)), w(m.w.size() * 4),
@@ -422,12 +329,12 @@ struct DeviceMsr {
 class MsrKernels : public testing::TestWithParam<Config> {};
 
 TEST_P(MsrKernels, ForwardMatchesReference) {
-  MSR_SKIP_WITHOUT_DEVICE();
+  SKIP_WITHOUT_DEVICE();
   Msr m = make_msr(GetParam(), 11);
   DeviceMsr d(m);  // rounds m's inputs to the element type
   const Ref ref = reference(m);
   const Config& c = m.c;
-  Buffer y(m.v.size() * elem_size(c.dtype)), sT(ref.sT.size() * 4);
+  DeviceBuffer y(m.v.size() * elem_size(c.dtype)), sT(ref.sT.size() * 4);
   y.poison();
   sT.poison();
 
@@ -445,17 +352,17 @@ TEST_P(MsrKernels, ForwardMatchesReference) {
   p.opt = d.opt(m);
   p.initial_state = c.state ? d.s0.as<float>() : nullptr;
   p.final_state = sT.as<float>();
-  Buffer ws(rk::msr_forward_workspace_bytes(p));
+  DeviceBuffer ws(rk::msr_forward_workspace_bytes(p));
   p.workspace = ws.ptr;
-  MSR_GPU_OK(rk::launch_msr_forward(p));
-  MSR_GPU_OK(gpu::synchronize());
+  GPU_OK(rk::launch_msr_forward(p));
+  GPU_OK(gpu::synchronize());
 
   expect_close(decode(c.dtype, y.download()), ref.y, tolerance(c.dtype), "y");
   expect_close(sT.download_f32(), ref.sT, tolerance(c.dtype), "final_state");
 }
 
 TEST_P(MsrKernels, BackwardMatchesReference) {
-  MSR_SKIP_WITHOUT_DEVICE();
+  SKIP_WITHOUT_DEVICE();
   Msr m = make_msr(GetParam(), 12);
   DeviceMsr d(m);
   const Config& c = m.c;
@@ -464,15 +371,15 @@ TEST_P(MsrKernels, BackwardMatchesReference) {
   std::vector<double> dy(m.v.size()), dsT(std::size_t(m.N) * c.H * c.dk * c.dv);
   for (auto& x : dy) x = n01(gen);
   for (auto& x : dsT) x = c.state ? static_cast<float>(0.1 * n01(gen)) : 0.0;
-  Buffer gy(dy.size() * elem_size(c.dtype)), gsT(dsT.size() * 4);
+  DeviceBuffer gy(dy.size() * elem_size(c.dtype)), gsT(dsT.size() * 4);
   gy.upload(encode(c.dtype, dy).data());
   gsT.upload(to_f32(dsT).data());
   const Ref ref = reference(m, &dy, &dsT);
 
   const std::size_t es = elem_size(c.dtype);
-  Buffer dq(m.q.size() * es), dk(m.k.size() * es), dv(m.v.size() * es), dg(m.g.size() * es),
+  DeviceBuffer dq(m.q.size() * es), dk(m.k.size() * es), dv(m.v.size() * es), dg(m.g.size() * es),
       ds0(dsT.size() * 4), dw(m.w.size() * 4);
-  for (Buffer* b : {&dq, &dk, &dv, &dg, &ds0, &dw}) b->poison();
+  for (DeviceBuffer* b : {&dq, &dk, &dv, &dg, &ds0, &dw}) b->poison();
 
   rk::MsrBackwardParams p;
   p.dtype = c.dtype;
@@ -496,10 +403,10 @@ TEST_P(MsrKernels, BackwardMatchesReference) {
   p.grad_v = bthd(dv.ptr, c, c.dv);
   p.grad_initial_state = ds0.as<float>();
   p.grad_norm_weight = c.norm && c.weight ? dw.as<float>() : nullptr;
-  Buffer ws(rk::msr_backward_workspace_bytes(p));
+  DeviceBuffer ws(rk::msr_backward_workspace_bytes(p));
   p.workspace = ws.ptr;
-  MSR_GPU_OK(rk::launch_msr_backward(p));
-  MSR_GPU_OK(gpu::synchronize());
+  GPU_OK(rk::launch_msr_backward(p));
+  GPU_OK(gpu::synchronize());
 
   const double tol = 2 * tolerance(c.dtype);
   expect_close(decode(c.dtype, dq.download()), ref.dq, tol, "grad_q");
@@ -517,12 +424,12 @@ INSTANTIATE_TEST_SUITE_P(Shapes, MsrKernels, testing::ValuesIn(configs()), confi
 class MsrStep : public testing::TestWithParam<Config> {};
 
 TEST_P(MsrStep, MatchesReference) {
-  MSR_SKIP_WITHOUT_DEVICE();
+  SKIP_WITHOUT_DEVICE();
   Msr m = make_msr(GetParam(), 13);
   DeviceMsr d(m);
   const Ref ref = reference(m);
   const Config& c = m.c;
-  Buffer y(m.v.size() * elem_size(c.dtype)), state(std::size_t(c.B) * c.H * c.dk * c.dv * 4);
+  DeviceBuffer y(m.v.size() * elem_size(c.dtype)), state(std::size_t(c.B) * c.H * c.dk * c.dv * 4);
   y.poison();
   if (c.state) {
     state.upload(to_f32(m.s0).data());
@@ -558,8 +465,8 @@ TEST_P(MsrStep, MatchesReference) {
   p.state = state.as<float>();
   p.offsets = m.offsets.empty() ? nullptr : d.offsets.as<std::int64_t>();
   p.opt = d.opt(m);
-  MSR_GPU_OK(rk::launch_msr_step(p));
-  MSR_GPU_OK(gpu::synchronize());
+  GPU_OK(rk::launch_msr_step(p));
+  GPU_OK(gpu::synchronize());
 
   expect_close(decode(c.dtype, y.download()), ref.y, tolerance(c.dtype), "y");
   expect_close(state.download_f32(), ref.sT, 1e-5, "state");
