@@ -76,9 +76,12 @@ def rotate_every_two(x: Tensor) -> Tensor:
 
 
 def rotation_angles(head_dim: int) -> Tensor:
-    """θ repeated per pair, length head_dim: θ_i = 10000^(-i/(dk/2-1)) (fp32, as torchscale)."""
-    angle = 1.0 / (10000 ** torch.linspace(0, 1, head_dim // 2))
-    return angle.repeat_interleave(2)
+    """θ repeated per pair, length head_dim: θ_i = 10000^(-i/(dk/2-1)) (torchscale's formula), in
+    float64 like the fused kernels (torchscale evaluates it in fp32)."""
+    half = head_dim // 2
+    i = torch.arange(half, dtype=torch.float64)
+    theta = 10000.0 ** (-i / (half - 1)) if half > 1 else torch.ones(1, dtype=torch.float64)
+    return theta.repeat_interleave(2)
 
 
 def decay_normaliser(log_decay: Tensor, positions: Tensor) -> Tensor:
@@ -312,10 +315,7 @@ class MultiScaleRetention(nn.Module):
         key = x.device
         angle = self._angle_cache.get(key)
         if angle is None:  # small per-device cache; not a buffer, not in the state dict
-            i = torch.arange(self.key_dim // 2, dtype=torch.float64)
-            half = self.key_dim // 2
-            theta = 10000.0 ** (-i / (half - 1)) if half > 1 else torch.ones(1, dtype=torch.float64)
-            angle = self._angle_cache[key] = theta.repeat_interleave(2).to(x.device)
+            angle = self._angle_cache[key] = rotation_angles(self.key_dim).to(x.device)
         ang = positions.to(device=x.device, dtype=torch.float64)[..., None] * angle  # [(B,) T, dk]
         sin, cos = torch.sin(ang).to(cd).unsqueeze(-2), torch.cos(ang).to(cd).unsqueeze(-2)
         xf = x.to(cd)
