@@ -281,6 +281,8 @@ class MultiScaleRetention(nn.Module):
             ld = ld.to(torch.float64 if ld.dtype == torch.float64 else torch.float32)
         self.register_buffer("log_decay", ld.to(torch.float32) if ld.dtype != torch.float64 else ld, persistent=False)
         self._angle_cache = {}
+        # A torch.distributed group when this layer is context parallel (retention.distributed).
+        self.context_parallel_group = None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -371,6 +373,9 @@ class MultiScaleRetention(nn.Module):
             raise ValueError(f"form must be 'parallel', 'chunk' or 'recurrent', got {form!r}")
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must have shape [B, T, {self.embed_dim}], got {list(x.shape)}")
+        if self.context_parallel_group is not None:  # x is this rank's slice of the sequence
+            from .distributed import msr_layer_forward
+            return msr_layer_forward(self, x, form, state, chunk_size, cu_seqlens, attention_mask)
         if attention_mask is not None:
             if cu_seqlens is not None:
                 raise ValueError("pass either cu_seqlens or attention_mask, not both")
