@@ -137,6 +137,8 @@ def _combine(terms):
 class _RawCore:
     """Raw retention (chunk / parallel / recurrent forms) through the torch.ops.retention ops."""
 
+    linear_in_state = True
+
     def __init__(self, form, log_decay, scale, chunk_size):
         self.form, self.log_decay, self.scale, self.chunk_size = form, log_decay, scale, chunk_size
 
@@ -155,10 +157,14 @@ class _RawCore:
 
     def add_initial(self, out, inputs, s_in, start):
         # The op is linear in its initial state: o += scale g^(n+1) q_n S_in, one O(L dk dv) product
-        # instead of a second pass.
+        # instead of a second pass; the weight is per (n, h), so it scales the product's rows and
+        # the only temporary is the product itself.
         q = inputs[0]
-        qs = q.to(s_in.dtype) * (self.scale * self._position_decay(q, s_in.dtype))
-        return (out.to(s_in.dtype) + torch.einsum("bnhk,bhkv->bnhv", qs, s_in)).to(out.dtype)
+        corr = torch.einsum("bnhk,bhkv->bnhv", q.to(s_in.dtype), s_in)
+        corr.mul_(self.scale * self._position_decay(q, s_in.dtype))
+        if out.dtype == corr.dtype:
+            return out.add_(corr)  # out is the op's fresh output, not saved for backward
+        return (out.to(corr.dtype) + corr).to(out.dtype)
 
     def initial_grad(self, grad_out, inputs, s_in, start):
         """d S_in of this rank's own outputs: scale sum_n g^(n+1) q_n^T do_n (no op pass)."""
@@ -181,6 +187,8 @@ class _MsrCore:
     """The fused layer core (rotation at absolute positions, norm, gate): inputs q, k, v and
     optionally g and norm_weight.  Its epilogue is not linear in the state, so the outputs are
     recomputed with S_in and the state gradient needs one backward pass of its own."""
+
+    linear_in_state = False
 
     def __init__(self, log_decay, scale, form, chunk_size, offsets, rotary, norm, eps, decay_norm,
                  has_g, has_norm_weight):
@@ -206,9 +214,6 @@ class _MsrCore:
         return _ops.msr_forward(q, k, v, g, self.log_decay, self.scale, self.form, self.chunk_size,
                                 s_in, self._offsets(q, start), None, self.rotary, self.norm, nw,
                                 self.eps, self.decay_norm)
-
-    def add_initial(self, out, inputs, s_in, start):
-        return self.forward(inputs, s_in, start)[0]
 
     def _grads(self, grad_out, grad_final, inputs, s_in, start):
         q, k, v, g, nw = self._unpack(inputs)
@@ -243,7 +248,11 @@ class _ContextParallel(torch.autograd.Function):
         terms += [(_decay_power(ld, layout.start - layout.end_of(j), sdt), states[j]) for j in range(r)]
         s_in = _combine(terms)
         if s_in is not None:
-            out = core.add_initial(out, inputs, s_in, layout.start)
+            if core.linear_in_state:
+                out = core.add_initial(out, inputs, s_in, layout.start)
+            else:  # drop the first pass's output before recomputing
+                del out
+                out = core.forward(inputs, s_in, layout.start)[0]
         final_terms = [] if s0 is None else [(_decay_power(ld, layout.total, sdt), s0)]
         final_terms += [(_decay_power(ld, layout.total - layout.end_of(j), sdt), states[j])
                         for j in range(len(states))]
