@@ -291,6 +291,7 @@ class _ContextParallel(torch.autograd.Function):
             terms.append((_decay_power(ld, layout.total - layout.end, sdt), d_final))
         d_out_state = _combine(terms)
         if grads is None or d_out_state is not None:
+            grads = None  # free the first pass's gradients before the second
             grads = core.backward(grad_out, d_out_state, inputs, s_in, layout.start)
 
         d_initial = None
