@@ -11,8 +11,8 @@ slice of the T tokens.  Every process uses ``--threads`` threads (default 1, so 
 Per rank: median time of forward+backward (after a warm-up, ranks aligned by a barrier before
 each repeat), time spent inside the state all-gathers (includes waiting for slower ranks), the
 bytes this rank sends and receives in them (an all-gather of n bytes per rank receives (R-1)*n),
-and the peak resident memory of one forward+backward above the process's RSS before it
-(bench/cpu_ops.PeakRSS).  Writes bench/results/distributed_cp_<cpu>_<date>_<commit>.{md,json}.
+and, in a second launch with glibc's default heap, the peak resident memory of one
+forward+backward above the process's RSS before it (bench/cpu_ops.PeakRSS).  Writes bench/results/distributed_cp_<cpu>_<date>_<commit>.{md,json}.
 
     PYTHONPATH=python /usr/bin/python3 bench/distributed_cp.py                 # T = 8K, 32K, 128K
     PYTHONPATH=python /usr/bin/python3 bench/distributed_cp.py --quick --out "$(mktemp -d)"
@@ -90,6 +90,15 @@ def worker(cfg):
 
     barrier()
     step()  # warm-up
+    if cfg["phase"] == "memory":
+        barrier()
+        with cpu_ops.PeakRSS() as pk:
+            step()
+        barrier()
+        print(json.dumps(dict(rank=rank, peak_mib=pk.peak_bytes / 2**20)), flush=True)
+        if R > 1:
+            dist.destroy_process_group()
+        return
     times, comm_s = [], []
     for _ in range(cfg["reps"]):
         barrier()
@@ -99,12 +108,8 @@ def worker(cfg):
         times.append(time.perf_counter() - t0)
         comm_s.append(comm["seconds"] - c0)
     per_step = {k: comm[k] // (cfg["reps"] + 1) for k in ("bytes_sent", "bytes_received")}
-    barrier()
-    with cpu_ops.PeakRSS() as pk:
-        step()
-    barrier()
     print(json.dumps(dict(rank=rank, L=L, ms=statistics.median(times) * 1e3,
-                          comm_ms=statistics.median(comm_s) * 1e3, peak_mib=pk.peak_bytes / 2**20,
+                          comm_ms=statistics.median(comm_s) * 1e3,
                           input_mib=sum(t.numel() * 4 for t in inputs) / 2**20, **per_step)),
           flush=True)
     if R > 1:
@@ -118,7 +123,23 @@ def _free_port():
 
 
 def run(cfg, timeout):
-    env = cpu_ops.allocator_env("retain")
+    """Two launches: timing with a heap that keeps freed memory (page faults are slow here, see
+    bench/README.md), then memory with glibc's default heap (a retaining heap fragments and would
+    overstate the peak)."""
+    timing = _launch(dict(cfg, phase="time"), "retain", timeout)
+    if "error" in timing:
+        return timing
+    memory = _launch(dict(cfg, phase="memory"), "default", timeout)
+    if "error" in memory:
+        return memory
+    for row, mem in zip(timing["ranks"], memory["ranks"]):
+        row["peak_mib"] = mem["peak_mib"]
+    timing["peak_mib"] = max(r["peak_mib"] for r in timing["ranks"])
+    return timing
+
+
+def _launch(cfg, allocator, timeout):
+    env = cpu_ops.allocator_env(allocator)
     env["OMP_NUM_THREADS"] = str(cfg["threads"])
     cfg = dict(cfg, port=_free_port())
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker",
@@ -141,8 +162,10 @@ def run(cfg, timeout):
     if errors:
         return {"error": "; ".join(errors)}
     rows.sort(key=lambda r: r["rank"])
-    return {"ranks": rows, "ms": max(r["ms"] for r in rows),
-            "peak_mib": max(r["peak_mib"] for r in rows)}
+    out = {"ranks": rows}
+    if cfg["phase"] == "time":
+        out["ms"] = max(r["ms"] for r in rows)
+    return out
 
 
 def _fmt_bytes(n):
