@@ -416,6 +416,9 @@ def enable_context_parallel(model: torch.nn.Module, group=None) -> torch.nn.Modu
     slice; sum the parameter gradients over the group (``all_reduce_gradients``)."""
     from .nn import MultiScaleRetention
 
+    if group is None and not dist.is_initialized():
+        raise RuntimeError("enable_context_parallel: call torch.distributed.init_process_group "
+                           "first (or pass a group)")
     value = None if group is False else (dist.group.WORLD if group is None else group)
     for m in model.modules():
         if isinstance(m, MultiScaleRetention):

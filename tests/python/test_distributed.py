@@ -244,6 +244,13 @@ def test_packed_sequences_are_refused():
         rd.context_parallel_msr(q, q, q, None, retention.retnet_log_decay(2), cu_seqlens=cu)
 
 
+def test_enable_context_parallel_needs_a_process_group():
+    if dist.is_initialized():
+        pytest.skip("this process already has a default process group")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        rd.enable_context_parallel(_small_retnet()[1])
+
+
 def test_mismatched_ranks_raise_on_every_rank(pool):
     res = pool.run("mismatched_shapes", 2)
     for r in res:
