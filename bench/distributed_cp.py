@@ -192,7 +192,7 @@ def main(argv=None):
     if a.worker:
         return worker(json.loads(a.worker))
     if a.quick:
-        a.T, a.R, a.H, a.dk, a.dv, a.reps = "300", "1,2", 2, 16, 16, 1
+        a.T, a.R, a.ops, a.H, a.dk, a.dv, a.reps = "300", "1,2", "msr", 2, 16, 16, 1
 
     load_start = cpu_ops.loadavg()
     results = []

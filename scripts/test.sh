@@ -42,5 +42,7 @@ PYTHONPATH=python "$PYTHON" bench/fused_layer.py --quick --out "$fl_out"
 test -s "$(ls "$fl_out"/fused_layer_*.md)"
 rm -rf "$fl_out"
 
+bash scripts/test-distributed.sh
+
 echo "== pytest"
 PYTHONPATH=python "$PYTHON" -m pytest tests/python -q -p no:cacheprovider
