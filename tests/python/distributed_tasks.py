@@ -74,10 +74,15 @@ def retnet_context_parallel(rank, group, config, state_dict, tokens, targets, le
 
 
 def _fsdp_wrap(model, group):
-    # FSDP (torch 2.x) on CPU: no device_id, gloo group; original parameter names kept so the
-    # full gradients can be gathered under summon_full_params(with_grads=True).
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    return FSDP(model, process_group=group, use_orig_params=True)
+    # FSDP2 (torch >= 2.6): the FSDP that runs on CPU with gloo (FSDP1 needs an accelerator).
+    # One unit per decoder layer plus the root, on a mesh over this group's ranks.
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = DeviceMesh.from_group(group, "cpu")
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def data_parallel(rank, group, config, state_dict, tokens, targets, lr, wrapper):
@@ -98,13 +103,9 @@ def data_parallel(rank, group, config, state_dict, tokens, targets, lr, wrapper)
         logits, _ = wrapped(tok)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
         loss.backward()
-        if step == 0:
-            if wrapper == "ddp":
-                first_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-            else:
-                with type(wrapped).summon_full_params(wrapped, with_grads=True):
-                    first_grads = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
-                                   for n, p in wrapped.named_parameters()}
+        if step == 0:  # FSDP: the gradients are sharded DTensors; gather the full ones
+            first_grads = {n: (p.grad.full_tensor() if wrapper == "fsdp" else p.grad).clone()
+                           for n, p in model.named_parameters()}
         opt.step()
         mean = loss.detach().clone()
         dist.all_reduce(mean, group=group)

@@ -188,12 +188,17 @@ def test_retnet_context_parallel_matches_single_process(pool, ranks, lengths, fo
 # Data parallel
 
 def _fsdp_unavailable():
+    """FSDP2 (fully_shard) is the FSDP that runs on CPU with gloo; FSDP1 raises "FSDP needs a
+    non-CPU accelerator device".  Debian's torch 1.13 has neither: its torch.distributed.fsdp
+    does not even import under Python 3.11 (a dataclass with a mutable default)."""
     try:
-        from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: F401
-    except Exception as e:  # Debian's torch 1.13 under Python 3.11: a dataclass error on import
-        return f"torch.distributed.fsdp does not import in torch {torch.__version__}: {e!r}"
-    if not torch.__version__.startswith(("2.", "3.")):
-        return f"FSDP on CPU with gloo needs torch 2.x, this is {torch.__version__}"
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except Exception as e:
+        return (f"FSDP2 (torch.distributed.fsdp.fully_shard, CPU/gloo capable) is not usable in "
+                f"torch {torch.__version__}: {e!r}")
+    if not hasattr(DeviceMesh, "from_group"):
+        return f"torch {torch.__version__} has no DeviceMesh.from_group"
     return None
 
 
