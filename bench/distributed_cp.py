@@ -195,6 +195,8 @@ def main(argv=None):
         a.T, a.R, a.ops, a.H, a.dk, a.dv, a.reps = "300", "1,2", "msr", 2, 16, 16, 1
 
     load_start = cpu_ops.loadavg()
+    commit, dirty = cpu_ops.git_commit()   # the code being measured: recorded before the run
+    commit += "-dirty" if dirty else ""
     results = []
     for T in [int(t) for t in a.T.split(",")]:
         for op in a.ops.split(","):
@@ -209,8 +211,6 @@ def main(argv=None):
                     print(r["error"], file=sys.stderr)
     load_end = cpu_ops.loadavg()
 
-    commit, dirty = cpu_ops.git_commit()
-    commit += "-dirty" if dirty else ""
     date = datetime.date.today().isoformat()
     cpu = cpu_ops.cpu_model()
     tag = "cpu-" + "-".join(cpu.lower().split()[:2]).replace("(", "").replace(")", "")
