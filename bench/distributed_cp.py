@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-import cpu_ops  # noqa: E402  (PeakRSS, allocator, machine description helpers)
+import cpu_ops  # noqa: E402  (PeakRSS, allocator settings, machine description)
 
 
 def worker(cfg):
