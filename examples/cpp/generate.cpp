@@ -99,7 +99,7 @@ double peak_rss_mib() {
 
 int main(int argc, char** argv) try {
   std::string checkpoint, json_path, dtype = "auto", device = "cpu";
-  std::vector<std::string> text_prompts;
+  std::vector<std::pair<bool, std::string>> prompt_args;  // (is text, value), in command-line order
   std::vector<std::vector<int64_t>> prompts;
   int64_t max_new = 64, top_k = 0, batch = 0, threads = 0;
   double temperature = 0;
@@ -112,8 +112,8 @@ int main(int argc, char** argv) try {
       return argv[++i];
     };
     if (a == "--checkpoint") checkpoint = value();
-    else if (a == "--prompt") text_prompts.push_back(value());
-    else if (a == "--ids") prompts.push_back(parse_ids(value()));
+    else if (a == "--prompt") prompt_args.emplace_back(true, value());
+    else if (a == "--ids") prompt_args.emplace_back(false, value());
     else if (a == "--batch") batch = std::stoll(value());
     else if (a == "--max-new-tokens") max_new = std::stoll(value());
     else if (a == "--temperature") temperature = std::stod(value());
@@ -156,9 +156,11 @@ int main(int argc, char** argv) try {
               model.num_parameters() / 1e6, c10::toString(model.dtype()),
               model.weight_bytes() / 1048576.0, device.c_str(), load_s, at::get_num_threads());
 
-  for (const auto& t : text_prompts) {
-    if (model.vocab().empty()) throw std::runtime_error("--prompt needs a checkpoint with a vocabulary; use --ids");
-    prompts.push_back(encode(t, model.vocab()));
+  for (const auto& [is_text, value] : prompt_args) {
+    if (is_text && model.vocab().empty()) {
+      throw std::runtime_error("--prompt needs a checkpoint with a vocabulary; use --ids");
+    }
+    prompts.push_back(is_text ? encode(value, model.vocab()) : parse_ids(value));
   }
   if (prompts.empty()) throw std::runtime_error("no prompt: give --prompt TEXT or --ids 1,2,3");
   for (size_t i = 0; batch > 0 && prompts.size() < static_cast<size_t>(batch); ++i) prompts.push_back(prompts[i]);
