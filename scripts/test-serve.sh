@@ -10,7 +10,7 @@ app=${RETENTION_GENERATE:-build/install/bin/retention-generate}
 
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-if ! PYTHONPATH=python "$PYTHON" examples/train_lm.py --quick --save "$dir/model.safetensors" >"$dir/train.log" 2>&1; then
+if ! PYTHONPATH=python "$PYTHON" examples/train_lm.py --quick --threads 1 --save "$dir/model.safetensors" >"$dir/train.log" 2>&1; then
   cat "$dir/train.log"
   exit 1
 fi
