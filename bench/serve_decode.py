@@ -70,6 +70,20 @@ class Busy:
         return False
 
 
+def set_blas_threads(n):
+    """OpenBLAS's own thread pool (Debian's torch) is not governed by torch.set_num_threads; the
+    app sets it to --threads too. Returns whether OpenBLAS was found."""
+    import ctypes
+    import ctypes.util
+    for name in ("libopenblas.so.0", ctypes.util.find_library("openblas")):
+        try:
+            ctypes.CDLL(name).openblas_set_num_threads(int(n))  # the already-loaded library
+            return True
+        except (OSError, AttributeError, TypeError):
+            continue
+    return False
+
+
 def bandwidth_gbs(threads):
     x = torch.ones(256 * 2 ** 20)  # 1 GiB fp32
     best = float("inf")
@@ -77,7 +91,9 @@ def bandwidth_gbs(threads):
         t0 = time.perf_counter()
         x.sum()
         best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best / 1e9
+    n = x.numel()
+    del x
+    return n * 4 / best / 1e9
 
 
 def weights_read_s(model):
@@ -171,6 +187,7 @@ def main(argv=None):
     global THREADS
     THREADS = threads = a.threads
     torch.set_num_threads(threads)
+    blas = set_blas_threads(threads)
     load_start = cpu_ops.loadavg()
     bw = bandwidth_gbs(threads)
     print(f"memory read bandwidth: {bw:.2f} GB/s (x.sum() over 1 GiB, {threads} threads)", flush=True)
@@ -211,6 +228,7 @@ def main(argv=None):
          f"- load average at start {load_start}, at end {load_end}; other processes used up to {bg:.2f} cores "
          f"during a measurement" + (" — **the machine was not quiet: timings are indicative only**" if bg > 0.15 else ""),
          f"- measured memory read bandwidth: **{bw:.2f} GB/s** (`x.sum()` over 1 GiB fp32, {threads} threads)",
+         f"- {threads} threads on both sides (torch and OpenBLAS: {'set' if blas else 'OpenBLAS not found'})",
          "- fp32 weights, prompts of 16 tokens, greedy; decode = one step for every sequence of the batch", "",
          "| model | params | weights | read weights (measured) | at bandwidth | B | Python step | Python tok/s | C++ step | C++ tok/s | C++/Python |",
          "|---|---|---|---|---|---|---|---|---|---|---|"]
