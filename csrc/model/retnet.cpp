@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <ctime>
 
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
@@ -34,6 +35,8 @@ bool is_swish(const std::string& name) { return name == "swish" || name == "silu
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
+
+double cpu_seconds_since(std::clock_t c0) { return static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC; }
 
 // Parameter names of Python's RetNet with their shapes under `c`.
 std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes(const RetNetConfig& c) {
@@ -447,13 +450,16 @@ std::vector<std::vector<int64_t>> RetNet::generate(const std::vector<std::vector
   TORCH_CHECK(max_new_tokens >= 0, "RetNet::generate: max_new_tokens must be >= 0");
   std::vector<std::vector<int64_t>> out(prompts.size());
   auto t0 = std::chrono::steady_clock::now();
+  auto c0 = std::clock();
   auto [logits, state] = prefill(prompts);
   if (on_logits && max_new_tokens > 0) on_logits(0, logits);
   auto tok = sampler(logits);  // syncs with the device: the prefill time is complete
   GenerateStats s;
   s.prefill_seconds = seconds_since(t0);
+  s.prefill_cpu_seconds = cpu_seconds_since(c0);
   for (const auto& p : prompts) s.prefill_tokens += static_cast<int64_t>(p.size());
   t0 = std::chrono::steady_clock::now();
+  c0 = std::clock();
   for (int64_t i = 0; i < max_new_tokens; ++i) {
     const int64_t* t = tok.data_ptr<int64_t>();
     for (size_t b = 0; b < prompts.size(); ++b) out[b].push_back(t[b]);
@@ -464,6 +470,7 @@ std::vector<std::vector<int64_t>> RetNet::generate(const std::vector<std::vector
     }
   }
   s.decode_seconds = seconds_since(t0);
+  s.decode_cpu_seconds = cpu_seconds_since(c0);
   s.decode_tokens = std::max<int64_t>(max_new_tokens - 1, 0) * static_cast<int64_t>(prompts.size());
   if (stats != nullptr) *stats = s;
   return out;

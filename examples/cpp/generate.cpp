@@ -202,6 +202,8 @@ int main(int argc, char** argv) try {
     for (size_t j = 0; j < which.size(); ++j) generated[which[j]] = out[j];
     total.prefill_seconds += st.prefill_seconds;
     total.decode_seconds += st.decode_seconds;
+    total.prefill_cpu_seconds += st.prefill_cpu_seconds;
+    total.decode_cpu_seconds += st.decode_cpu_seconds;
     total.prefill_tokens += st.prefill_tokens;
     total.decode_tokens += st.decode_tokens;
   };
@@ -232,6 +234,8 @@ int main(int argc, char** argv) try {
   if (!json_path.empty()) {
     std::ofstream js(json_path);
     js << "{\"prefill_seconds\": " << total.prefill_seconds << ", \"decode_seconds\": " << total.decode_seconds
+       << ", \"prefill_cpu_seconds\": " << total.prefill_cpu_seconds
+       << ", \"decode_cpu_seconds\": " << total.decode_cpu_seconds
        << ", \"prefill_tokens\": " << total.prefill_tokens << ", \"decode_tokens\": " << total.decode_tokens
        << ", \"peak_rss_mib\": " << peak_rss_mib() << ", \"threads\": " << at::get_num_threads()
        << ", \"tokens\": [";

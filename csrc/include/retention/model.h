@@ -136,7 +136,8 @@ class RETENTION_API RetNet {
   at::Tensor step(const at::Tensor& tokens, RetNetState& state) const;
 
   struct GenerateStats {
-    double prefill_seconds = 0, decode_seconds = 0;
+    double prefill_seconds = 0, decode_seconds = 0;  // wall clock
+    double prefill_cpu_seconds = 0, decode_cpu_seconds = 0;  // CPU time of the process (std::clock)
     int64_t prefill_tokens = 0;
     int64_t decode_tokens = 0;  // tokens run through step() (the first new token comes from prefill)
   };
