@@ -167,6 +167,8 @@ def main(argv=None):
     p.add_argument("--form-tol", type=float, default=1e-4,
                    help="max abs logit difference allowed between forms, relative to max(1, max |logit|)")
     p.add_argument("--quick", action="store_true", help="CI smoke run: few steps, short generation")
+    p.add_argument("--save", metavar="PATH", help="save the trained model (safetensors: weights, config and "
+                   "character vocabulary) for RetNet.from_pretrained and the C++ retention-generate app")
     args = p.parse_args(argv)
     if args.quick:
         args.steps = min(args.steps, 12)
@@ -246,6 +248,10 @@ def main(argv=None):
     train_time = time.time() - t_start
     print(f"trained {args.steps} steps in {train_time:.1f}s: {tokens_seen / train_time:,.0f} tokens/s; "
           f"loss {first_loss:.3f} -> {lv:.3f} (running avg {ema:.3f})")
+
+    if args.save:
+        saved = model.save_pretrained(args.save, vocab=chars)
+        print(f"saved {saved} (serve it from C++: retention-generate --checkpoint {saved} --prompt 'This License ')")
 
     # ---- held-out loss
     max_windows = 64 if args.quick else 512

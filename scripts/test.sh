@@ -16,6 +16,9 @@ cmake -S examples/cpp -B build/example -G Ninja -DCMAKE_PREFIX_PATH="$PWD/build/
 cmake --build build/example >/dev/null
 build/example/prefill_decode
 
+echo "== serve from C++: Python-trained checkpoint decoded by retention-generate (round trip)"
+bash scripts/test-serve.sh
+
 if [ -x .ci/gpu_compile_check.sh ] || [ -f .ci/gpu_compile_check.sh ]; then
   if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
     echo "== GPU kernels: compile and resource checks (CUDA sm_80/sm_90, HIP gfx90a)"

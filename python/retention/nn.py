@@ -570,6 +570,18 @@ class RetNet(nn.Module):
             state.layers = new
         return self.output_projection(self.layer_norm(x)), state
 
+    def save_pretrained(self, path, vocab=None, metadata=None) -> str:
+        """Safetensors checkpoint (weights + config, optional vocab) that ``from_pretrained`` and
+        the C++ ``retention::RetNet::load`` read; see retention.checkpoint."""
+        from .checkpoint import save_pretrained
+        return save_pretrained(self, path, vocab=vocab, metadata=metadata)
+
+    @classmethod
+    def from_pretrained(cls, path, map_location="cpu", dtype=None) -> "RetNet":
+        """Rebuild a model saved by ``save_pretrained`` (eval mode; ``model.vocab`` if saved)."""
+        from .checkpoint import from_pretrained
+        return from_pretrained(cls, path, map_location=map_location, dtype=dtype)
+
     @staticmethod
     def _sample(logits: Tensor, temperature: float, top_k: Optional[int], generator) -> Tensor:
         logits = logits.float()
