@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# GPU performance model and GPU-check scripts, on a machine without a GPU (runs after
+# .ci/gpu_compile_check.sh, whose sm_90 ptxas reports the model reads):
+#   * bench/gpu_model.py --check: every launch it models maps to a compiled kernel with its
+#     registers (fails when the tiling in kernels/ drifts from the model's mirror of it)
+#   * the table renders, with measured columns from a synthetic measurement file
+#   * bench/gpu_check.sh and bench/gpu_prepare.sh parse (bash -n)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-/usr/bin/python3}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+ptx=build/gpu-check/logs
+"$PYTHON" bench/gpu_model.py --check --ptxas-dir "$ptx" --stdout >"$tmp/model.md"
+grep -q "## Chunk forward (ms)" "$tmp/model.md"
+
+# measured columns: one synthetic row must land in its own line of the table
+cat >"$tmp/m.json" <<'JSON'
+{"info": {"gpu": "synthetic", "date": "2000-01-01", "commit": "0000000"}}
+{"op": "chunk_fwd", "key": "chunk_fwd:B4_T2048_H16_dk128_dv128", "impl": "retention", "ms": 0.125}
+{"op": "chunk_fwd", "key": "chunk_fwd:B4_T2048_H16_dk128_dv128", "impl": "fla", "ms": 0.25}
+{"op": "decode_step", "key": "decode_step:B8_H8_dk128_dv128", "impl": "retention_graph", "ms": 0.004}
+JSON
+"$PYTHON" bench/gpu_model.py --ptxas-dir "$ptx" --measured "$tmp/m.json" --stdout >"$tmp/measured.md"
+grep -E "^\| FLA B4 T2048 H16 128/128 .*\| 0\.125 \| [0-9.]+ \| 0\.250 \| - \|$" "$tmp/measured.md" >/dev/null ||
+  { echo "measured column missing"; grep "B4 T2048" "$tmp/measured.md"; exit 1; }
+grep -E "^\| decode_step \| B8 H8 128x128 .*\| 4\.0 \| [0-9.]+ \|$" "$tmp/measured.md" >/dev/null ||
+  { echo "decode measured column missing"; grep "B8 H8 128x128" "$tmp/measured.md"; exit 1; }
+
+bash -n bench/gpu_check.sh
+bash -n bench/gpu_prepare.sh
+echo "gpu-model: 5 passed, 0 failed"
