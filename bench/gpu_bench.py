@@ -198,9 +198,7 @@ def chunk_rows(label, shape, fla, retention, args):
         from eager_reference import chunk_retention_eager
         with torch.no_grad():
             add("chunk_fwd", "eager", lambda: chunk_retention_eager(qh, kh, vh, log_decay))
-    del q, k, v, do, qh, kh, vh, do_h
-    torch.cuda.empty_cache()
-    return rows
+    return rows  # the inputs go with this frame; the caller empties the cache
 
 
 def decode_rows(shape, retention, args):
@@ -223,7 +221,6 @@ def decode_rows(shape, retention, args):
             rows.append({**base, "impl": "retention_graph", "ms": graph_time(fn)})
         except Exception as e:
             rows.append({**base, "impl": "retention", "ms": None, "note": f"error: {e!r}"[:300]})
-    del q, k, v, gate, state
     return rows
 
 
@@ -246,7 +243,8 @@ def main():
     decode_shapes = gpu_model.DECODE_SHAPES[:2] if args.quick else gpu_model.DECODE_SHAPES
     print(json.dumps(info), flush=True)
     if args.dry_run:
-        import reference  # noqa: F401
+        import reference  # the correctness check needs it
+        print("float64 reference:", reference.__file__)
         for label, *shape in chunk_shapes:
             print("planned", label, gpu_model.shape_key("chunk_fwd", tuple(shape)), "+ fwd+bwd")
         for shape in decode_shapes:
@@ -284,6 +282,7 @@ def main():
             stopped = True
             break
         rows = emit(chunk_rows(label, tuple(shape), fla, retention, args))
+        torch.cuda.empty_cache()
         all_rows += rows
         for r in rows:
             print(f"{r['key']:42s} {r['impl']:12s} {fmt(r['ms'])} {r.get('note', '')}", flush=True)

@@ -40,7 +40,6 @@ import argparse
 import datetime
 import glob
 import json
-import math
 import os
 import re
 import subprocess
@@ -211,7 +210,6 @@ def chunk_kernel(kind, B, T, H, dk, dv, ptx, *, qk_reuse=False, segments=1):
     kt_used = -(-dk // bk)
     n_vt = -(-dv // bv)
     dkp, bvp = kt_used * bk, bv  # padded to whole tiles
-    dvp = n_vt * bv
     chunks = -(-T // bt)
     rec = ptx.get((kind, "bf16", bucket(dk), STATE_REGS[kind]), {}) if ptx else {}
     regs = rec.get("regs")
@@ -230,16 +228,14 @@ def chunk_kernel(kind, B, T, H, dk, dv, ptx, *, qk_reuse=False, segments=1):
         fl_cta = 2 * bt * bt * dkp + 2 * bt * dkp * bvp * 2 + 2 * bt * bt * bvp  # QK^T, QS, K^T Vd, AV
         min_b = e * (2 * dk + 2 * dv)
         hbm_b = e * (2 * dk * reads + 2 * dv)
-        cta_b = e * bt * (2 * dkp + 2 * bvp)
         alg_fl = 2 * bt * dk + 2 * bt * dv + 4 * dk * dv
     elif kind == "chunk_backward_dq":
         trips = 1 + kt_used  # v and dO, then k per dk tile
         fl_cta = 2 * bt * bt * bvp + 2 * bt * dkp * bvp * 2 + 2 * bt * bt * dkp  # dO V^T, dO S^T, K^T Vd, D K
-        # reads k (per tile pass), v, dO; dq partials: fp32 atomics into the workspace, which is
-        # read-modify-written in HBM once per pass that does not find it in L2
+        # reads k (per tile pass), v, dO; dq partials: fp32 atomics into the memset workspace,
+        # whose lines are read and written back in HBM once per pass that does not find them in L2
         min_b = e * (dk + 2 * dv)
-        hbm_b = e * (dk * reads + 2 * dv) + 4 * dk * (2 * reads - 1)
-        cta_b = e * bt * (dkp + 2 * bvp) + 4 * bt * dkp
+        hbm_b = e * (dk * reads + 2 * dv) + 8 * dk * reads
         alg_fl = 2 * bt * dv + 2 * bt * dk + 4 * dk * dv
     else:  # chunk_backward_dkv
         trips = 1 + kt_used  # v and dO, then q, k per dk tile
@@ -247,14 +243,13 @@ def chunk_kernel(kind, B, T, H, dk, dv, ptx, *, qk_reuse=False, segments=1):
                   + 2 * 2 * bt * bt * dkp  # K Q^T, D^T Q
                   + 3 * 2 * bt * dkp * bvp)  # K dH, V dH^T, Q^T dOd
         min_b = e * (2 * dk + 3 * dv)  # q, k, v, dO in; dv out (dk via the workspace, below)
-        hbm_b = e * (2 * dk * reads + 3 * dv) + 4 * dk * (2 * reads - 1)
-        cta_b = e * bt * (2 * dkp + 3 * bvp) + 4 * bt * dkp
+        hbm_b = e * (2 * dk * reads + 3 * dv) + 8 * dk * reads
         alg_fl = 4 * bt * dv + 4 * bt * dk + 6 * dk * dv
     tokens = B * H * T
     designed_fl = fl_cta * n_vt * chunks * B * H
     return {"kernel": kind, "grid": f"{B * H * segments}x{n_vt}", "ctas": ctas, "threads": tr["threads"],
             "BV": bv, "dv_tiles": n_vt, "regs": regs, "smem": smem, "per_sm": per_sm, "limiter": limiter,
-            "chunks": -(-chunks // segments), "trips": trips, "cta_flops": fl_cta, "cta_bytes": cta_b,
+            "chunks": -(-chunks // segments), "trips": trips, "cta_flops": fl_cta,
             "flops_alg": alg_fl * tokens, "flops": designed_fl, "bytes_min": min_b * tokens,
             "bytes": hbm_b * tokens, "qk_reads": reads}
 
@@ -263,7 +258,7 @@ def elementwise_kernel(name, nbytes, ctas=None):
     """memset / cast / scan kernels: pure bandwidth."""
     return {"kernel": name, "grid": "-", "ctas": ctas or 0, "threads": 256, "BV": None, "dv_tiles": None,
             "regs": None, "smem": 0, "per_sm": None, "limiter": "-", "chunks": 1, "trips": 1, "cta_flops": 0,
-            "cta_bytes": 0, "flops_alg": 0, "flops": 0, "bytes_min": 0, "bytes": nbytes, "qk_reads": None,
+            "flops_alg": 0, "flops": 0, "bytes_min": 0, "bytes": nbytes, "qk_reads": None,
             "stream": True}
 
 
@@ -281,15 +276,13 @@ def decode_kernel(kind, B, H, dk, dv, ptx):
     trips_block = rows_per_group + 1
     if kind == "recurrent_step":
         ctas, trips = B * H * col_blocks, 1 + trips_block  # q / k / v loads, then the rows
-        cta_b = 8 * dk * STEP_COLS
     else:  # msr_step: one CTA per head walks all column blocks; rotary angles first
         ctas, trips = B * H, 3 + col_blocks * trips_block  # angles, q / k / v, rows, epilogue
-        cta_b = 8 * dk * dv
     per_sm, limiter = occupancy(threads, regs, smem)
     nbytes = B * H * (8 * dk * dv + ELEM * (2 * dk + 2 * dv))
     return {"kernel": kind, "grid": str(ctas), "ctas": ctas, "threads": threads, "BV": None, "dv_tiles": col_blocks,
             "regs": regs, "smem": smem, "per_sm": per_sm, "limiter": limiter, "chunks": 1, "trips": trips,
-            "cta_flops": 0, "cta_bytes": cta_b, "flops_alg": 4 * B * H * dk * dv, "flops": 4 * B * H * dk * dv,
+            "cta_flops": 0, "flops_alg": 4 * B * H * dk * dv, "flops": 4 * B * H * dk * dv,
             "bytes_min": nbytes, "bytes": nbytes, "qk_reads": None}
 
 
@@ -365,7 +358,6 @@ def split_extras(kind, B, T, H, dk, dv, S, ptx, qk_reuse):
     local["kernel"] = kind + "/local_state"
     local["trips"] = 1 + kt
     local["cta_flops"] = 2 * tr["BT"] * kt * tr["BK"] * tr["BV"]
-    local["cta_bytes"] = ELEM * tr["BT"] * (kt * tr["BK"] + tr["BV"])
     tokens = B * H * T
     local["flops"] = 2 * dk * dv * tokens
     local["flops_alg"] = local["flops"]
