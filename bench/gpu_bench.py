@@ -41,6 +41,7 @@ import gpu_model  # noqa: E402  (shapes and row keys)
 # Small shapes for the correctness check: odd T (partial chunks), every dk bucket, dv != dk.
 CHECK_SHAPES = [(2, 200, 4, 64, 64), (1, 300, 3, 128, 128), (1, 130, 2, 256, 512)]
 CHECK_TOL = 2e-2  # bf16 inputs: operands rounded to bf16 inside the kernels (8 mantissa bits)
+CHECK_SEED = int.from_bytes(os.urandom(4), "little")  # fresh inputs every run, the same for every impl
 
 
 def timeit(fn, warmup=3, reps=10):
@@ -119,40 +120,40 @@ def rel_err(x, ref):
     return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
-def check_rows(fla, retention):
-    """Correctness of ours and FLA's against the float64 reference (forward and gradients)."""
+def check_rows(impl, fn_for, retention):
+    """Correctness of one implementation against the float64 reference (forward and gradients).
+    fn_for(log_decay) returns the function (q, k, v) -> o to check."""
     from reference import reference_grads, retention_quadratic
     rows = []
     for B, T, H, dk, dv in CHECK_SHAPES:
-        g = torch.Generator(device="cpu").manual_seed(1234 + T)
+        g = torch.Generator(device="cpu").manual_seed(CHECK_SEED + T)
         mk = lambda *s: torch.randn(*s, generator=g).to("cuda", torch.bfloat16)  # noqa: E731
         q, k, v = mk(B, T, H, dk), mk(B, T, H, dk), mk(B, T, H, dv)
         do = mk(B, T, H, dv)
         log_decay = retention.retnet_log_decay(H, device="cuda")
         o_ref, _ = retention_quadratic(q, k, v, log_decay)
         grads_ref = reference_grads(q, k, v, log_decay, grad_o=do)[:3]
-        impls = [("retention", lambda a, b, c: retention.chunk_retention(a, b, c, log_decay))]
-        if fla is not None:
-            impls.append(("fla", lambda a, b, c: fla(a, b, c)[0]))
-        for impl, fn in impls:
-            row = {"op": "check", "impl": impl, "B": B, "T": T, "H": H, "dk": dk, "dv": dv, "tol": CHECK_TOL}
-            try:
-                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-                o = fn(*leaves)
-                grads = torch.autograd.grad(o, leaves, do)
-                row["rel_err"] = {"o": rel_err(o, o_ref)}
-                row["rel_err"].update({n: rel_err(gr, r) for n, gr, r in zip(("dq", "dk", "dv"), grads, grads_ref)})
-                bad = [n for n, e in row["rel_err"].items() if not e <= CHECK_TOL]  # NaN fails
-                row["ok"] = not bad
-                if bad:
-                    row["note"] = "above tolerance: " + ", ".join(bad)
-            except Exception as e:
-                row["ok"], row["note"] = False, f"error: {e!r}"[:300]
-            rows.append(row)
+        fn = fn_for(log_decay)
+        row = {"op": "check", "impl": impl, "B": B, "T": T, "H": H, "dk": dk, "dv": dv, "tol": CHECK_TOL,
+               "seed": CHECK_SEED + T}
+        try:
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            o = fn(*leaves)
+            grads = torch.autograd.grad(o, leaves, do)
+            row["rel_err"] = {"o": rel_err(o, o_ref)}
+            row["rel_err"].update({n: rel_err(gr, r) for n, gr, r in zip(("dq", "dk", "dv"), grads, grads_ref)})
+            bad = [n for n, e in row["rel_err"].items() if not e <= CHECK_TOL]  # NaN fails
+            row["ok"] = not bad
+            if bad:
+                row["note"] = "above tolerance: " + ", ".join(bad)
+        except Exception as e:
+            row["ok"], row["note"] = False, f"error: {e!r}"[:300]
+        rows.append(row)
     return rows
 
 
-def chunk_rows(label, shape, fla, retention, args):
+def chunk_rows(label, shape, impl, fla, retention, args, emit):
+    """Timings of one implementation at one chunk shape, each row emitted as soon as it exists."""
     B, T, H, dk, dv = shape
     dev, dtype = "cuda", torch.bfloat16
     q = torch.randn(B, T, H, dk, device=dev, dtype=dtype)
@@ -166,13 +167,14 @@ def chunk_rows(label, shape, fla, retention, args):
         base = {"op": op, "key": gpu_model.shape_key(op, shape), "label": label, "impl": impl,
                 "B": B, "T": T, "H": H, "dk": dk, "dv": dv, "dtype": "bfloat16"}
         try:
-            ms = timeit(fn, reps=args.reps)
-            rows.append({**base, "ms": ms})
+            row = {**base, "ms": timeit(fn, reps=args.reps)}
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-            rows.append({**base, "ms": None, "note": "OOM"})
+            row = {**base, "ms": None, "note": "OOM"}
         except Exception as e:
-            rows.append({**base, "ms": None, "note": f"error: {e!r}"[:300]})
+            row = {**base, "ms": None, "note": f"error: {e!r}"[:300]}
+        rows.append(row)
+        emit([row])
 
     def fwdbwd(f, grad, *inputs):
         def run():
@@ -180,28 +182,29 @@ def chunk_rows(label, shape, fla, retention, args):
             torch.autograd.grad(f(*leaves), leaves, grad)
         return run
 
-    with torch.no_grad():
-        add("chunk_fwd", "retention", lambda: retention.chunk_retention(q, k, v, log_decay))
-    add("chunk_fwdbwd", "retention", fwdbwd(lambda a, b, c: retention.chunk_retention(a, b, c, log_decay), do, q, k, v))
-    if fla is not None:
+    if impl == "retention":
         with torch.no_grad():
-            add("chunk_fwd", "fla", lambda: fla(q, k, v))
-        add("chunk_fwdbwd", "fla", fwdbwd(lambda a, b, c: fla(a, b, c)[0], do, q, k, v))
-
-    qh, kh, vh, do_h = (t.transpose(1, 2).contiguous() for t in (q, k, v, do))  # [B, H, T, d]
-    if dk == dv:
+            add("chunk_fwd", impl, lambda: retention.chunk_retention(q, k, v, log_decay))
+        add("chunk_fwdbwd", impl, fwdbwd(lambda a, b, c: retention.chunk_retention(a, b, c, log_decay), do, q, k, v))
+    elif impl == "fla":
+        with torch.no_grad():
+            add("chunk_fwd", impl, lambda: fla(q, k, v))
+        add("chunk_fwdbwd", impl, fwdbwd(lambda a, b, c: fla(a, b, c)[0], do, q, k, v))
+    elif impl == "sdpa_causal" and dk == dv:  # SDPA's fast kernels need one head dim
+        qh, kh, vh, do_h = (t.transpose(1, 2).contiguous() for t in (q, k, v, do))  # [B, H, T, d]
         sdpa = torch.nn.functional.scaled_dot_product_attention
         with torch.no_grad():
-            add("chunk_fwd", "sdpa_causal", lambda: sdpa(qh, kh, vh, is_causal=True))
-        add("chunk_fwdbwd", "sdpa_causal", fwdbwd(lambda a, b, c: sdpa(a, b, c, is_causal=True), do_h, qh, kh, vh))
-    if args.eager and T <= 8192:
-        from eager_reference import chunk_retention_eager
+            add("chunk_fwd", impl, lambda: sdpa(qh, kh, vh, is_causal=True))
+        add("chunk_fwdbwd", impl, fwdbwd(lambda a, b, c: sdpa(a, b, c, is_causal=True), do_h, qh, kh, vh))
+    elif impl == "eager" and T <= 8192:
+        from eager_reference import chunk_retention_eager, to_head_first
+        qh, kh, vh = (to_head_first(t) for t in (q, k, v))
         with torch.no_grad():
-            add("chunk_fwd", "eager", lambda: chunk_retention_eager(qh, kh, vh, log_decay))
+            add("chunk_fwd", impl, lambda: chunk_retention_eager(qh, kh, vh, log_decay))
     return rows  # the inputs go with this frame; the caller empties the cache
 
 
-def decode_rows(shape, retention, args):
+def decode_rows(shape, retention, args, emit):
     B, H, dk, dv = shape
     dev, dtype = "cuda", torch.bfloat16
     q = torch.randn(B, H, dk, device=dev, dtype=dtype)
@@ -217,10 +220,10 @@ def decode_rows(shape, retention, args):
         base = {"op": op, "key": gpu_model.shape_key(op, shape), "label": "decode", "B": B, "H": H, "dk": dk,
                 "dv": dv, "dtype": "bfloat16"}
         try:
-            rows.append({**base, "impl": "retention", "ms": timeit(fn, reps=args.reps * 5)})
-            rows.append({**base, "impl": "retention_graph", "ms": graph_time(fn)})
+            rows += emit([{**base, "impl": "retention", "ms": timeit(fn, reps=args.reps * 5)}])
+            rows += emit([{**base, "impl": "retention_graph", "ms": graph_time(fn)}])
         except Exception as e:
-            rows.append({**base, "impl": "retention", "ms": None, "note": f"error: {e!r}"[:300]})
+            rows += emit([{**base, "impl": "retention", "ms": None, "note": f"error: {e!r}"[:300]}])
     return rows
 
 
@@ -271,28 +274,38 @@ def main():
             return True
         return False
 
-    all_rows = emit(check_rows(fla, retention))
-    for r in all_rows:
-        errs = " ".join(f"{n} {e:.1e}" for n, e in r.get("rel_err", {}).items())
-        print(f"check {r['impl']:10s} B{r['B']} T{r['T']} H{r['H']} {r['dk']}/{r['dv']}: "
-              f"{'ok' if r['ok'] else 'FAILED'} {errs} {r.get('note', '')}", flush=True)
-    stopped = False
-    for label, *shape in chunk_shapes:
-        if over_budget(f"chunk {shape}"):
-            stopped = True
-            break
-        rows = emit(chunk_rows(label, tuple(shape), fla, retention, args))
-        torch.cuda.empty_cache()
-        all_rows += rows
+    def report_checks(rows):
         for r in rows:
-            print(f"{r['key']:42s} {r['impl']:12s} {fmt(r['ms'])} {r.get('note', '')}", flush=True)
-    for shape in ([] if stopped else decode_shapes):
-        if over_budget(f"decode {shape}"):
-            break
-        rows = emit(decode_rows(shape, retention, args))
-        all_rows += rows
+            errs = " ".join(f"{n} {e:.1e}" for n, e in r.get("rel_err", {}).items())
+            print(f"check {r['impl']:10s} B{r['B']} T{r['T']} H{r['H']} {r['dk']}/{r['dv']}: "
+                  f"{'ok' if r['ok'] else 'FAILED'} {errs} {r.get('note', '')}", flush=True)
+        return rows
+
+    def report(rows):
         for r in rows:
             print(f"{r['key']:42s} {r['impl']:16s} {fmt(r['ms'])} {r.get('note', '')}", flush=True)
+        return rows
+
+    # Ours first, FLA last: FLA's Triton kernels compile and autotune on first use, which can take
+    # minutes on a fresh machine, and must not keep our own numbers from being measured.
+    all_rows = report_checks(emit(check_rows(
+        "retention", lambda ld: (lambda a, b, c: retention.chunk_retention(a, b, c, ld)), retention)))
+    phases = [("retention", s) for s in chunk_shapes] + [("decode", s) for s in decode_shapes] + \
+             [("sdpa_causal", s) for s in chunk_shapes] + ([("eager", s) for s in chunk_shapes] if args.eager else [])
+    if fla is not None:
+        phases += [("fla_check", None)] + [("fla", s) for s in chunk_shapes]
+    for impl, shape in phases:
+        if over_budget(f"{impl} {shape or ''}"):
+            break
+        if impl == "decode":
+            all_rows += report(decode_rows(shape, retention, args, emit))
+        elif impl == "fla_check":
+            all_rows += report_checks(emit(check_rows("fla", lambda ld: (lambda a, b, c: fla(a, b, c)[0]),
+                                                      retention)))
+        else:
+            label, *dims = shape
+            all_rows += report(chunk_rows(label, tuple(dims), impl, fla, retention, args, emit))
+        torch.cuda.empty_cache()
     out.close()
     print(f"wrote {args.out} ({len(all_rows)} rows, {time.monotonic() - t_start:.0f} s)")
 

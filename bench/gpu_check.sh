@@ -8,10 +8,10 @@
 #                 (if it is missing or does not import: built here, sm_90 only, which costs minutes)
 #   kernel_tests  the kernel GoogleTests (build/gpu-carry/bin/test_kernels)
 #   pytest        tests/python, the CUDA-parametrised cases (-k cuda)
+#   bench         bench/gpu_bench.py: correctness of ours and FLA's against the float64 reference,
+#                 chunk fwd / fwd+bwd vs FLA and SDPA, decode steps (bench.json)
 #   sanitizer     compute-sanitizer memcheck, racecheck, synccheck, initcheck on the first case of
 #                 every kernel test (a small subset that runs every kernel, read from the test list)
-#   bench         bench/gpu_bench.py: correctness of ours and FLA's against the float64 reference,
-#                 then chunk fwd / fwd+bwd vs FLA and SDPA, decode steps (bench.json)
 #   model         bench/gpu_model.py --measured: the model table with the measured columns
 #
 # Every step has a time limit (timeout), and no step may start past the overall budget, so a slow
@@ -159,6 +159,18 @@ PYTEST_ARGS=(-q -rs -p no:cacheprovider -k cuda --junitxml="$LOGS/pytest.xml")
 "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS+=(--timeout=60)
 step pytest 150 "$PY" -m pytest tests/python "${PYTEST_ARGS[@]}"
 
+# ---- benchmarks ----------------------------------------------------------------------------------
+# Before the sanitizer (the most likely step to be slow), capped so the sanitizer keeps its time.
+# gpu_bench stops starting new measurements 30 s before its limit and writes its JSON lines as it
+# goes, so even a run cut short keeps what it measured.
+BENCH_LIMIT=200
+if [[ $REHEARSE == 1 ]]; then
+  step bench 60 "$PY" bench/gpu_bench.py --dry-run
+else
+  step bench "$BENCH_LIMIT" "$PY" bench/gpu_bench.py --out "$OUT/bench.json" --time-budget $((BENCH_LIMIT - 30))
+fi
+
+
 # ---- compute-sanitizer ---------------------------------------------------------------------------
 # The first parameter case of every kernel test, and every plain test: each kernel runs at least
 # once, on the small inputs the kernel tests use (T of at most a few hundred).
@@ -181,15 +193,6 @@ if [[ -x $TESTS ]]; then
       step "sanitizer_$tool" "$limit" "$SANITIZER" --tool "$tool" --error-exitcode 1 "$TESTS" --gtest_filter="$FILTER"
     done
   fi
-fi
-
-# ---- benchmarks ----------------------------------------------------------------------------------
-left=$((BUDGET - RESERVE - (SECONDS - T0)))
-if [[ $REHEARSE == 1 ]]; then
-  step bench 60 "$PY" bench/gpu_bench.py --dry-run
-else
-  # gpu_bench stops starting new shapes 30 s before its limit; its JSON lines are written as it goes
-  step bench "$left" "$PY" bench/gpu_bench.py --out "$OUT/bench.json" --time-budget $((left > 60 ? left - 30 : 30))
 fi
 
 # ---- summary, model, logs ------------------------------------------------------------------------
