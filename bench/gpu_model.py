@@ -498,7 +498,7 @@ def shape_str(row):
 
 def markdown(rows, ptx_dir, ptx, measured_path, info):
     date = datetime.date.today().isoformat()
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    commit = git("rev-parse", "--short", "HEAD") or str(info.get("commit") or "unknown")[:7]
     dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
     cmd = "python3 bench/gpu_model.py" + (f" --measured {os.path.basename(measured_path)}" if measured_path else "")
     L = [f"# GPU performance model: retention kernels on H100 / H200 ({date})", "",
@@ -651,9 +651,12 @@ def main():
     if args.stdout:
         print(md)
         return
-    stem = f"gpu_model_{datetime.date.today().isoformat()}_{git('rev-parse', '--short', 'HEAD') or 'unknown'}"
-    if args.measured:
-        stem += "_measured"
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    date = datetime.date.today().isoformat()
+    if args.measured:  # named after the measured run (the GPU machine's copy may have no .git)
+        commit = str(info.get("commit") or commit)[:7]
+        date = str(info.get("date") or date)[:10]
+    stem = f"gpu_model_{date}_{commit}" + ("_measured" if args.measured else "")
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, stem + ".md"), "w") as f:
         f.write(md + "\n")
