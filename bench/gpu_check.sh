@@ -108,13 +108,14 @@ EOF
 }
 export REHEARSE CARRY PY NVCC SANITIZER ROOT
 export -f environment
-step environment 30 environment
+step environment 60 environment
 COMMIT=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['commit'])" "$CARRY/manifest.json" 2>/dev/null ||
   git rev-parse HEAD 2>/dev/null || echo unknown)
 export RETENTION_COMMIT=$COMMIT
 
 # ---- setup --------------------------------------------------------------------------------------
 SITE=${TMPDIR:-/tmp}/retention-gpu-check-site
+TESTS=${TMPDIR:-/tmp}/retention-gpu-check-test_kernels  # unpacked from the carried .gz
 export PYTHONPATH=$ROOT/python:$SITE${PYTHONPATH:+:$PYTHONPATH}
 import_check() {
   "$PY" -c "import torch, retention; print('retention ops:', len(list(torch.ops.retention.__dir__())) > 0, retention.__file__)"
@@ -127,17 +128,21 @@ setup() {
   else
     echo "WARNING: no wheels in $CARRY/wheels: FLA is left out of the benchmarks"
   fi
-  if compgen -G "$CARRY/ext/retention/_C*.so" >/dev/null; then
-    cp -f "$CARRY"/ext/retention/_C*.so python/retention/ && ls -la python/retention/_C*.so
+  local gz
+  for gz in "$CARRY"/ext/_C*.so.gz; do
+    [[ -f $gz ]] && gunzip -c "$gz" >"python/retention/$(basename "$gz" .gz)" && ls -la "python/retention/$(basename "$gz" .gz)"
+  done
+  if [[ -f $CARRY/bin/test_kernels.gz ]]; then
+    gunzip -c "$CARRY/bin/test_kernels.gz" >"$TESTS" && chmod +x "$TESTS"
   fi
   import_check
 }
 build_extension() {  # fallback: the prepared extension is missing or does not load here
   TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc) RETENTION_GPU=cuda "$PY" setup.py build_ext --inplace && import_check
 }
-export SITE
+export SITE TESTS
 export -f import_check setup build_extension
-if ! step setup 60 setup; then
+if ! step setup 90 setup; then
   if [[ $REHEARSE == 1 ]]; then
     echo "   (rehearsal: no extension build)"
   else
@@ -146,12 +151,11 @@ if ! step setup 60 setup; then
 fi
 
 # ---- kernel GoogleTests --------------------------------------------------------------------------
-TESTS=$CARRY/bin/test_kernels
 if [[ -x $TESTS ]]; then
   step kernel_tests 120 "$TESTS" --gtest_output="xml:$LOGS/kernel_tests.xml"
 else
   printf 'kernel_tests\tmissing\t-\t0\t0\n' >>"$LOGS/steps.tsv"
-  echo "== kernel_tests: $TESTS missing (bench/gpu_prepare.sh builds it; the GPU machine has no GoogleTest)"
+  echo "== kernel_tests: $CARRY/bin/test_kernels.gz missing (bench/gpu_prepare.sh builds it; the GPU machine has no GoogleTest)"
 fi
 
 # ---- pytest on cuda ------------------------------------------------------------------------------
@@ -185,7 +189,8 @@ if [[ -x $TESTS ]]; then
   FILTER=$(sanitizer_filter)
   echo "$FILTER" | tr ':' '\n' >"$LOGS/sanitizer_filter.txt"
   if [[ $REHEARSE == 1 ]]; then
-    step sanitizer_selection 20 bash -c "wc -l <'$LOGS/sanitizer_filter.txt'; '$SANITIZER' --version"
+    # (no GPU, and possibly no compute-sanitizer, here: only the selection is rehearsed)
+    step sanitizer_selection 20 bash -c "echo \$(wc -l <'$LOGS/sanitizer_filter.txt') tests selected; '$SANITIZER' --version || true"
   else
     for tool in memcheck racecheck synccheck initcheck; do
       limit=45

@@ -3,13 +3,14 @@
 # that the GPU run spends its time running, not compiling.  Everything lands in ONE folder,
 # build/gpu-carry (git-ignored), which travels with the working tree to the GPU machine:
 #
-#   bin/test_kernels           kernel GoogleTests (tests/cpp/kernels/*.cu + kernels/*.cu), sm_90
+#   bin/test_kernels.gz        kernel GoogleTests (tests/cpp/kernels/*.cu + kernels/*.cu), sm_90
 #                              SASS, -lineinfo for compute-sanitizer; GoogleTest is Debian's static
 #                              libgtest.a and the CUDA runtime is linked statically, so the binary
 #                              needs only the driver (libcuda) and libstdc++ there
 #   logs/nvcc_<tu>_sm90.log    ptxas -v report of every kernel TU (bench/gpu_model.py reads these)
-#   ext/retention/_C.*.so      the extension for the GPU machine's torch and Python (TORCH_PYTHON,
-#                              below), sm_90 only; gpu_check.sh copies it into python/retention/
+#   ext/_C.*.so.gz             the extension for the GPU machine's torch and Python (TORCH_PYTHON,
+#                              below), sm_90 only; gpu_check.sh unpacks it into python/retention/
+#   (the two binaries are mostly SASS and shrink about 4x with gzip: what travels is limited)
 #   wheels/*.whl               FLA's kernels (fla-core) and what the GPU machine lacks for them
 #   manifest.json              date, commit, toolchain, per-step seconds and status, sizes
 #
@@ -90,11 +91,12 @@ compile_kernels() {
 link_tests() {
   [[ -f $GTEST_LIB && -f $GTEST_MAIN_LIB ]] || { echo "GoogleTest not found ($GTEST_LIB): apt-get install libgtest-dev"; return 1; }
   "${LAUNCH[@]}" "$NVCC" -std=c++17 -O2 -I"$ROOT/kernels" -lineinfo -gencode "arch=compute_$ARCH,code=sm_$ARCH" \
-    tests/cpp/kernels/*.cu "$OBJ"/*.o -o "$CARRY/bin/test_kernels" "$GTEST_LIB" "$GTEST_MAIN_LIB" -lpthread &&
-    "$CARRY/bin/test_kernels" --gtest_brief=1  # no GPU here: every GPU test must skip, none fail
+    tests/cpp/kernels/*.cu "$OBJ"/*.o -o "$OBJ/test_kernels" "$GTEST_LIB" "$GTEST_MAIN_LIB" -lpthread &&
+    "$OBJ/test_kernels" --gtest_brief=1 &&  # no GPU here: every GPU test must skip, none fail
+    gzip -1 -c "$OBJ/test_kernels" >"$CARRY/bin/test_kernels.gz"
 }
 if ((do_tests)); then
-  rm -f "$OBJ"/*.o "$CARRY/bin/test_kernels"
+  rm -f "$OBJ"/*.o "$OBJ/test_kernels" "$CARRY"/bin/test_kernels*
   step compile_kernels_sm90 compile_kernels && step link_kernel_tests link_tests
 fi
 
@@ -110,14 +112,19 @@ if have != want or torch.version.cuda is None:
     sys.exit(f"TORCH_PYTHON must be Python {want} with a CUDA torch (got Python {have}, "
              f"torch {torch.__version__} cuda {torch.version.cuda})")
 EOF
-  rm -rf "$CARRY/ext/retention"
+  rm -rf "$CARRY"/ext/* "$ROOT/build/gpu-carry-tmp/ext"
   local nvcc_cmd=()
   # ccache for nvcc only: torch checks the version of the C++ compiler it is given, and a
   # "ccache g++" fails that check
   [[ ${#LAUNCH[@]} -gt 0 ]] && nvcc_cmd=(PYTORCH_NVCC="ccache $NVCC")
   env "${nvcc_cmd[@]}" TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$JOBS" RETENTION_GPU=cuda \
-    "$py" setup.py build_ext -b "$CARRY/ext" -t "$ROOT/build/gpu-carry-tmp" &&
-    ls -la "$CARRY"/ext/retention/_C*.so
+    "$py" setup.py build_ext -b "$ROOT/build/gpu-carry-tmp/ext" -t "$ROOT/build/gpu-carry-tmp" || return 1
+  local so
+  for so in "$ROOT"/build/gpu-carry-tmp/ext/retention/_C*.so; do
+    strip --strip-debug "$so"  # torch builds host code with -g; the device code keeps -lineinfo
+    gzip -1 -c "$so" >"$CARRY/ext/$(basename "$so").gz"
+  done
+  ls -la "$ROOT"/build/gpu-carry-tmp/ext/retention/_C*.so "$CARRY"/ext/
 }
 if ((do_ext)); then
   if [[ -n ${TORCH_PYTHON:-} ]]; then
