@@ -661,7 +661,8 @@ def main():
     with open(os.path.join(args.out_dir, stem + ".md"), "w") as f:
         f.write(md + "\n")
     with open(os.path.join(args.out_dir, stem + ".json"), "w") as f:
-        json.dump({"devices": DEVICES, "assumptions": ASSUMPTIONS, "ptxas_dir": ptx_dir,
+        json.dump({"devices": DEVICES, "assumptions": ASSUMPTIONS,
+                   "ptxas_dir": os.path.relpath(ptx_dir, ROOT) if ptx_dir else None,
                    "rows": [{k: v for k, v in r.items()} for r in rows]}, f, indent=1, default=str)
     print(os.path.join(args.out_dir, stem + ".md"))
 
