@@ -31,6 +31,7 @@
 set -uo pipefail
 
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR [--rehearse]}
+COMMAND="bench/gpu_check.sh $*"
 REHEARSE=0
 [[ ${2:-} == --rehearse ]] && REHEARSE=1
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -213,9 +214,9 @@ if [[ -x $TESTS ]]; then
 fi
 
 # ---- summary, model, logs ------------------------------------------------------------------------
-"$PY" - "$OUT" "$REHEARSE" "$COMMIT" "$BUDGET" <<'EOF' | tee "$OUT/gpu_check.txt"
+"$PY" - "$OUT" "$REHEARSE" "$COMMIT" "$BUDGET" "$COMMAND" <<'EOF' | tee "$OUT/gpu_check.txt"
 import json, os, sys, xml.etree.ElementTree as ET
-out, rehearse, commit, budget = sys.argv[1], sys.argv[2] == "1", sys.argv[3], int(sys.argv[4])
+out, rehearse, commit, budget, command = sys.argv[1], sys.argv[2] == "1", sys.argv[3], int(sys.argv[4]), sys.argv[5]
 logs = os.path.join(out, "logs")
 steps = []
 for line in open(os.path.join(logs, "steps.tsv")):
@@ -243,7 +244,8 @@ if os.path.exists(bpath):
                 bench.append(r)
 env = open(os.path.join(logs, "environment.log"), errors="replace").read() if os.path.exists(
     os.path.join(logs, "environment.log")) else ""
-doc = {"info": {**info, "commit": info.get("commit") or commit, "mode": "rehearsal" if rehearse else "gpu"},
+doc = {"info": {**info, "commit": info.get("commit") or commit, "mode": "rehearsal" if rehearse else "gpu",
+                "command": command},
        "environment": env, "budget_s": budget, "steps": steps,
        "kernel_tests": junit(os.path.join(logs, "kernel_tests.xml")), "pytest": junit(os.path.join(logs, "pytest.xml")),
        "bench": bench}
