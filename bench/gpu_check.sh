@@ -115,14 +115,16 @@ COMMIT=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['commit']
 export RETENTION_COMMIT=$COMMIT
 
 # ---- setup --------------------------------------------------------------------------------------
-SITE=${TMPDIR:-/tmp}/retention-gpu-check-site
-TESTS=${TMPDIR:-/tmp}/retention-gpu-check-test_kernels  # unpacked from the carried .gz
+WORK=$(mktemp -d)  # this run's unpacked binaries and wheels; nothing stale from an earlier run
+trap 'rm -rf "$WORK"' EXIT
+SITE=$WORK/site
+TESTS=$WORK/test_kernels  # unpacked from the carried .gz
 export PYTHONPATH=$ROOT/python:$SITE${PYTHONPATH:+:$PYTHONPATH}
 import_check() {
   "$PY" -c "import torch, retention; print('retention ops:', len(list(torch.ops.retention.__dir__())) > 0, retention.__file__)"
 }
 setup() {
-  rm -rf "$SITE" && mkdir -p "$SITE"
+  mkdir -p "$SITE"
   if compgen -G "$CARRY/wheels/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$CARRY"/wheels/*.whl ||
       echo "WARNING: the FLA wheels did not install: FLA is left out of the benchmarks"

@@ -4,7 +4,8 @@
 #   * bench/gpu_model.py --check: every launch it models maps to a compiled kernel with its
 #     registers (fails when the tiling in kernels/ drifts from the model's mirror of it)
 #   * the table renders, with measured columns from a synthetic measurement file
-#   * bench/gpu_check.sh and bench/gpu_prepare.sh parse (bash -n)
+#   * bench/gpu_check.sh and bench/gpu_prepare.sh parse (bash -n), and gpu_check.sh --rehearse
+#     runs to the end with this python (about 30 s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-/usr/bin/python3}
