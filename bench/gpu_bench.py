@@ -1,60 +1,50 @@
 """GPU benchmarks of the retention ops (run by bench/gpu_check.sh on a machine with a GPU).
 
-Measures, per shape (bf16 inputs, [B, T, H, d] layout, RetNet decays):
-  * chunk forward and forward+backward of retention.chunk_retention
-  * the same computed by eager PyTorch (bench/eager_reference.py, chunkwise form, autograd)
-  * causal SDPA with the same B, H, T and head dims (the Transformer baseline)
-  * FLA's chunk_retention when importable from third_party_bench/fla (git-ignored checkout)
-  * one decode step (retention.recurrent_step) against its memory floor 8*dk*dv bytes per head
+Shapes are bench/gpu_model.py's (FLA's benchmark shapes, RetNet's dk=256/dv=512, decode at
+B = 1, 8, 64 and H = 8, 16), so `gpu_model.py --measured` can put each measurement beside its
+prediction (rows carry the model's `key`).  bf16 inputs, RetNet decays.
 
-Times are CUDA-event medians over repeated runs after warm-up.  Each row also reports the
-minimal-traffic floor from performance.md (q, k, v read once, o written once; states in fp32)
-so the achieved fraction of bandwidth is visible.  Results go to --out as JSON lines (one
-object per measurement) and to stdout as a table.
+  * correctness first (small shapes): our chunk op and FLA's chunk_retention, forward and
+    gradients, against the float64 reference of tests/python/reference.py (relative error
+    |x - ref| / |ref|).  FLA's retention backward is known to be miscompiled on Hopper by Triton
+    3.4 - 3.7.0 (FLA issue #640): its timings are reported, and whether its results are right is
+    reported beside them rather than assumed.
+  * chunk forward and forward+backward: ours, FLA's chunk_retention (if importable: the fla-core
+    wheel, or a checkout in third_party_bench/fla), causal SDPA (dk == dv only), and optionally
+    the eager chunkwise form (--eager)
+  * decode: recurrent_step and the fused msr_step, eager and replayed from a CUDA graph (the
+    graph time is the kernel time the model predicts; eager adds the host's op overhead)
+
+Times are CUDA-event medians after warm-up.  Rows are written to --out as JSON lines as soon as
+each shape is done (a run cut short keeps what it measured); --time-budget stops starting new
+shapes after that many seconds.
 """
 
 import argparse
 import datetime
 import json
-import math
 import os
 import subprocess
 import sys
+import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "python"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "python"))
 sys.path.insert(0, HERE)
 
-import retention  # noqa: E402
-from eager_reference import chunk_retention_eager, to_head_first  # noqa: E402
+import gpu_model  # noqa: E402  (shapes and row keys)
 
-# (B, H, T, dk, dv): performance.md §4.3 worked tables plus the RetNet default head dims.
-CHUNK_SHAPES = [
-    (8, 8, 2048, 128, 128),
-    (8, 8, 8192, 128, 128),
-    (8, 8, 32768, 128, 128),
-    (8, 8, 2048, 128, 256),
-    (8, 8, 8192, 128, 256),
-    (8, 16, 8192, 128, 128),
-    (8, 8, 2048, 256, 512),
-    (8, 8, 8192, 256, 512),
-    (4, 8, 16384, 256, 256),   # FLA's old H100 README configuration
-    (1, 8, 32768, 128, 128),   # small B*H: the sequential chunk chain dominates
-]
-DECODE_SHAPES = [
-    (8, 8, 128, 128),
-    (8, 16, 128, 256),
-    (64, 16, 128, 128),
-    (64, 16, 128, 256),
-    (256, 16, 128, 256),
-    (8, 8, 256, 512),
-]
+# Small shapes for the correctness check: odd T (partial chunks), every dk bucket, dv != dk.
+CHECK_SHAPES = [(2, 200, 4, 64, 64), (1, 300, 3, 128, 128), (1, 130, 2, 256, 512)]
+CHECK_TOL = 2e-2  # bf16 inputs: operands rounded to bf16 inside the kernels (8 mantissa bits)
+CHECK_SEED = int.from_bytes(os.urandom(4), "little")  # fresh inputs every run, the same for every impl
 
 
-def timeit(fn, warmup=5, reps=20):
+def timeit(fn, warmup=3, reps=10):
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -70,152 +60,258 @@ def timeit(fn, warmup=5, reps=20):
     return times[len(times) // 2]
 
 
-def load_fla():
-    path = os.path.join(ROOT, "third_party_bench", "fla")
-    if not os.path.isdir(path):
-        return None
-    sys.path.insert(0, path)
+def graph_time(fn, steps=20, reps=10):
+    """Median ms per call of fn replayed from a CUDA graph of `steps` calls (None if capture fails)."""
     try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(steps):
+                fn()
+        return timeit(g.replay, warmup=2, reps=reps) / steps
+    except Exception as e:  # capture unsupported by some op: report eager only
+        print(f"graph capture failed: {e!r}", file=sys.stderr)
+        return None
+
+
+def load_fla():
+    """FLA's chunk_retention, or None.  The fla-core wheel (on PYTHONPATH) first, then a checkout."""
+    path = os.path.join(ROOT, "third_party_bench", "fla")
+    if os.path.isdir(path):
+        sys.path.append(path)
+    try:
+        import fla
         from fla.ops.retention import chunk_retention as fla_chunk
-        return fla_chunk
+        return fla_chunk, getattr(fla, "__version__", "?")
     except Exception as e:  # FLA missing, or its Triton does not match this torch
         print(f"FLA not usable: {e!r}", file=sys.stderr)
-        return None
+        return None, None
 
 
-def gpu_info():
-    p = torch.cuda.get_device_properties(0)
+def run_info():
+    p = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+    commit = os.environ.get("RETENTION_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                    text=True).stdout.strip()
+        except OSError:
+            commit = "unknown"
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
     return {
-        "gpu": p.name, "sm": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
-        "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit,
-        "date": datetime.datetime.utcnow().isoformat(timespec="seconds") + "Z",
+        "gpu": p.name if p else None, "sm": f"{p.major}.{p.minor}" if p else None,
+        "sms": p.multi_processor_count if p else None, "torch": torch.__version__, "cuda": torch.version.cuda,
+        "triton": triton_version, "python": sys.version.split()[0], "commit": commit or "unknown",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def chunk_rows(shape, dtype, fla, args):
-    B, H, T, dk, dv = shape
-    dev = "cuda"
-    q = torch.randn(B, T, H, dk, device=dev, dtype=dtype)
-    k = torch.randn(B, T, H, dk, device=dev, dtype=dtype) * dk ** -0.5
-    v = torch.randn(B, T, H, dv, device=dev, dtype=dtype)
-    do = torch.randn(B, T, H, dv, device=dev, dtype=dtype)
-    log_decay = retention.retnet_log_decay(H, device=dev)
-    bytes_min = 2 * B * H * T * (2 * dk + 2 * dv)  # bf16 q, k, v in, o out
-    flops = 2 * B * H * T * (64 * (dk + dv) + 2 * dk * dv)
-    base = {"B": B, "H": H, "T": T, "dk": dk, "dv": dv, "dtype": str(dtype).replace("torch.", ""),
-            "floor_bytes": bytes_min, "flops_c64": flops}
+def rel_err(x, ref):
+    x = x.detach().double().cpu()
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def check_rows(impl, fn_for, retention):
+    """Correctness of one implementation against the float64 reference (forward and gradients).
+    fn_for(log_decay) returns the function (q, k, v) -> o to check."""
+    from reference import reference_grads, retention_quadratic
     rows = []
-
-    def add(impl, mode, fn):
+    for B, T, H, dk, dv in CHECK_SHAPES:
+        g = torch.Generator(device="cpu").manual_seed(CHECK_SEED + T)
+        mk = lambda *s: torch.randn(*s, generator=g).to("cuda", torch.bfloat16)  # noqa: E731
+        q, k, v = mk(B, T, H, dk), mk(B, T, H, dk), mk(B, T, H, dv)
+        do = mk(B, T, H, dv)
+        log_decay = retention.retnet_log_decay(H, device="cuda")
+        o_ref, _ = retention_quadratic(q, k, v, log_decay)
+        grads_ref = reference_grads(q, k, v, log_decay, grad_o=do)[:3]
+        fn = fn_for(log_decay)
+        row = {"op": "check", "impl": impl, "B": B, "T": T, "H": H, "dk": dk, "dv": dv, "tol": CHECK_TOL,
+               "seed": CHECK_SEED + T}
         try:
-            ms = timeit(fn, reps=args.reps)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            rows.append({**base, "impl": impl, "mode": mode, "ms": None, "note": "OOM"})
-            return
-        row = {**base, "impl": impl, "mode": mode, "ms": ms}
-        if mode == "fwd":
-            row["useful_TBps"] = bytes_min / (ms * 1e-3) / 1e12
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            o = fn(*leaves)
+            grads = torch.autograd.grad(o, leaves, do)
+            row["rel_err"] = {"o": rel_err(o, o_ref)}
+            row["rel_err"].update({n: rel_err(gr, r) for n, gr, r in zip(("dq", "dk", "dv"), grads, grads_ref)})
+            bad = [n for n, e in row["rel_err"].items() if not e <= CHECK_TOL]  # NaN fails
+            row["ok"] = not bad
+            if bad:
+                row["note"] = "above tolerance: " + ", ".join(bad)
+        except Exception as e:
+            row["ok"], row["note"] = False, f"error: {e!r}"[:300]
         rows.append(row)
-
-    def ours_fwd():
-        return retention.chunk_retention(q, k, v, log_decay)
-
-    def ours_fwdbwd():
-        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-        retention.chunk_retention(qq, kk, vv, log_decay).backward(do)
-
-    add("retention", "fwd", ours_fwd)
-    add("retention", "fwd+bwd", ours_fwdbwd)
-
-    if fla is not None:
-        add("fla", "fwd", lambda: fla(q, k, v))
-        def fla_fwdbwd():
-            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-            fla(qq, kk, vv)[0].backward(do)
-        add("fla", "fwd+bwd", fla_fwdbwd)
-
-    qh, kh, vh = (to_head_first(t) for t in (q, k, v))
-    if T <= args.max_eager_T:
-        add("eager", "fwd", lambda: chunk_retention_eager(qh, kh, vh, log_decay))
-        def eager_fwdbwd():
-            qq, kk, vv = (t.detach().requires_grad_() for t in (qh, kh, vh))
-            chunk_retention_eager(qq, kk, vv, log_decay).backward(to_head_first(do))
-        add("eager", "fwd+bwd", eager_fwdbwd)
-
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    add("sdpa_causal", "fwd", lambda: sdpa(qh, kh, vh, is_causal=True))
-    def sdpa_fwdbwd():
-        qq, kk, vv = (t.detach().requires_grad_() for t in (qh, kh, vh))
-        sdpa(qq, kk, vv, is_causal=True).backward(to_head_first(do))
-    add("sdpa_causal", "fwd+bwd", sdpa_fwdbwd)
-    del q, k, v, do, qh, kh, vh
-    torch.cuda.empty_cache()
     return rows
 
 
-def decode_rows(shape, dtype, args):
+def chunk_rows(label, shape, impl, fla, retention, args, emit):
+    """Timings of one implementation at one chunk shape, each row emitted as soon as it exists."""
+    B, T, H, dk, dv = shape
+    dev, dtype = "cuda", torch.bfloat16
+    q = torch.randn(B, T, H, dk, device=dev, dtype=dtype)
+    k = torch.randn(B, T, H, dk, device=dev, dtype=dtype)
+    v = torch.randn(B, T, H, dv, device=dev, dtype=dtype)
+    do = torch.randn(B, T, H, dv, device=dev, dtype=dtype)
+    log_decay = retention.retnet_log_decay(H, device=dev)
+    rows = []
+
+    def add(op, impl, fn):
+        base = {"op": op, "key": gpu_model.shape_key(op, shape), "label": label, "impl": impl,
+                "B": B, "T": T, "H": H, "dk": dk, "dv": dv, "dtype": "bfloat16"}
+        try:
+            row = {**base, "ms": timeit(fn, reps=args.reps)}
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            row = {**base, "ms": None, "note": "OOM"}
+        except Exception as e:
+            row = {**base, "ms": None, "note": f"error: {e!r}"[:300]}
+        rows.append(row)
+        emit([row])
+
+    def fwdbwd(f, grad, *inputs):
+        def run():
+            leaves = [t.detach().requires_grad_() for t in inputs]
+            torch.autograd.grad(f(*leaves), leaves, grad)
+        return run
+
+    if impl == "retention":
+        with torch.no_grad():
+            add("chunk_fwd", impl, lambda: retention.chunk_retention(q, k, v, log_decay))
+        add("chunk_fwdbwd", impl, fwdbwd(lambda a, b, c: retention.chunk_retention(a, b, c, log_decay), do, q, k, v))
+    elif impl == "fla":
+        with torch.no_grad():
+            add("chunk_fwd", impl, lambda: fla(q, k, v))
+        add("chunk_fwdbwd", impl, fwdbwd(lambda a, b, c: fla(a, b, c)[0], do, q, k, v))
+    elif impl == "sdpa_causal" and dk == dv:  # SDPA's fast kernels need one head dim
+        qh, kh, vh, do_h = (t.transpose(1, 2).contiguous() for t in (q, k, v, do))  # [B, H, T, d]
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        with torch.no_grad():
+            add("chunk_fwd", impl, lambda: sdpa(qh, kh, vh, is_causal=True))
+        add("chunk_fwdbwd", impl, fwdbwd(lambda a, b, c: sdpa(a, b, c, is_causal=True), do_h, qh, kh, vh))
+    elif impl == "eager" and T <= 8192:
+        from eager_reference import chunk_retention_eager, to_head_first
+        qh, kh, vh = (to_head_first(t) for t in (q, k, v))
+        with torch.no_grad():
+            add("chunk_fwd", impl, lambda: chunk_retention_eager(qh, kh, vh, log_decay))
+    return rows  # the inputs go with this frame; the caller empties the cache
+
+
+def decode_rows(shape, retention, args, emit):
     B, H, dk, dv = shape
-    dev = "cuda"
+    dev, dtype = "cuda", torch.bfloat16
     q = torch.randn(B, H, dk, device=dev, dtype=dtype)
     k = torch.randn(B, H, dk, device=dev, dtype=dtype)
     v = torch.randn(B, H, dv, device=dev, dtype=dtype)
-    state = torch.zeros(B, H, dk, dv, device=dev, dtype=torch.float32)
+    gate = torch.randn(B, H, dv, device=dev, dtype=dtype)
+    state = torch.randn(B, H, dk, dv, device=dev, dtype=torch.float32) * 0.01
+    offsets = torch.full((B,), 100, device=dev, dtype=torch.int64)
     log_decay = retention.retnet_log_decay(H, device=dev)
-    floor = 8 * B * H * dk * dv
-    ms = timeit(lambda: retention.recurrent_step(q, k, v, log_decay, state), reps=args.reps * 5)
-
-    def eager():
-        g = log_decay.exp()[None, :, None, None]
-        state.mul_(g).add_(k.float()[..., :, None] * v.float()[..., None, :])
-        return (q.float()[..., None, :] @ state).squeeze(-2) * dk ** -0.5
-    ms_eager = timeit(eager, reps=args.reps * 5)
-    base = {"B": B, "H": H, "dk": dk, "dv": dv, "dtype": str(dtype).replace("torch.", ""),
-            "floor_bytes": floor, "mode": "decode"}
-    return [{**base, "impl": "retention", "ms": ms, "useful_TBps": floor / (ms * 1e-3) / 1e12},
-            {**base, "impl": "eager", "ms": ms_eager, "useful_TBps": floor / (ms_eager * 1e-3) / 1e12}]
+    rows = []
+    for op, fn in (("decode_step", lambda: retention.recurrent_step(q, k, v, log_decay, state)),
+                   ("msr_step", lambda: retention.msr_step(q, k, v, gate, log_decay, state, offsets=offsets))):
+        base = {"op": op, "key": gpu_model.shape_key(op, shape), "label": "decode", "B": B, "H": H, "dk": dk,
+                "dv": dv, "dtype": "bfloat16"}
+        try:
+            rows += emit([{**base, "impl": "retention", "ms": timeit(fn, reps=args.reps * 5)}])
+            rows += emit([{**base, "impl": "retention_graph", "ms": graph_time(fn)}])
+        except Exception as e:
+            rows += emit([{**base, "impl": "retention", "ms": None, "note": f"error: {e!r}"[:300]}])
+    return rows
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench_gpu.json")
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--max-eager-T", type=int, default=8192, help="skip the eager chunk form above this T")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--time-budget", type=float, default=1e9, help="seconds; no new shape starts after")
+    ap.add_argument("--eager", action="store_true", help="also time the eager chunkwise form")
     ap.add_argument("--quick", action="store_true", help="first two shapes of each list only")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="no GPU: list the planned rows and check that FLA and the reference import")
     args = ap.parse_args()
-    assert torch.cuda.is_available(), "needs a GPU"
+    t_start = time.monotonic()
+
+    import retention
+    fla, fla_version = load_fla()
+    info = {**run_info(), "fla": fla_version}
+    chunk_shapes = gpu_model.CHUNK_SHAPES[:2] if args.quick else gpu_model.CHUNK_SHAPES
+    decode_shapes = gpu_model.DECODE_SHAPES[:2] if args.quick else gpu_model.DECODE_SHAPES
+    print(json.dumps(info), flush=True)
+    if args.dry_run:
+        import reference  # the correctness check needs it
+        print("float64 reference:", reference.__file__)
+        for label, *shape in chunk_shapes:
+            print("planned", label, gpu_model.shape_key("chunk_fwd", tuple(shape)), "+ fwd+bwd")
+        for shape in decode_shapes:
+            print("planned", gpu_model.shape_key("decode_step", shape), "+ msr_step")
+        print(f"dry run: {len(CHECK_SHAPES)} check shapes, {len(chunk_shapes)} chunk shapes, "
+              f"{len(decode_shapes)} decode shapes; FLA {'importable' if fla else 'NOT importable'}")
+        return
+    assert torch.cuda.is_available(), "needs a GPU (use --dry-run without one)"
     torch.backends.cuda.matmul.allow_tf32 = False
 
-    info = gpu_info()
-    print(json.dumps(info))
-    fla = load_fla()
-    chunk_shapes = CHUNK_SHAPES[:2] if args.quick else CHUNK_SHAPES
-    decode_shapes = DECODE_SHAPES[:2] if args.quick else DECODE_SHAPES
+    out = open(args.out, "w")
+    out.write(json.dumps({"info": info}) + "\n")
 
-    rows = []
-    for shape in chunk_shapes:
-        rows += chunk_rows(shape, torch.bfloat16, fla, args)
-    for shape in decode_shapes:
-        rows += decode_rows(shape, torch.bfloat16, args)
-
-    with open(args.out, "w") as f:
-        f.write(json.dumps({"info": info}) + "\n")
+    def emit(rows):
         for r in rows:
-            f.write(json.dumps(r) + "\n")
+            out.write(json.dumps(r) + "\n")
+        out.flush()
+        return rows
 
-    print(f"\n{'shape':34s} {'impl':12s} {'mode':8s} {'ms':>10s} {'TB/s useful':>12s}")
-    for r in rows:
-        if r["mode"] == "decode":
-            shape = f"decode B{r['B']} H{r['H']} {r['dk']}x{r['dv']}"
+    def over_budget(what):
+        if time.monotonic() - t_start > args.time_budget:
+            emit([{"op": "skipped", "note": f"time budget ({args.time_budget:.0f} s) spent before {what}"}])
+            print(f"time budget spent: skipping {what} and the rest", flush=True)
+            return True
+        return False
+
+    def report_checks(rows):
+        for r in rows:
+            errs = " ".join(f"{n} {e:.1e}" for n, e in r.get("rel_err", {}).items())
+            print(f"check {r['impl']:10s} B{r['B']} T{r['T']} H{r['H']} {r['dk']}/{r['dv']}: "
+                  f"{'ok' if r['ok'] else 'FAILED'} {errs} {r.get('note', '')}", flush=True)
+        return rows
+
+    def report(rows):
+        for r in rows:
+            print(f"{r['key']:42s} {r['impl']:16s} {fmt(r['ms'])} {r.get('note', '')}", flush=True)
+        return rows
+
+    # Ours first, FLA last: FLA's Triton kernels compile and autotune on first use, which can take
+    # minutes on a fresh machine, and must not keep our own numbers from being measured.
+    all_rows = report_checks(emit(check_rows(
+        "retention", lambda ld: (lambda a, b, c: retention.chunk_retention(a, b, c, ld)), retention)))
+    phases = [("retention", s) for s in chunk_shapes] + [("decode", s) for s in decode_shapes] + \
+             [("sdpa_causal", s) for s in chunk_shapes] + ([("eager", s) for s in chunk_shapes] if args.eager else [])
+    if fla is not None:
+        phases += [("fla_check", None)] + [("fla", s) for s in chunk_shapes]
+    for impl, shape in phases:
+        if over_budget(f"{impl} {shape or ''}"):
+            break
+        if impl == "decode":
+            all_rows += report(decode_rows(shape, retention, args, emit))
+        elif impl == "fla_check":
+            all_rows += report_checks(emit(check_rows("fla", lambda ld: (lambda a, b, c: fla(a, b, c)[0]),
+                                                      retention)))
         else:
-            shape = f"B{r['B']} H{r['H']} T{r['T']} {r['dk']}/{r['dv']}"
-        ms = "OOM" if r["ms"] is None else f"{r['ms']:.3f}"
-        bw = f"{r['useful_TBps']:.2f}" if r.get("useful_TBps") else ""
-        print(f"{shape:34s} {r['impl']:12s} {r['mode']:8s} {ms:>10s} {bw:>12s}")
+            label, *dims = shape
+            all_rows += report(chunk_rows(label, tuple(dims), impl, fla, retention, args, emit))
+        torch.cuda.empty_cache()
+    out.close()
+    print(f"wrote {args.out} ({len(all_rows)} rows, {time.monotonic() - t_start:.0f} s)")
+
+
+def fmt(ms):
+    return "-" if ms is None else f"{ms:.4f} ms"
 
 
 if __name__ == "__main__":

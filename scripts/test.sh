@@ -30,6 +30,7 @@ if [ -x .ci/gpu_compile_check.sh ] || [ -f .ci/gpu_compile_check.sh ]; then
     echo "== GPU kernel compile checks SKIPPED: no CUDA toolkit (nvcc) on this machine"
   fi
 fi
+bash scripts/test-gpu-model.sh  # GPU performance model vs the ptxas reports, GPU-check scripts parse
 
 echo "== main job, quick mode (train a few steps, generate, forms agree)"
 PYTHONPATH=python "$PYTHON" examples/train_lm.py --quick

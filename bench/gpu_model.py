@@ -1,0 +1,671 @@
+"""Performance model of the GPU kernels (kernels/*.cu) on H100 and H200, checked later by
+measurements (bench/gpu_bench.py on the GPU machine).
+
+For each op and shape it counts, from the kernels' real tiling (the ChunkTraits formulas of
+kernels/chunk_common.cuh and the launch grids of kernels/*.cu, mirrored below):
+
+  * FLOPs: the algorithm's (each product of the chunkwise math once, C = 64) and as launched
+    (every dv tile recomputes Q K^T, partial tiles are padded to whole MMA tiles);
+  * HBM bytes: the minimum (every input read once, every output written once) and as designed
+    (q / k re-read by every dv tile unless the tiles of a head are resident together, the fp32
+    dq / dk workspace of the backward, its memset and cast);
+  * CTAs, threads, registers (from the ptxas report), shared memory, CTAs per SM and the limiter,
+    waves on 132 SMs;
+  * predicted time on H100 and H200 (model below), for the kernels as they are and after each of
+    the two planned changes: the sequence split for small grids and q / k reuse across dv tiles.
+
+Time model (per kernel; every constant is in DEVICES / ASSUMPTIONS and printed with the table):
+a wave is the CTAs that are resident together (c per SM); each CTA walks its chunks one after
+another, and one chunk step of an SM takes the longest of
+    own latency:   (dependent global round trips) * L_mem + (one CTA's MMA work) / (SM rate)
+    shared MMA:    c * (one CTA's MMA work) / (SM rate)
+    shared bytes:  c * (one CTA's HBM bytes per chunk) / (SM share of the bandwidth)
+so t = waves * chunks * step.  The round trips are the synchronous loads of the kernels (no
+double buffering today): v (and dO), then q / k for each dk tile.  Decode kernels use the same
+form with their own loops.  Ops add a fixed gap per launch.
+
+Measured columns: `--measured BENCH.json` (the JSON lines written by bench/gpu_bench.py, or the
+gpu_check.json of bench/gpu_check.sh) adds, per row, the measured time, measured / predicted,
+and FLA's and SDPA's times at the same shape when present.
+
+Usage:
+  python3 bench/gpu_model.py                          # table to bench/results/gpu_model_<date>_<commit>.md
+  python3 bench/gpu_model.py --measured run/bench.json --out-dir bench/results
+  python3 bench/gpu_model.py --stdout                 # print only
+Registers come from the ptxas reports of the sm_90 compiles: build/gpu-check/logs (written by
+.ci/gpu_compile_check.sh) or build/gpu-carry/logs (bench/gpu_prepare.sh); --ptxas-dir overrides.
+"""
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# ----------------------------------------------------------------------------------------------
+# Machines and assumptions
+# ----------------------------------------------------------------------------------------------
+# hbm: bandwidth the kernels can reach (read + write).  H100 SXM: 3.35 TB/s datasheet, 3.0 as in
+# ../shared/reference/performance.md.  H200: 4.8 TB/s datasheet; a large device-to-device copy
+# measured about 4.3 TB/s on one.  mma: dense bf16 tensor rate of a large GEMM (about 790 TFLOP/s
+# was measured on an H200 with cuBLAS; 800 is performance.md's figure for both), times the
+# efficiency below.
+DEVICES = {
+    "H100": {"sms": 132, "hbm_TBps": 3.0, "gemm_TFLOPs": 800.0},
+    "H200": {"sms": 132, "hbm_TBps": 4.3, "gemm_TFLOPs": 800.0},
+}
+ASSUMPTIONS = {
+    # The kernels issue mma.sync (Ampere-style HMMA, not Hopper's wgmma) on 64-row tiles read
+    # from shared memory: performance.md expects 40-60 % of the GEMM rate for chunk kernels.
+    "mma_efficiency": 0.5,
+    # One dependent global-memory round trip, barrier included (load, __syncthreads, use).
+    "mem_latency_us": 0.7,
+    # An SM alone can pull more than its 1/132 share of HBM bandwidth: cap at this multiple.
+    "sm_bandwidth_share_max": 4.0,
+    # Gap between back-to-back kernels of one op on the stream (not the host's op overhead).
+    "launch_gap_us": 1.5,
+    # Sequence split (planned): segments are at least this many chunks long.
+    "split_min_chunks": 4,
+}
+# Hopper SM limits used for occupancy (compute capability 9.0).
+SM_LIMITS = {"regs": 65536, "threads": 2048, "ctas": 32, "smem": 228 * 1024, "smem_per_cta_reserved": 1024,
+             "reg_alloc_unit": 256}
+
+# Shapes: FLA's benchmark shapes, RetNet's head shape (dk=256, dv=512), decode.
+# (label, B, T, H, dk, dv)
+CHUNK_SHAPES = [
+    ("FLA", 1, 8192, 96, 128, 128),
+    ("FLA", 2, 16384, 16, 128, 128),
+    ("FLA", 4, 2048, 16, 128, 128),
+    ("FLA", 8, 2048, 32, 256, 256),
+    ("RetNet", 8, 8192, 8, 256, 512),
+    ("RetNet", 1, 32768, 8, 256, 512),
+]
+DECODE_SHAPES = [(B, H, dk, dv) for dk, dv in ((128, 128), (256, 512)) for B in (1, 8, 64) for H in (8, 16)]
+
+# FLA chunk_retention on H100, bf16, ms (fwd, fwd+bwd): pytorch/helion examples/fla/BENCHMARKS.md,
+# a third party's measurement, quoted in ../shared/reference/performance.md.
+FLA_H100 = {(1, 8192, 96, 128, 128): (0.961, 3.426), (2, 16384, 16, 128, 128): (0.868, 2.776),
+            (4, 2048, 16, 128, 128): (0.358, 1.225), (8, 2048, 32, 256, 256): (1.598, 9.079)}
+
+ELEM = 2  # bf16 inputs and outputs; states and workspaces fp32
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiling: mirrors ChunkTraits (kernels/chunk_common.cuh)
+# ----------------------------------------------------------------------------------------------
+def bucket(dk):
+    """dispatch_dk: the register-tiling bucket of a runtime dk."""
+    return 64 if dk <= 64 else 128 if dk <= 128 else 256
+
+
+def chunk_traits(max_dk, state_regs, elem=ELEM):
+    bt = 64 if elem == 2 else 32
+    bk, warps = bt, bt // 16
+    kt = -(-max_dk // bk)
+    bv = max(16, min(2 * state_regs // kt, 64))
+    pad = 16 // elem
+    tile_k, tile_v = bt * (bk + pad), bt * (bv + pad)
+    return {"BT": bt, "BK": bk, "KT": kt, "BV": bv, "threads": warps * 32, "state_regs": state_regs,
+            "smem_fwd": (2 * tile_k + 3 * tile_v) * elem, "smem_dq": (2 * tile_k + 4 * tile_v) * elem,
+            "smem_dkv": (3 * tile_k + 4 * tile_v) * elem}
+
+
+# State budgets of the launchers (chunk_fwd.cu: ChunkTraits<T, kMaxDk>; chunk_bwd.cu: the dq sweep
+# with the default 64, the dk/dv sweep with 32).
+STATE_REGS = {"chunk_forward": 64, "chunk_backward_dq": 64, "chunk_backward_dkv": 32}
+SMEM_KEY = {"chunk_forward": "smem_fwd", "chunk_backward_dq": "smem_dq", "chunk_backward_dkv": "smem_dkv"}
+STEP_COLS, STEP_GROUPS = 64, 4  # recurrent.cu / msr_step.cu
+
+
+# ----------------------------------------------------------------------------------------------
+# ptxas reports
+# ----------------------------------------------------------------------------------------------
+def default_ptxas_dir():
+    for d in (os.path.join(ROOT, "build", "gpu-check", "logs"), os.path.join(ROOT, "build", "gpu-carry", "logs")):
+        if glob.glob(os.path.join(d, "nvcc_*_sm90.log")):
+            return d
+    return None
+
+
+def demangle(names):
+    try:
+        r = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True)
+        return r.stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return names
+
+
+def parse_ptxas(log_dir):
+    """{kernel key: {"regs", "smem_static", "spill"}} from nvcc -Xptxas -v logs of sm_90.
+
+    Keys: ("chunk_forward", T, max_dk, state_regs) for the NoFusion chunk kernels, and
+    ("recurrent_step", T) / ("msr_step", T) for the decode steps."""
+    entries = []
+    for path in sorted(glob.glob(os.path.join(log_dir, "nvcc_*_sm90.log"))):
+        name = None
+        smem = 0
+        spill = 0
+        for line in open(path, errors="replace"):
+            m = re.search(r"Compiling entry function '([^']+)' for 'sm_90'", line)
+            if m:
+                name, smem, spill = m.group(1), 0, 0
+            m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+            if m:
+                spill = int(m.group(1)) + int(m.group(2))
+            m = re.search(r"Used (\d+) registers.*?(?:, (\d+) bytes smem)?$", line.strip())
+            if m and name:
+                sm = re.search(r"(\d+) bytes smem", line)
+                entries.append((name, int(m.group(1)), int(sm.group(1)) if sm else smem, spill))
+                name = None
+    out = {}
+    for (mangled, regs, smem, spill), pretty in zip(entries, demangle([e[0] for e in entries])):
+        t = re.search(r"(?:ChunkTraits|_kernel)<(?:retention::kernels::)?(f16_t|bf16_t|float)\b", pretty)
+        dtype = {"f16_t": "f16", "bf16_t": "bf16", "float": "f32"}[t.group(1)] if t else None
+        m = re.search(r"(chunk_forward|chunk_backward_dq|chunk_backward_dkv)_kernel<retention::kernels::"
+                      r"ChunkTraits<[^,]+, (\d+), (\d+), retention::kernels::NoFusion>", pretty)
+        if m:
+            out[(m.group(1), dtype, int(m.group(2)), int(m.group(3)))] = {"regs": regs, "smem_static": smem,
+                                                                         "spill": spill}
+            continue
+        m = re.search(r"(recurrent_step|msr_step)_kernel<", pretty)
+        if m and dtype:
+            out[(m.group(1), dtype)] = {"regs": regs, "smem_static": smem, "spill": spill}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Occupancy
+# ----------------------------------------------------------------------------------------------
+def occupancy(threads, regs, smem):
+    """(CTAs per SM, limiter) on Hopper.  regs None (no ptxas report) -> registers not counted."""
+    limits = {"threads": SM_LIMITS["threads"] // threads, "ctas": SM_LIMITS["ctas"]}
+    if regs:
+        unit = SM_LIMITS["reg_alloc_unit"]
+        per_warp = -(-regs * 32 // unit) * unit
+        warps_by_regs = SM_LIMITS["regs"] // per_warp
+        limits["regs"] = warps_by_regs // (threads // 32)
+    if smem:
+        limits["smem"] = SM_LIMITS["smem"] // (smem + SM_LIMITS["smem_per_cta_reserved"])
+    lim = min(limits, key=limits.get)
+    return limits[lim], lim
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel descriptions.  Each is a dict: grid CTAs, threads, smem, regs, chunks per CTA, and per
+# CTA and chunk: dependent round trips, MMA FLOPs, HBM bytes; plus totals.
+# ----------------------------------------------------------------------------------------------
+def chunk_kernel(kind, B, T, H, dk, dv, ptx, *, qk_reuse=False, segments=1):
+    """One chunk sweep (forward, dq sweep or dk/dv sweep) as launched today (qk_reuse=False,
+    segments=1) or after the planned changes.  Bytes and FLOPs are per token-head below, times
+    B*H*T."""
+    tr = chunk_traits(bucket(dk), STATE_REGS[kind])
+    bt, bk, bv = tr["BT"], tr["BK"], tr["BV"]
+    kt_used = -(-dk // bk)
+    n_vt = -(-dv // bv)
+    dkp, bvp = kt_used * bk, bv  # padded to whole tiles
+    chunks = -(-T // bt)
+    rec = ptx.get((kind, "bf16", bucket(dk), STATE_REGS[kind]), {}) if ptx else {}
+    regs = rec.get("regs")
+    smem = tr[SMEM_KEY[kind]]
+    ctas = B * H * n_vt * segments
+    per_sm, limiter = occupancy(tr["threads"], regs, smem)
+    slots = DEVICES["H200"]["sms"] * per_sm
+    # How many times the q / k (or k / workspace) rows of one head come from HBM: once when all
+    # dv tiles of the head are resident together, else once per wave that holds some of them
+    # (tiles of one head are gridDim.x = B*H CTAs apart in launch order).
+    reads = 1 if (qk_reuse or ctas <= slots) else min(n_vt, -(-ctas // slots))
+    e = ELEM
+    if kind == "chunk_forward":
+        # per chunk and CTA: v tile (1 round trip), then q, k per dk tile
+        trips = 1 + kt_used
+        fl_cta = 2 * bt * bt * dkp + 2 * bt * dkp * bvp * 2 + 2 * bt * bt * bvp  # QK^T, QS, K^T Vd, AV
+        min_b = e * (2 * dk + 2 * dv)
+        hbm_b = e * (2 * dk * reads + 2 * dv)
+        alg_fl = 2 * bt * dk + 2 * bt * dv + 4 * dk * dv
+    elif kind == "chunk_backward_dq":
+        trips = 1 + kt_used  # v and dO, then k per dk tile
+        fl_cta = 2 * bt * bt * bvp + 2 * bt * dkp * bvp * 2 + 2 * bt * bt * dkp  # dO V^T, dO S^T, K^T Vd, D K
+        # reads k (per tile pass), v, dO; dq partials: fp32 atomics into the memset workspace,
+        # whose lines are read and written back in HBM once per pass that does not find them in L2
+        min_b = e * (dk + 2 * dv)
+        hbm_b = e * (dk * reads + 2 * dv) + 8 * dk * reads
+        alg_fl = 2 * bt * dv + 2 * bt * dk + 4 * dk * dv
+    else:  # chunk_backward_dkv
+        trips = 1 + kt_used  # v and dO, then q, k per dk tile
+        fl_cta = (2 * 2 * bt * bt * bvp  # dO V^T, (K Q^T .* M) dO
+                  + 2 * 2 * bt * bt * dkp  # K Q^T, D^T Q
+                  + 3 * 2 * bt * dkp * bvp)  # K dH, V dH^T, Q^T dOd
+        min_b = e * (2 * dk + 3 * dv)  # q, k, v, dO in; dv out (dk via the workspace, below)
+        hbm_b = e * (2 * dk * reads + 3 * dv) + 8 * dk * reads
+        alg_fl = 4 * bt * dv + 4 * bt * dk + 6 * dk * dv
+    tokens = B * H * T
+    designed_fl = fl_cta * n_vt * chunks * B * H
+    return {"kernel": kind, "grid": f"{B * H * segments}x{n_vt}", "ctas": ctas, "threads": tr["threads"],
+            "BV": bv, "dv_tiles": n_vt, "regs": regs, "smem": smem, "per_sm": per_sm, "limiter": limiter,
+            "chunks": -(-chunks // segments), "trips": trips, "cta_flops": fl_cta,
+            "flops_alg": alg_fl * tokens, "flops": designed_fl, "bytes_min": min_b * tokens,
+            "bytes": hbm_b * tokens, "qk_reads": reads}
+
+
+def elementwise_kernel(name, nbytes, ctas=None):
+    """memset / cast / scan kernels: pure bandwidth."""
+    return {"kernel": name, "grid": "-", "ctas": ctas or 0, "threads": 256, "BV": None, "dv_tiles": None,
+            "regs": None, "smem": 0, "per_sm": None, "limiter": "-", "chunks": 1, "trips": 1, "cta_flops": 0,
+            "flops_alg": 0, "flops": 0, "bytes_min": 0, "bytes": nbytes, "qk_reads": None,
+            "stream": True}
+
+
+def decode_kernel(kind, B, H, dk, dv, ptx):
+    rec = ptx.get((kind, "bf16"), {}) if ptx else {}
+    regs = rec.get("regs")
+    smem = rec.get("smem_static", 0)
+    threads = STEP_COLS * STEP_GROUPS
+    col_blocks = -(-dv // STEP_COLS)
+    rows_per_group = -(-dk // STEP_GROUPS)
+    # Each thread walks its rows with one state load in flight: the sm_90 SASS of the loop
+    # alternates LDG and STG (the compiler cannot move the next row's load above the store, which
+    # may alias it), so a 64-column block costs dk / 4 dependent round trips, plus the barrier
+    # of the q S reduction
+    trips_block = rows_per_group + 1
+    if kind == "recurrent_step":
+        ctas, trips = B * H * col_blocks, 1 + trips_block  # q / k / v loads, then the rows
+    else:  # msr_step: one CTA per head walks all column blocks; rotary angles first
+        ctas, trips = B * H, 3 + col_blocks * trips_block  # angles, q / k / v, rows, epilogue
+    per_sm, limiter = occupancy(threads, regs, smem)
+    nbytes = B * H * (8 * dk * dv + ELEM * (2 * dk + 2 * dv))
+    return {"kernel": kind, "grid": str(ctas), "ctas": ctas, "threads": threads, "BV": None, "dv_tiles": col_blocks,
+            "regs": regs, "smem": smem, "per_sm": per_sm, "limiter": limiter, "chunks": 1, "trips": trips,
+            "cta_flops": 0, "flops_alg": 4 * B * H * dk * dv, "flops": 4 * B * H * dk * dv,
+            "bytes_min": nbytes, "bytes": nbytes, "qk_reads": None}
+
+
+def kernel_time_us(k, dev):
+    d, a = DEVICES[dev], ASSUMPTIONS
+    bw = d["hbm_TBps"] * 1e12
+    if k.get("stream"):
+        return k["bytes"] / bw * 1e6
+    sms = d["sms"]
+    sm_rate = d["gemm_TFLOPs"] * 1e12 * a["mma_efficiency"] / sms
+    per_sm = k["per_sm"] or 1
+    active = min(sms, k["ctas"])
+    c = min(per_sm, -(-k["ctas"] // sms))  # CTAs sharing an SM in a full wave
+    waves = -(-k["ctas"] // (sms * c))
+    sm_bw = min(bw / active, a["sm_bandwidth_share_max"] * bw / sms)
+    own = k["trips"] * a["mem_latency_us"] * 1e-6 + k["cta_flops"] / sm_rate
+    shared_mma = c * k["cta_flops"] / sm_rate
+    # the HBM bytes of one CTA's chunk step, on average (q / k repeats served by L2 excluded)
+    shared_bytes = c * k["bytes"] / (k["ctas"] * k["chunks"]) / sm_bw
+    step = max(own, shared_mma, shared_bytes)
+    chain = waves * k["chunks"] * step
+    # whole-kernel floors: designed bytes over the bandwidth, FLOPs over the tensor rate
+    floor_bytes, floor_mma = k["bytes"] / bw, k["flops"] / (sm_rate * sms)
+    t = max(chain, floor_bytes, floor_mma)
+    if t == chain:
+        bound = "latency" if step == own else "mma" if step == shared_mma else "bandwidth"
+    else:
+        bound = "bandwidth" if floor_bytes >= floor_mma else "mma"
+    k.setdefault("bound", {})[dev] = bound
+    k["waves"] = waves
+    k["wave_fill"] = k["ctas"] / (sms * per_sm)
+    return t * 1e6
+
+
+# ----------------------------------------------------------------------------------------------
+# Ops: which kernels each op launches, as designed and after the planned changes
+# ----------------------------------------------------------------------------------------------
+def split_segments(B, H, dk, dv, T, kind, ptx, qk_reuse):
+    """Planned sequence split: the number of segments S (a power of two, segments at least
+    split_min_chunks long) that gives this sweep the shortest predicted H200 time, S = 1 (no split)
+    included.  The launcher would pick S from the grid size and the SM count; the model shows
+    which S that should be."""
+    chunks = -(-T // chunk_traits(bucket(dk), STATE_REGS[kind])["BT"])
+    best, best_t, s = 1, None, 1
+    while chunks // s >= ASSUMPTIONS["split_min_chunks"] or s == 1:
+        ks = split_extras(kind, B, T, H, dk, dv, s, ptx, qk_reuse) + [
+            split_kernel(kind, B, T, H, dk, dv, ptx, qk_reuse, s)]
+        t = op_time_us(ks, "H200")
+        if best_t is None or t < best_t:
+            best, best_t = s, t
+        s *= 2
+    return best
+
+
+def split_kernel(kind, B, T, H, dk, dv, ptx, qk_reuse, S):
+    k = chunk_kernel(kind, B, T, H, dk, dv, ptx, qk_reuse=qk_reuse, segments=S)
+    k["segments"] = S
+    if S > 1:
+        k["bytes"] += 4 * dk * dv * B * H * S  # each segment reads its incoming state
+    return k
+
+
+def split_extras(kind, B, T, H, dk, dv, S, ptx, qk_reuse):
+    """Extra kernels of the split path: a pass computing each segment's local state (it reads the
+    operands of the state update: k and v for the forward and dq sweeps, q and dO for the dk/dv
+    sweep), and the scan over segments (reads the local states, writes the incoming ones)."""
+    if S == 1:
+        return []
+    base = chunk_kernel(kind, B, T, H, dk, dv, ptx, qk_reuse=qk_reuse, segments=S)
+    tr = chunk_traits(bucket(dk), STATE_REGS[kind])
+    kt = -(-dk // tr["BK"])
+    local = dict(base)
+    local["kernel"] = kind + "/local_state"
+    local["trips"] = 1 + kt
+    local["cta_flops"] = 2 * tr["BT"] * kt * tr["BK"] * tr["BV"]
+    tokens = B * H * T
+    local["flops"] = 2 * dk * dv * tokens
+    local["flops_alg"] = local["flops"]
+    local["bytes"] = ELEM * (dk * base["qk_reads"] + dv) * tokens + 4 * dk * dv * B * H * S
+    local["bytes_min"] = 0
+    scan = elementwise_kernel(kind + "/scan", 2 * 4 * dk * dv * B * H * S)
+    return [local, scan]
+
+
+def op_kernels(op, shape, ptx, *, split=False, qk_reuse=False):
+    if op in ("decode_step", "msr_step"):
+        B, H, dk, dv = shape
+        return [decode_kernel("recurrent_step" if op == "decode_step" else "msr_step", B, H, dk, dv, ptx)]
+    B, T, H, dk, dv = shape
+    kinds = ["chunk_forward"] if op == "chunk_fwd" else ["chunk_forward", "chunk_backward_dq", "chunk_backward_dkv"]
+    ks = []
+    for kind in kinds:
+        S = split_segments(B, H, dk, dv, T, kind, ptx, qk_reuse) if split else 1
+        ks += split_extras(kind, B, T, H, dk, dv, S, ptx, qk_reuse)
+        ks.append(split_kernel(kind, B, T, H, dk, dv, ptx, qk_reuse, S))
+        if kind == "chunk_backward_dq":  # the workspace memset precedes the sweeps
+            ks.insert(len(ks) - 1, elementwise_kernel("memset_workspace", 8 * B * H * T * dk))
+    if op == "chunk_fwdbwd":  # cast: read both fp32 workspaces, write dq and dk
+        ks.append(elementwise_kernel("cast_grads", (8 + 2 * ELEM) * B * H * T * dk))
+    return ks
+
+
+def op_time_us(ks, dev):
+    return sum(kernel_time_us(k, dev) for k in ks) + ASSUMPTIONS["launch_gap_us"] * (len(ks) - 1)
+
+
+def op_minimums(op, shape):
+    """(algorithmic FLOPs, minimal HBM bytes) of the whole op."""
+    if op in ("decode_step", "msr_step"):
+        B, H, dk, dv = shape
+        return 4 * B * H * dk * dv, B * H * (8 * dk * dv + ELEM * (2 * dk + 2 * dv))
+    B, T, H, dk, dv = shape
+    tok = B * H * T
+    fwd_fl = (2 * 64 * (dk + dv) + 4 * dk * dv) * tok
+    fwd_b = ELEM * (2 * dk + 2 * dv) * tok
+    if op == "chunk_fwd":
+        return fwd_fl, fwd_b
+    # backward: read q, k, v, dO, write dq, dk, dv; FLOPs of both sweeps as the math needs them
+    bwd_fl = (2 * 64 * (3 * dk + 2 * dv) + 10 * dk * dv) * tok
+    return fwd_fl + bwd_fl, fwd_b + ELEM * (4 * dk + 3 * dv) * tok
+
+
+# ----------------------------------------------------------------------------------------------
+# Measured columns
+# ----------------------------------------------------------------------------------------------
+def shape_key(op, shape):
+    if op in ("decode_step", "msr_step"):
+        B, H, dk, dv = shape
+        return f"{op}:B{B}_H{H}_dk{dk}_dv{dv}"
+    B, T, H, dk, dv = shape
+    return f"{op}:B{B}_T{T}_H{H}_dk{dk}_dv{dv}"
+
+
+def load_measured(path):
+    """{key: {impl: ms}} and the run's info, from bench/gpu_bench.py JSON lines or gpu_check.json."""
+    rows, info = [], {}
+    text = open(path).read()
+    try:
+        doc = json.loads(text)
+        rows, info = doc.get("bench", []), doc.get("info", {}) or doc.get("environment", {})
+    except json.JSONDecodeError:
+        for line in text.splitlines():
+            if line.strip():
+                r = json.loads(line)
+                if "info" in r:
+                    info = r["info"]
+                else:
+                    rows.append(r)
+    out = {}
+    for r in rows:
+        if r.get("ms") is None or "key" not in r:
+            continue
+        out.setdefault(r["key"], {})[r["impl"]] = r["ms"]
+    return out, info
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+def fmt_ms(us):
+    return "-" if us is None else f"{us / 1000:.3f}" if us >= 100 else f"{us / 1000:.4f}"
+
+
+def num(x, digits):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def git(*args):
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def build(ptx, measured):
+    ops = [("chunk_fwd", s) for s in CHUNK_SHAPES] + [("chunk_fwdbwd", s) for s in CHUNK_SHAPES] + \
+          [("decode_step", s) for s in DECODE_SHAPES] + [("msr_step", s) for s in DECODE_SHAPES]
+    rows = []
+    for op, full in ops:
+        label = full[0] if op.startswith("chunk") else "decode"
+        shape = tuple(full[1:]) if op.startswith("chunk") else full
+        variants = {"now": op_kernels(op, shape, ptx)}
+        if op.startswith("chunk"):
+            variants["split"] = op_kernels(op, shape, ptx, split=True)
+            variants["qk_reuse"] = op_kernels(op, shape, ptx, qk_reuse=True)
+            variants["both"] = op_kernels(op, shape, ptx, split=True, qk_reuse=True)
+        row = {"op": op, "label": label, "shape": shape, "key": shape_key(op, shape)}
+        row["flops_alg"], row["bytes_min"] = op_minimums(op, shape)
+        for name, ks in variants.items():
+            row[name] = {dev: op_time_us(ks, dev) for dev in DEVICES}
+            row[name + "_bytes"] = sum(k["bytes"] for k in ks)
+            row[name + "_flops"] = sum(k["flops"] for k in ks)
+        row["kernels"] = variants["now"]
+        row["segments"] = "/".join(str(k["segments"]) for k in variants.get("split", []) if "segments" in k) or "-"
+        for dev, d in DEVICES.items():
+            row.setdefault("floor", {})[dev] = max(row["bytes_min"] / (d["hbm_TBps"] * 1e12),
+                                                   row["flops_alg"] / (d["gemm_TFLOPs"] * 1e12)) * 1e6
+        m = measured.get(row["key"], {}) if measured else {}
+        row["measured"] = m
+        if op.startswith("chunk") and shape in FLA_H100:
+            row["fla_h100_ms"] = FLA_H100[shape][0 if op == "chunk_fwd" else 1]
+        rows.append(row)
+    return rows
+
+
+def shape_str(row):
+    if row["op"].startswith("chunk"):
+        B, T, H, dk, dv = row["shape"]
+        return f"B{B} T{T} H{H} {dk}/{dv}"
+    B, H, dk, dv = row["shape"]
+    return f"B{B} H{H} {dk}x{dv}"
+
+
+def markdown(rows, ptx_dir, ptx, measured_path, info):
+    date = datetime.date.today().isoformat()
+    commit = git("rev-parse", "--short", "HEAD") or str(info.get("commit") or "unknown")[:7]
+    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
+    cmd = "python3 bench/gpu_model.py" + (f" --measured {os.path.basename(measured_path)}" if measured_path else "")
+    L = [f"# GPU performance model: retention kernels on H100 / H200 ({date})", "",
+         f"Produced by `{cmd}` at commit `{commit}`{dirty}, from the kernels' tiling "
+         "(`ChunkTraits` in `kernels/chunk_common.cuh`, launch grids in `kernels/*.cu`) and the sm_90 "
+         f"ptxas report ({'`' + os.path.relpath(ptx_dir, ROOT) + '`' if ptx_dir else 'none found: registers not counted'}"
+         f", {len(ptx)} kernels parsed). **All times are predictions**; "
+         + ("measured columns come from " + f"`{os.path.basename(measured_path)}` "
+            + f"({info.get('gpu', '?')}, {info.get('date', '?')}, commit {str(info.get('commit', '?'))[:10]})."
+            if measured_path else "no measurement has been made yet: `bench/gpu_check.sh` on the GPU machine "
+            "writes the JSON that `--measured` turns into measured columns beside these."), "",
+         "bf16 inputs, RetNet decays, no initial/final state. Shapes: FLA's benchmark shapes, RetNet's "
+         "head shape (dk=256, dv=512), decode at B = 1, 8, 64 and H = 8, 16.", ""]
+    L += ["## Assumptions", "",
+          "| device | SMs | HBM TB/s | GEMM bf16 TFLOP/s | mma.sync efficiency | round trip µs | launch gap µs |",
+          "|---|---|---|---|---|---|---|"]
+    for dev, d in DEVICES.items():
+        L.append(f"| {dev} | {d['sms']} | {d['hbm_TBps']} | {d['gemm_TFLOPs']:.0f} | {ASSUMPTIONS['mma_efficiency']} "
+                 f"| {ASSUMPTIONS['mem_latency_us']} | {ASSUMPTIONS['launch_gap_us']} |")
+    L += ["", "Per kernel, each SM runs `c` resident CTAs (c = min(occupancy, CTAs/132)); one chunk step "
+          "takes the longest of the CTA's own latency chain (dependent global round trips + its MMA work "
+          "at 1/132 of the rate), the SM's shared MMA work and the SM's share of the bytes; a kernel takes "
+          "waves x chunks x step, and at least its bytes / bandwidth and FLOPs / rate. `floor` is the op's "
+          "minimal bytes and algorithmic FLOPs at full bandwidth / GEMM rate (no kernel reaches it); "
+          "`% of floor` = floor / predicted (the issue's goal for the forward is at least 70 % of the HBM roofline).", ""]
+
+    def variant_cols(r, dev):
+        pct = f"{r['floor'][dev] / r['now'][dev] * 100:.0f} %"
+        return " | ".join([fmt_ms(r["now"][dev]), pct] + [fmt_ms(r[v][dev]) for v in ("split", "qk_reuse", "both")])
+
+    has_m = bool(measured_path)
+    for title, sel in (("Chunk forward", "chunk_fwd"), ("Chunk forward + backward", "chunk_fwdbwd")):
+        L += [f"## {title} (ms)", ""]
+        cols = ["shape", "GFLOP alg", "GFLOP launched", "MB min", "MB now", "MB q/k reuse", "split S",
+                "floor H200", "H100 now", "H200 now", "% of floor", "H200 split", "H200 q/k reuse", "H200 both",
+                "FLA H100 (3rd party)"]
+        if has_m:
+            cols += ["measured ours", "meas/pred", "FLA measured", "SDPA measured"]
+        hdr, sep = "| " + " | ".join(cols), "|---" * len(cols)
+        L += [hdr + " |", sep + "|"]
+        for r in rows:
+            if r["op"] != sel:
+                continue
+            line = (f"| {r['label']} {shape_str(r)} | {r['flops_alg'] / 1e9:.1f} | {r['now_flops'] / 1e9:.1f} "
+                    f"| {r['bytes_min'] / 1e6:.0f} | {r['now_bytes'] / 1e6:.0f} | {r['qk_reuse_bytes'] / 1e6:.0f} "
+                    f"| {r['segments']} | {fmt_ms(r['floor']['H200'])} | {fmt_ms(r['now']['H100'])} "
+                    f"| {variant_cols(r, 'H200')} | {r.get('fla_h100_ms', '-')}")
+            if has_m:
+                m = r["measured"]
+                ours = m.get("retention")
+                ratio = None if ours is None else ours * 1000 / r["now"]["H200"]
+                line += " | " + " | ".join(num(x, p) for x, p in ((ours, 3), (ratio, 2), (m.get("fla"), 3),
+                                                                 (m.get("sdpa_causal"), 3)))
+            L.append(line + " |")
+        L.append("")
+
+    L += ["## Decode step (µs, one launch for all heads)", "",
+          "`decode_step` is `recurrent_step` (raw op); `msr_step` the fused layer step (rotary, norm, gate). "
+          "Bytes: the fp32 state read and written once (8·dk·dv per head) plus q, k, v in and o out. "
+          "`% HBM` is minimal bytes / predicted time / bandwidth.", ""]
+    cols = ["op", "shape", "state MB", "CTAs", "regs", "CTAs/SM", "bound H200", "H100 µs", "H200 µs", "% HBM H200"]
+    if has_m:
+        cols += ["measured µs (graph)", "meas/pred"]
+    hdr, sep = "| " + " | ".join(cols), "|---" * len(cols)
+    L += [hdr + " |", sep + "|"]
+    for r in rows:
+        if r["op"] not in ("decode_step", "msr_step"):
+            continue
+        k = r["kernels"][0]
+        t200 = r["now"]["H200"]
+        pct = r["bytes_min"] / (t200 * 1e-6) / (DEVICES["H200"]["hbm_TBps"] * 1e12) * 100
+        line = (f"| {r['op']} | {shape_str(r)} | {r['bytes_min'] / 1e6:.1f} | {k['ctas']} | {k['regs'] or '?'} "
+                f"| {k['per_sm']} ({k['limiter']}) | {k['bound']['H200']} | {r['now']['H100']:.1f} | {t200:.1f} "
+                f"| {pct:.0f} %")
+        if has_m:
+            ours = r["measured"].get("retention_graph", r["measured"].get("retention"))
+            line += f" | {num(None if ours is None else ours * 1000, 1)} | " + \
+                num(None if ours is None else ours * 1000 / t200, 2)
+        L.append(line + " |")
+    L.append("")
+
+    L += ["## Kernels as launched today (H200)", "",
+          "Per kernel of each chunk op: grid (B·H x dv tiles), BV (state columns per CTA), registers (ptxas), "
+          "dynamic shared memory (ChunkTraits), CTAs per SM and what limits it, waves on 132 SMs, how many "
+          "times q/k come from HBM (dv tiles of a head are B·H CTAs apart in launch order: once if the grid "
+          "fits one wave, else once per wave holding some of them), and what bounds it.", ""]
+    cols = ["op", "shape", "kernel", "grid", "BV", "threads", "regs", "smem B", "CTAs/SM", "waves", "q/k reads",
+            "chunks/CTA", "MB", "bound", "H200 µs"]
+    L += ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    for r in rows:
+        if r["op"] not in ("chunk_fwd", "chunk_fwdbwd") or (r["op"] == "chunk_fwdbwd" and False):
+            continue
+        if r["op"] == "chunk_fwd":
+            continue  # the forward kernel appears in the fwd+bwd rows
+        for k in r["kernels"]:
+            t = kernel_time_us(k, "H200")
+            if k.get("stream"):
+                L.append(f"| fwd+bwd | {shape_str(r)} | {k['kernel']} | - | - | - | - | - | - | - | - | - "
+                         f"| {k['bytes'] / 1e6:.0f} | bandwidth | {t:.1f} |")
+                continue
+            L.append(f"| fwd+bwd | {shape_str(r)} | {k['kernel']} | {k['grid']} | {k['BV']} | {k['threads']} "
+                     f"| {k['regs'] or '?'} | {k['smem']} | {k['per_sm']} ({k['limiter']}) | {k['waves']:.0f} "
+                     f"({k['wave_fill'] * 100:.0f} % of one) | {k['qk_reads']} | {k['chunks']} "
+                     f"| {k['bytes'] / 1e6:.0f} | {k['bound']['H200']} | {t:.1f} |")
+    L.append("")
+    L += ["## The two planned changes", "",
+          "* **Sequence split** (`split` columns; `split S` gives S per sweep: forward / dq / dk-dv): T is cut "
+          "into S segments (a power of two, each at least "
+          f"{ASSUMPTIONS['split_min_chunks']} chunks, S chosen for the shortest predicted time, 1 = no split): a pass computing each segment's local state (reads the "
+          "state-update operands again), a scan over segments (fp32 states read and written), then the sweep "
+          "with S times the CTAs, each walking T/S tokens from its incoming state. It trades extra bytes for "
+          "a shorter chain; it pays where the chain (latency) bounds the kernel, i.e. small B·H and long T.",
+          "* **q/k reuse across dv tiles** (`q/k reuse` columns): dv tiles of one head adjacent in launch "
+          "order (or one cluster with multicast loads), so q/k (and the dq/dk workspace rows) come from HBM "
+          "once per head and chunk: bytes drop to the `MB q/k reuse` column. It pays where the grid is over "
+          "one wave and the kernel is bandwidth-bound (large dk with small BV, e.g. RetNet's 256/512).",
+          "* Both keep the per-dv-tile recomputation of Q K^T (`GFLOP launched` vs `GFLOP alg`).", "",
+          "Expected HBM bytes per token and head, forward, after q/k reuse: 2·(2·dk + 2·dv) "
+          "(= 1024 B at 128/128, 3072 B at 256/512); the `MB now` / `MB min` ratio is the re-read factor today.",
+          ""]
+    return "\n".join(L)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ptxas-dir", help="folder with nvcc_<tu>_sm90.log ptxas reports")
+    ap.add_argument("--measured", help="JSON from bench/gpu_bench.py or bench/gpu_check.sh")
+    ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--stdout", action="store_true", help="print the table only, write nothing")
+    ap.add_argument("--check", action="store_true",
+                    help="fail unless every modelled kernel has a ptxas entry (catches tiling drift)")
+    args = ap.parse_args()
+
+    ptx_dir = args.ptxas_dir or default_ptxas_dir()
+    ptx = parse_ptxas(ptx_dir) if ptx_dir else {}
+    if not ptx:
+        print(f"warning: no sm_90 ptxas report found ({ptx_dir or 'build/gpu-check/logs, build/gpu-carry/logs'}): "
+              "registers and register-limited occupancy are not counted", file=sys.stderr)
+    measured, info = load_measured(args.measured) if args.measured else ({}, {})
+    rows = build(ptx, measured)
+    if args.check:
+        missing = sorted({k["kernel"] + " " + shape_str(r) for r in rows for k in r["kernels"]
+                          if not k.get("stream") and not k["regs"]})
+        if missing:
+            sys.exit("gpu_model: no sm_90 ptxas entry for the bf16 instantiation that these launches use "
+                     "(did the tiling in kernels/ change? update the mirror in bench/gpu_model.py):\n  "
+                     + "\n  ".join(missing))
+        print(f"gpu_model: {len(ptx)} sm_90 kernels parsed; every modelled launch has its registers")
+    md = markdown(rows, ptx_dir, ptx, args.measured, info)
+    if args.stdout:
+        print(md)
+        return
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    date = datetime.date.today().isoformat()
+    if args.measured:  # named after the measured run (the GPU machine's copy may have no .git)
+        commit = str(info.get("commit") or commit)[:7]
+        date = str(info.get("date") or date)[:10]
+    stem = f"gpu_model_{date}_{commit}" + ("_measured" if args.measured else "")
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, stem + ".md"), "w") as f:
+        f.write(md + "\n")
+    with open(os.path.join(args.out_dir, stem + ".json"), "w") as f:
+        json.dump({"devices": DEVICES, "assumptions": ASSUMPTIONS,
+                   "ptxas_dir": os.path.relpath(ptx_dir, ROOT) if ptx_dir else None,
+                   "rows": [{k: v for k, v in r.items()} for r in rows]}, f, indent=1, default=str)
+    print(os.path.join(args.out_dir, stem + ".md"))
+
+
+if __name__ == "__main__":
+    main()
