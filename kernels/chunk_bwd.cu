@@ -48,16 +48,13 @@ struct ChunkBackward {
       if (ws > 0) {
         if (p.workspace == nullptr) return gpu::kErrorInvalidValue;
         if ((e = gpu::memset_async(p.workspace, 0, ws, p.stream)) != gpu::kSuccess) return e;
-        dq_kernel<<<grid(TrDq::BV), TrDq::kThreads, kSmemDq, p.stream>>>(p);
-        if ((e = gpu::last_error()) != gpu::kSuccess) return e;
+        if ((e = gpu::launch(dq_kernel, grid(TrDq::BV), TrDq::kThreads, kSmemDq, p.stream, p)) != gpu::kSuccess) return e;
       }
-      dkv_kernel<<<grid(TrDkv::BV), TrDkv::kThreads, kSmemDkv, p.stream>>>(p);
-      if ((e = gpu::last_error()) != gpu::kSuccess) return e;
+      if ((e = gpu::launch(dkv_kernel, grid(TrDkv::BV), TrDkv::kThreads, kSmemDkv, p.stream, p)) != gpu::kSuccess) return e;
       if (ws > 0) {
         const std::int64_t count = n.B * n.T * n.H * n.dk;
         const unsigned blocks = static_cast<unsigned>(count / 256 + 1 < 4096 ? count / 256 + 1 : 4096);
-        cast_grads_kernel<T><<<blocks, 256, 0, p.stream>>>(p);
-        e = gpu::last_error();
+        e = gpu::launch(&cast_grads_kernel<T>, blocks, 256, 0, p.stream, p);
       }
       return e;
     }

@@ -36,10 +36,8 @@ struct MsrSweeps {
       gpu::error_t e = gpu::set_max_dynamic_smem(dq_kernel, kSmemDq);
       if (e == gpu::kSuccess) e = gpu::set_max_dynamic_smem(dkv_kernel, kSmemDkv);
       if (e != gpu::kSuccess) return e;
-      dq_kernel<<<grid_dq, TrDq::kThreads, kSmemDq, p.stream>>>(p);
-      if ((e = gpu::last_error()) != gpu::kSuccess) return e;
-      dkv_kernel<<<grid_dkv, TrDkv::kThreads, kSmemDkv, p.stream>>>(p);
-      return gpu::last_error();
+      if ((e = gpu::launch(dq_kernel, grid_dq, TrDq::kThreads, kSmemDq, p.stream, p)) != gpu::kSuccess) return e;
+      return gpu::launch(dkv_kernel, grid_dkv, TrDkv::kThreads, kSmemDkv, p.stream, p);
     }
   };
 };
@@ -132,14 +130,12 @@ dim3 row_grid(const MsrChunkBackward& p) {
 
 template <class T>
 gpu::error_t launch_cast(const MsrChunkBackward& p) {
-  msr_cast_grads_kernel<T><<<row_grid(p), kCastColumns * kCastRows, 0, p.stream>>>(p);
-  return gpu::last_error();
+  return gpu::launch(&msr_cast_grads_kernel<T>, row_grid(p), kCastColumns * kCastRows, 0, p.stream, p);
 }
 
 template <class T>
 gpu::error_t launch_rotate(const MsrChunkBackward& p, const Bthd& q_out, const Bthd& k_out) {
-  msr_rotate_qk_kernel<T><<<row_grid(p), kCastColumns * kCastRows, 0, p.stream>>>(p, q_out, k_out);
-  return gpu::last_error();
+  return gpu::launch(&msr_rotate_qk_kernel<T>, row_grid(p), kCastColumns * kCastRows, 0, p.stream, p, q_out, k_out);
 }
 
 struct Layout {
@@ -327,9 +323,8 @@ gpu::error_t launch_msr_backward(const MsrBackwardParams& p) {
 
   // 5. d_norm_weight.
   if (want_dw && n.T > 0) {
-    msr_reduce_dw_kernel<<<static_cast<unsigned>((n.dv + 255) / 256), 256, 0, p.stream>>>(
-        reinterpret_cast<const float*>(ws + l.dw), N * n.H, n.dv, p.grad_norm_weight);
-    e = gpu::last_error();
+    e = gpu::launch(&msr_reduce_dw_kernel, static_cast<unsigned>((n.dv + 255) / 256), 256, 0, p.stream,
+                    reinterpret_cast<const float*>(ws + l.dw), N * n.H, n.dv, p.grad_norm_weight);
   }
   return e;
 }
