@@ -56,21 +56,20 @@ struct ChunkBackward {
       if (ws > 0) {
         if (p.workspace == nullptr) return gpu::kErrorInvalidValue;
         const int passes = dv_tiles_per_cta(static_cast<int>((n.dv + TrDq::BV - 1) / TrDq::BV), rows);
-        for (int pass = 0; pass < passes; ++pass) {
-          dq_kernel<<<grid(TrDq::BV), TrDq::kThreads, kSmemDq, p.stream>>>(p, dq_partials, pass, passes);
-          if ((e = gpu::last_error()) != gpu::kSuccess) return e;
-        }
+        for (int pass = 0; pass < passes; ++pass)
+          if ((e = gpu::launch(dq_kernel, grid(TrDq::BV), TrDq::kThreads, kSmemDq, p.stream, p, dq_partials, pass,
+                               passes)) != gpu::kSuccess)
+            return e;
       }
       const int passes = dv_tiles_per_cta(static_cast<int>((n.dv + TrDkv::BV - 1) / TrDkv::BV), rows);
-      for (int pass = 0; pass < passes; ++pass) {
-        dkv_kernel<<<grid(TrDkv::BV), TrDkv::kThreads, kSmemDkv, p.stream>>>(p, dk_partials, pass, passes);
-        if ((e = gpu::last_error()) != gpu::kSuccess) return e;
-      }
+      for (int pass = 0; pass < passes; ++pass)
+        if ((e = gpu::launch(dkv_kernel, grid(TrDkv::BV), TrDkv::kThreads, kSmemDkv, p.stream, p, dk_partials, pass,
+                             passes)) != gpu::kSuccess)
+          return e;
       if (ws > 0) {
         const std::int64_t count = n.B * n.T * n.H * n.dk;
         const unsigned blocks = static_cast<unsigned>(count / 256 + 1 < 4096 ? count / 256 + 1 : 4096);
-        cast_grads_kernel<T><<<blocks, 256, 0, p.stream>>>(p, dq_parts, dk_parts);
-        e = gpu::last_error();
+        e = gpu::launch(&cast_grads_kernel<T>, blocks, 256, 0, p.stream, p, dq_parts, dk_parts);
       }
       return e;
     }

@@ -44,15 +44,15 @@ struct MsrSweeps {
       if (e != gpu::kSuccess) return e;
       // dv_tiles_per_cta launches of each sweep (chunk_bwd.cuh).
       const int dq_passes = dv_tiles_per_cta(static_cast<int>((p.shape.dv + TrDq::BV - 1) / TrDq::BV), rows);
-      for (int pass = 0; pass < dq_passes; ++pass) {
-        dq_kernel<<<grid_dq, TrDq::kThreads, kSmemDq, p.stream>>>(p, dq_partials, pass, dq_passes);
-        if ((e = gpu::last_error()) != gpu::kSuccess) return e;
-      }
+      for (int pass = 0; pass < dq_passes; ++pass)
+        if ((e = gpu::launch(dq_kernel, grid_dq, TrDq::kThreads, kSmemDq, p.stream, p, dq_partials, pass,
+                             dq_passes)) != gpu::kSuccess)
+          return e;
       const int dkv_passes = dv_tiles_per_cta(static_cast<int>((p.shape.dv + TrDkv::BV - 1) / TrDkv::BV), rows);
-      for (int pass = 0; pass < dkv_passes; ++pass) {
-        dkv_kernel<<<grid_dkv, TrDkv::kThreads, kSmemDkv, p.stream>>>(p, dk_partials, pass, dkv_passes);
-        if ((e = gpu::last_error()) != gpu::kSuccess) return e;
-      }
+      for (int pass = 0; pass < dkv_passes; ++pass)
+        if ((e = gpu::launch(dkv_kernel, grid_dkv, TrDkv::kThreads, kSmemDkv, p.stream, p, dk_partials, pass,
+                             dkv_passes)) != gpu::kSuccess)
+          return e;
       return gpu::kSuccess;
     }
   };
@@ -148,14 +148,13 @@ dim3 row_grid(const MsrChunkBackward& p) {
 
 template <class T>
 gpu::error_t launch_cast(const MsrChunkBackward& p, int dq_parts, int dk_parts) {
-  msr_cast_grads_kernel<T><<<row_grid(p), kCastColumns * kCastRows, 0, p.stream>>>(p, dq_parts, dk_parts);
-  return gpu::last_error();
+  return gpu::launch(&msr_cast_grads_kernel<T>, row_grid(p), kCastColumns * kCastRows, 0, p.stream, p, dq_parts,
+                     dk_parts);
 }
 
 template <class T>
 gpu::error_t launch_rotate(const MsrChunkBackward& p, const Bthd& q_out, const Bthd& k_out) {
-  msr_rotate_qk_kernel<T><<<row_grid(p), kCastColumns * kCastRows, 0, p.stream>>>(p, q_out, k_out);
-  return gpu::last_error();
+  return gpu::launch(&msr_rotate_qk_kernel<T>, row_grid(p), kCastColumns * kCastRows, 0, p.stream, p, q_out, k_out);
 }
 
 struct Layout {
@@ -347,9 +346,8 @@ gpu::error_t launch_msr_backward(const MsrBackwardParams& p) {
 
   // 5. d_norm_weight.
   if (want_dw && n.T > 0) {
-    msr_reduce_dw_kernel<<<static_cast<unsigned>((n.dv + 255) / 256), 256, 0, p.stream>>>(
-        reinterpret_cast<const float*>(ws + l.dw), N * n.H, n.dv, p.grad_norm_weight);
-    e = gpu::last_error();
+    e = gpu::launch(&msr_reduce_dw_kernel, static_cast<unsigned>((n.dv + 255) / 256), 256, 0, p.stream,
+                    reinterpret_cast<const float*>(ws + l.dw), N * n.H, n.dv, p.grad_norm_weight);
   }
   return e;
 }

@@ -38,8 +38,7 @@ struct MsrForward {
       if (e != gpu::kSuccess) return e;
       const dim3 grid(static_cast<unsigned>(p.seq.num_sequences * p.shape.H),
                       static_cast<unsigned>((p.shape.dv + Tr::BV - 1) / Tr::BV));
-      kernel<<<grid, Tr::kThreads, kSmem, p.stream>>>(p);
-      return gpu::last_error();
+      return gpu::launch(kernel, grid, Tr::kThreads, kSmem, p.stream, p);
     }
   };
 };
@@ -80,8 +79,7 @@ __global__ void rotary_theta_kernel(RotaryMode mode, int dk, double* theta) {
 gpu::error_t launch_rotary_theta(RotaryMode mode, std::int64_t dk, double* theta, gpu::stream_t stream) {
   if (mode == RotaryMode::kNone || dk < 2) return gpu::kSuccess;
   if (theta == nullptr) return gpu::kErrorInvalidValue;
-  rotary_theta_kernel<<<1, 128, 0, stream>>>(mode, static_cast<int>(dk), theta);
-  return gpu::last_error();
+  return gpu::launch(&rotary_theta_kernel, 1, 128, 0, stream, mode, static_cast<int>(dk), theta);
 }
 
 // fp32 passes with dk <= 64 use the 128 bucket: the 64 one spills on sm_80 (ptxas settles

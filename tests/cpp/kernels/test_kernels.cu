@@ -585,8 +585,7 @@ TEST(GpuCompat, WarpReduceSum) {
   SKIP_WITHOUT_DEVICE();
   constexpr int W = gpu::kWarpSize;
   DeviceBuffer full(W * 4), part(W * 4);
-  warp_reduce_kernel<<<1, W>>>(full.as<float>(), part.as<float>());
-  GPU_OK(gpu::last_error());
+  GPU_OK(gpu::launch(&warp_reduce_kernel, 1, W, 0, nullptr, full.as<float>(), part.as<float>()));
   GPU_OK(gpu::synchronize());
   const auto f = full.download_f32(), q = part.download_f32();
   for (int l = 0; l < W; ++l) {
