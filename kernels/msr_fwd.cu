@@ -126,7 +126,8 @@ std::size_t msr_forward_workspace_bytes(const MsrForwardParams& p) {
 
 // Shared argument validation of the MSR launchers.
 bool msr_shape_ok(const Shape& n, const MsrSequences& seq, const MsrOptions& opt, const float* log_decay) {
-  if (n.B < 0 || n.T < 0 || n.H < 0 || n.dk < 0 || n.dv < 0 || n.dk > kMaxHeadDimK || log_decay == nullptr)
+  // log_decay is [H]: an empty tensor (H == 0) may have no storage.
+  if (n.B < 0 || n.T < 0 || n.H < 0 || n.dk < 0 || n.dv < 0 || n.dk > kMaxHeadDimK || (log_decay == nullptr && n.H > 0))
     return false;
   if (seq.num_sequences < 0 || (seq.cu_seqlens == nullptr && seq.num_sequences != n.B)) return false;
   if (seq.cu_seqlens != nullptr && n.B != 1) return false;

@@ -56,11 +56,10 @@ CCACHE=$(command -v ccache || true)
 KERNEL_TUS=(msr_fwd msr_bwd chunk_bwd chunk_fwd msr_step recurrent)  # longest first
 TEST_TUS=(test_kernels test_msr)
 T_START=$SECONDS
-# Block order of the second run.  Reversing it too changes the dq / dk of the chunk and MSR
-# backwards today: they sum partial results of different blocks with fp32 atomics, so their
-# bits depend on block order (known defect, not deterministic on a GPU either).  Set to
-# "reverse" once the backward reduces in a fixed order.
-SECOND_BLOCK_ORDER=${SECOND_BLOCK_ORDER:-forward}
+# Block order of the second run: reversed too, so a result that depends on the order in which
+# blocks run (e.g. fp32 atomics across blocks, which the backward used to sum dq / dk with)
+# changes the digests.
+SECOND_BLOCK_ORDER=${SECOND_BLOCK_ORDER:-reverse}
 cd "$ROOT"
 
 for lib in /usr/include/boost/context/detail/fcontext.hpp /usr/include/gtest/gtest.h; do
