@@ -1,26 +1,27 @@
 // chunk_bwd.cu - chunkwise retention backward: two sweeps that recompute the states.
 //
 // The sweeps (and the math) are in chunk_bwd.cuh; this file instantiates them without fusion
-// for the raw op and holds the dq / dk cast kernel and the launcher.
+// for the raw op and holds the dq / dk reduce-and-cast kernel and the launcher.
 #include "chunk_bwd.cuh"
 
 namespace retention::kernels {
 namespace {
 
-// grad[b, t, h, :] = acc[b, h, t, :] rounded to T, for dq and dk.
+// grad[b, t, h, :] = (sum over the partial slices g = 0, 1, ... of acc[g, b, h, t, :]) rounded
+// to T, for dq and dk: the fixed-order end of the deterministic reduction (chunk_bwd.cuh).
 template <class T>
-__global__ void __launch_bounds__(256) cast_grads_kernel(const ChunkBackwardParams p) {
+__global__ void __launch_bounds__(256) cast_grads_kernel(const ChunkBackwardParams p, int dq_parts, int dk_parts) {
   const Shape& n = p.shape;
-  const std::int64_t rows = n.B * n.T * n.H, count = rows * n.dk;
+  const std::int64_t rows = n.B * n.T * n.H, count = rows * n.dk, slice = n.B * n.H * n.T * n.dk;
   const float* const dq_acc = p.workspace;
-  const float* const dk_acc = p.workspace + n.B * n.H * n.T * n.dk;
+  const float* const dk_acc = p.workspace + dq_parts * slice;
   for (std::int64_t idx = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; idx < count;
        idx += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     const std::int64_t d = idx % n.dk, row = idx / n.dk;
     const std::int64_t h = row % n.H, t = (row / n.H) % n.T, b = row / (n.H * n.T);
     const std::int64_t src = ((b * n.H + h) * n.T + t) * n.dk + d;
-    bthd_ptr<T>(p.grad_q, b, t, h, d)[0] = Elem<T>::from_float(dq_acc[src]);
-    bthd_ptr<T>(p.grad_k, b, t, h, d)[0] = Elem<T>::from_float(dk_acc[src]);
+    bthd_ptr<T>(p.grad_q, b, t, h, d)[0] = Elem<T>::from_float(sum_partials(dq_acc, slice, dq_parts, src));
+    bthd_ptr<T>(p.grad_k, b, t, h, d)[0] = Elem<T>::from_float(sum_partials(dk_acc, slice, dk_parts, src));
   }
 }
 
@@ -32,9 +33,16 @@ struct ChunkBackward {
       using TrDq = ChunkTraits<T, kMaxDk>;
       using TrDkv = ChunkTraits<T, kMaxDk, 32>;
       const Shape& n = p.shape;
+      const std::int64_t rows = n.B * n.H;
       const auto grid = [&](int bv) {
-        return dim3(static_cast<unsigned>(n.B * n.H), static_cast<unsigned>((n.dv + bv - 1) / bv));
+        return dim3(static_cast<unsigned>(rows), static_cast<unsigned>(dv_partials(static_cast<int>((n.dv + bv - 1) / bv), rows)));
       };
+      int dq_parts = 0, dk_parts = 0;
+      sweep_partials(p.dtype, n, rows, dq_parts, dk_parts);
+      if (grid(TrDq::BV).y != static_cast<unsigned>(dq_parts) || grid(TrDkv::BV).y != static_cast<unsigned>(dk_parts))
+        return gpu::kErrorInvalidValue;  // the workspace was sized for other tile widths
+      float* const dq_partials = p.workspace;
+      float* const dk_partials = p.workspace + dq_parts * (n.B * n.H * n.T * n.dk);
 
       constexpr int kSmemDq = gpu::dynamic_smem_bytes(TrDq::kSmemDq);
       constexpr int kSmemDkv = gpu::dynamic_smem_bytes(TrDkv::kSmemDkv);
@@ -47,17 +55,21 @@ struct ChunkBackward {
       const std::size_t ws = chunk_backward_workspace_bytes(p);
       if (ws > 0) {
         if (p.workspace == nullptr) return gpu::kErrorInvalidValue;
-        if ((e = gpu::memset_async(p.workspace, 0, ws, p.stream)) != gpu::kSuccess) return e;
-        dq_kernel<<<grid(TrDq::BV), TrDq::kThreads, kSmemDq, p.stream>>>(p);
-        if ((e = gpu::last_error()) != gpu::kSuccess) return e;
+        const int passes = dv_tiles_per_cta(static_cast<int>((n.dv + TrDq::BV - 1) / TrDq::BV), rows);
+        for (int pass = 0; pass < passes; ++pass)
+          if ((e = gpu::launch(dq_kernel, grid(TrDq::BV), TrDq::kThreads, kSmemDq, p.stream, p, dq_partials, pass,
+                               passes)) != gpu::kSuccess)
+            return e;
       }
-      dkv_kernel<<<grid(TrDkv::BV), TrDkv::kThreads, kSmemDkv, p.stream>>>(p);
-      if ((e = gpu::last_error()) != gpu::kSuccess) return e;
+      const int passes = dv_tiles_per_cta(static_cast<int>((n.dv + TrDkv::BV - 1) / TrDkv::BV), rows);
+      for (int pass = 0; pass < passes; ++pass)
+        if ((e = gpu::launch(dkv_kernel, grid(TrDkv::BV), TrDkv::kThreads, kSmemDkv, p.stream, p, dk_partials, pass,
+                             passes)) != gpu::kSuccess)
+          return e;
       if (ws > 0) {
         const std::int64_t count = n.B * n.T * n.H * n.dk;
         const unsigned blocks = static_cast<unsigned>(count / 256 + 1 < 4096 ? count / 256 + 1 : 4096);
-        cast_grads_kernel<T><<<blocks, 256, 0, p.stream>>>(p);
-        e = gpu::last_error();
+        e = gpu::launch(&cast_grads_kernel<T>, blocks, 256, 0, p.stream, p, dq_parts, dk_parts);
       }
       return e;
     }
@@ -66,10 +78,14 @@ struct ChunkBackward {
 
 }  // namespace
 
+// The dq and dk partial-sum slices over dv tiles (chunk_bwd.cuh: the cost of determinism).
 std::size_t chunk_backward_workspace_bytes(const ChunkBackwardParams& p) {
   const Shape& n = p.shape;
-  if (n.B <= 0 || n.T <= 0 || n.H <= 0 || n.dk <= 0 || n.dv <= 0) return 0;
-  return 2 * static_cast<std::size_t>(n.B * n.H * n.T * n.dk) * sizeof(float);
+  if (n.B <= 0 || n.T <= 0 || n.H <= 0 || n.dk <= 0 || n.dv <= 0 || n.dk > kMaxHeadDimK) return 0;
+  int dq_parts = 0, dk_parts = 0;
+  sweep_partials(p.dtype, n, n.B * n.H, dq_parts, dk_parts);
+  return static_cast<std::size_t>(dq_parts + dk_parts) * static_cast<std::size_t>(n.B * n.H * n.T * n.dk) *
+         sizeof(float);
 }
 
 gpu::error_t launch_chunk_backward(const ChunkBackwardParams& p) {

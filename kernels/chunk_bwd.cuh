@@ -11,29 +11,121 @@
 //   dV  = scale * (Q K^T .* M)^T dO  +  diag(g^(L-1-j)) K dH                  reverse sweep
 //   dH <- g^L dH + Q^T diag(scale g^(i+1)) dO          (after the chunk; dH at t = 0 is dS0)
 //
-// Both sweeps reuse the forward's decomposition: a CTA owns one dv tile and carries its
-// [dk x BV] slice of S (or dH) in registers.  dV only contracts over dk, so each CTA produces
-// finished dV rows.  dQ and dK contract over dv, so CTAs of different dv tiles produce partial
-// sums; they are accumulated with fp32 atomics into a [B, H, T, dk] workspace and cast to the
-// input dtype at the end (the FlashAttention-2 dq_accum scheme; the summation order across dv
-// tiles is not deterministic).  Nothing per chunk is stored: states are recomputed.
+// Both sweeps reuse the forward's decomposition: a CTA sweeps one dv tile at a time and carries
+// its [dk x BV] slice of S (or dH) in registers.  dV only contracts over dk, so each sweep
+// produces finished dV rows.  dQ and dK contract over dv, so the sweeps of different dv tiles
+// produce partial sums.  Nothing per chunk is stored: states are recomputed.
+//
+// Deterministic reduction over dv tiles (no atomics).  The nvt dv tiles are split into P
+// contiguous groups (dv_tiles_per_cta); CTA (row, g) of pass j sweeps tile j of group g and
+// accumulates its dq / dk partial sums in fp32 slice g of a [P, B*H, T, dk] workspace (pass 0
+// stores, the next passes add; passes are launches in stream order and every element has one
+// writer per pass, so there is no race).  The final cast sums the P slices in the order g = 0..P-1.
+// The result is bit-identical from run to run and independent of CTA scheduling; it depends
+// only on the shapes (P is a function of dv, dk, the dtype and the number of (sequence, head)
+// rows), not on the device.
+// Cost: P_dq + P_dkv slices of B*H*T*dk fp32 instead of the 2 an atomic accumulation needs,
+// i.e. (P_dq + P_dkv - 2) * B*H*T*dk * 4 extra workspace bytes, with P <= kMaxDvPartials = 8
+// (at most 16 slices, 14 extra).  P only grows while the grid has fewer than
+// kBackwardTargetCtas CTAs, so large batches get P = 1 (no extra bytes: each CTA sweeps all dv
+// tiles).  The workspace needs no zero-fill (the atomic scheme memset it).  Work is unchanged:
+// every dv tile is swept once either way.
 #pragma once
 
 #include "chunk_common.cuh"
 
 namespace retention::kernels {
 
-// Atomically add the warp's 16 x (16N) accumulator rows to an fp32 row-major matrix.
+// Enough CTAs for one full wave at 2 CTAs per SM on a ~130-SM GPU; beyond that, more dv
+// partials only cost memory.
+inline constexpr int kBackwardTargetCtas = 256;
+inline constexpr int kMaxDvPartials = 8;
+
+// dv tiles swept by one CTA when `rows` = (sequences x heads) CTA rows share nvt tiles; the
+// launch grid has ceil(nvt / that) CTAs per row, which is also the number of partial slices.
+RT_HOST_DEVICE inline int dv_tiles_per_cta(int nvt, std::int64_t rows) {
+  const std::int64_t want = rows > 0 ? (kBackwardTargetCtas + rows - 1) / rows : 1;
+  int parts = want < nvt ? static_cast<int>(want) : nvt;
+  parts = parts < kMaxDvPartials ? parts : kMaxDvPartials;
+  parts = parts < 1 ? 1 : parts;
+  return nvt > 0 ? (nvt + parts - 1) / parts : 1;
+}
+RT_HOST_DEVICE inline int dv_partials(int nvt, std::int64_t rows) {
+  const int per_cta = dv_tiles_per_cta(nvt, rows);
+  return (nvt + per_cta - 1) / per_cta;
+}
+
+// The dv tile widths of the two sweeps for a dtype and dk (the traits below: state budgets 64
+// and 32), which size the partial-sum workspace on the host.
+template <class T>
+struct SweepTileWidths {
+  template <int kMaxDk>
+  static void of(int& bv_dq, int& bv_dkv) {
+    bv_dq = ChunkTraits<T, kMaxDk>::BV;
+    bv_dkv = ChunkTraits<T, kMaxDk, 32>::BV;
+  }
+  static void run(std::int64_t dk, int& bv_dq, int& bv_dkv) {
+    if (dk <= 64) return of<64>(bv_dq, bv_dkv);
+    if (dk <= 128) return of<128>(bv_dq, bv_dkv);
+    return of<256>(bv_dq, bv_dkv);
+  }
+};
+
+// Number of dq and dk partial slices of a backward over `rows` (sequence, head) CTA rows.
+inline void sweep_partials(DType dtype, const Shape& n, std::int64_t rows, int& dq_parts, int& dk_parts) {
+  int bv_dq = 16, bv_dkv = 16;
+  switch (dtype) {
+    case DType::kF16:
+      SweepTileWidths<f16_t>::run(n.dk, bv_dq, bv_dkv);
+      break;
+    case DType::kBF16:
+      SweepTileWidths<bf16_t>::run(n.dk, bv_dq, bv_dkv);
+      break;
+    case DType::kF32:
+      SweepTileWidths<float>::run(n.dk, bv_dq, bv_dkv);
+      break;
+  }
+  dq_parts = dv_partials(static_cast<int>((n.dv + bv_dq - 1) / bv_dq), rows);
+  dk_parts = dv_partials(static_cast<int>((n.dv + bv_dkv - 1) / bv_dkv), rows);
+}
+
+// Sum of the `parts` slices (slice stride `slice`) at index i, in slice order.
+RT_DEVICE float sum_partials(const float* base, std::int64_t slice, int parts, std::int64_t i) {
+  float s = base[i];
+  for (int g = 1; g < parts; ++g) s += base[g * slice + i];
+  return s;
+}
+
+// Store (first dv tile of the CTA) or add the warp's 16 x (16N) accumulator rows to the CTA's
+// own fp32 row-major partial-sum slice.
 template <class Mma, int N>
-RT_DEVICE void atomic_add_rows(float* g, std::int64_t ld, int r0, int rows_valid, int cols_valid,
-                               typename Mma::FragC (&acc)[N]) {
+RT_DEVICE void store_or_add_rows(float* g, std::int64_t ld, int r0, int rows_valid, int cols_valid, bool add,
+                                 typename Mma::FragC (&acc)[N]) {
   for_each<Mma, N>(acc, [&](int r, int c, float& x) {
-    if (r0 + r < rows_valid && c < cols_valid) atomicAdd(g + (r0 + r) * ld + c, x);
+    if (r0 + r < rows_valid && c < cols_valid) {
+      float* const dst = g + (r0 + r) * ld + c;
+      *dst = add ? *dst + x : x;
+    }
   });
 }
 
+// The dv tile of a sweep CTA: dv_tiles_per_cta(...) == `passes` launches of the sweep run one
+// after the other on the stream; in pass j, CTA (row, g) sweeps tile g * passes + j of its
+// group g and stores (j == 0) or adds (j > 0) its partial sums in slice g.  Stream order
+// makes the read-modify-write safe; separate launches instead of a loop inside the kernel keep
+// the register allocation of a single sweep (a loop around it made ptxas spill).
+// Returns -1 when group g has fewer tiles than `passes` (the last group may be short).
+template <int BV>
+RT_DEVICE int sweep_tile(int dv, int pass, int passes) {
+  const int tile = static_cast<int>(blockIdx.y) * passes + pass;
+  return tile * BV < dv ? tile : -1;
+}
+
+// dq partials: `partials` is the [gridDim.y, B*H, T, dk] fp32 slice array of the dq sweep.
 template <class Tr>
-__global__ void __launch_bounds__(Tr::kThreads) chunk_backward_dq_kernel(const typename Tr::Fusion::BackwardParams p) {
+__global__ void __launch_bounds__(Tr::kThreads)
+    chunk_backward_dq_kernel(const typename Tr::Fusion::BackwardParams p, float* partials, int pass,
+                             int passes) {
   using Fusion = typename Tr::Fusion;
   using T = typename Tr::T;
   using Mma = typename Tr::Mma;
@@ -48,22 +140,27 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_backward_dq_kernel(const t
   T* const sV = sD + Tr::kTileK;                 // [BT x BV]  v
   T* const sVd = sV + Tr::kTileV;                // [BT x BV]  g^(L-1-j) v_j
   T* const sDO = sVd + Tr::kTileV;               // [BT x BV]  dO
-  T* const sS = sDO + Tr::kTileV;                // [BK x BV]  state tile entering the chunk, as T
+  T* const sS = sDO + Tr::kTileV;                // [BK x BV]  2^-e (state tile entering the chunk), as T
+  float* const sScratch = reinterpret_cast<float*>(smem_raw + Tr::kSmemDq - Tr::kScratch);
 
   const Shape& n = p.shape;
   const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk), dv = static_cast<int>(n.dv);
   const SeqSpan seq = Fusion::sequence(p, blockIdx.x / H);
   const int b = seq.b, h = blockIdx.x % H;
-  const int v0 = blockIdx.y * BV, nv = min(BV, dv - v0);
   const int r0 = 16 * gpu::warp_id();
   const float log2g = p.log_decay[h] * kLog2e;
   const std::int64_t bh = static_cast<std::int64_t>(b) * H + h;  // batch row: workspace rows
   const std::int64_t sh = seq.state * H + h;                      // state block
-  float* const dq_acc = p.workspace + bh * n.T * dk;
+  float* const dq_acc = partials + (blockIdx.y * n.B * n.H + bh) * n.T * dk;
 
   const SmemTile<T> k = row_major(sK, LDK), d = row_major(sD, LDK);
   const SmemTile<T> v = row_major(sV, LDV), vd = row_major(sVd, LDV), dO = row_major(sDO, LDV),
                     s = row_major(sS, LDV);
+
+  const int tile = sweep_tile<BV>(dv, pass, passes);
+  if (tile < 0) return;  // uniform over the CTA, before any barrier
+  const int v0 = tile * BV, nv = min(BV, dv - v0);
+  const bool add = pass > 0;
 
   FragC S[KT][NV];
   load_state<Tr>(S, p.initial_state ? p.initial_state + sh * dk * dv : nullptr, dk, dv, v0);
@@ -72,6 +169,7 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_backward_dq_kernel(const t
     const int L = seq.length - t0 < BT ? static_cast<int>(seq.length - t0) : BT;
     const std::int64_t t = seq.t_begin + t0;  // row of the chunk's first token in batch row b
     const float gL = decay_pow(L, log2g);
+    const float s_factor = state_operand_factor<Tr>(S, sScratch, dk);
 
     __syncthreads();
     load_tile<BT, BV, kThreads>(sV, LDV, bthd_ptr<T>(p.v, b, t, h, v0), p.v.stride_t, L, nv);
@@ -96,15 +194,15 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_backward_dq_kernel(const t
       Fusion::template load_qk<BT, BK, kThreads>(p, static_cast<T*>(nullptr), static_cast<const T*>(nullptr), 0,
                                                  sK, bthd_ptr<T>(p.k, b, t, h, 0), p.k.stride_t, LDK, L, k0,
                                                  dk, seq.pos0 + t0);
-      store<Mma, NV>(s.block(r0, 0), S[kt]);
+      store_state_operand<Tr>(s.block(r0, 0), S[kt], 1.f / s_factor);
       __syncthreads();
 
       FragC G[NK];
       fill<Mma>(G, 0.f);
-      warp_mma<Mma, NK, NV>(G, dO.block(r0, 0), s.t());  // dO S^T
-      for_each<Mma, NK>(G, [&](int r, int, float& x) { x *= p.scale * decay_pow(r0 + r + 1, log2g); });
+      warp_mma<Mma, NK, NV>(G, dO.block(r0, 0), s.t());  // dO (2^-e S)^T
+      for_each<Mma, NK>(G, [&](int r, int, float& x) { x *= p.scale * decay_pow(r0 + r + 1, log2g) * s_factor; });
       warp_mma<Mma, NK, NT>(G, d.block(r0, 0), k);  // + D K
-      atomic_add_rows<Mma, NK>(dq_acc + t * dk + k0, dk, r0, L, dk - k0, G);
+      store_or_add_rows<Mma, NK>(dq_acc + t * dk + k0, dk, r0, L, dk - k0, add, G);
 
       scale_acc<Mma>(S[kt], gL);
       warp_mma<Mma, NV, NT>(S[kt], k.t().block(r0, 0), vd);
@@ -112,8 +210,11 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_backward_dq_kernel(const t
   }
 }
 
+// dk partials: `partials` is the [gridDim.y, B*H, T, dk] fp32 slice array of this sweep.
 template <class Tr>
-__global__ void __launch_bounds__(Tr::kThreads) chunk_backward_dkv_kernel(const typename Tr::Fusion::BackwardParams p) {
+__global__ void __launch_bounds__(Tr::kThreads)
+    chunk_backward_dkv_kernel(const typename Tr::Fusion::BackwardParams p, float* partials, int pass,
+                             int passes) {
   using Fusion = typename Tr::Fusion;
   using T = typename Tr::T;
   using Mma = typename Tr::Mma;
@@ -130,25 +231,30 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_backward_dkv_kernel(const 
   T* const sV = sD + Tr::kTileK;                 // [BT x BV]  v
   T* const sDO = sV + Tr::kTileV;                // [BT x BV]  dO
   T* const sDOd = sDO + Tr::kTileV;              // [BT x BV]  scale g^(i+1) dO_i
-  T* const sH = sDOd + Tr::kTileV;               // [BK x BV]  dH tile (state leaving the chunk), as T
+  T* const sH = sDOd + Tr::kTileV;               // [BK x BV]  2^-e (dH tile, state leaving the chunk), as T
   T* const sA = sQ;                              // [BT x BT]  scale * (K Q^T .* M^T), once q/k are dead
   T* const sO = sQ;                              // [BT x BV]  dV staging
+  float* const sScratch = reinterpret_cast<float*>(smem_raw + Tr::kSmemDkv - Tr::kScratch);
 
   const Shape& n = p.shape;
   const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk), dv = static_cast<int>(n.dv);
   const SeqSpan seq = Fusion::sequence(p, blockIdx.x / H);
   const int b = seq.b, h = blockIdx.x % H;
-  const int v0 = blockIdx.y * BV, nv = min(BV, dv - v0);
   const int r0 = 16 * gpu::warp_id();
   const float log2g = p.log_decay[h] * kLog2e;
   const std::int64_t bh = static_cast<std::int64_t>(b) * H + h;  // batch row: workspace rows
   const std::int64_t sh = seq.state * H + h;                      // state block
-  float* const dk_acc = p.workspace + (n.B * n.H + bh) * n.T * dk;
+  float* const dk_acc = partials + (blockIdx.y * n.B * n.H + bh) * n.T * dk;
 
   const SmemTile<T> q = row_major(sQ, LDK), k = row_major(sK, LDK), d = row_major(sD, LDK),
                     a = row_major(sA, LDK);
   const SmemTile<T> v = row_major(sV, LDV), dO = row_major(sDO, LDV), dOd = row_major(sDOd, LDV),
                     hh = row_major(sH, LDV);
+
+  const int tile = sweep_tile<BV>(dv, pass, passes);
+  if (tile < 0) return;  // uniform over the CTA, before any barrier
+  const int v0 = tile * BV, nv = min(BV, dv - v0);
+  const bool add = pass > 0;
 
   FragC dH[KT][NV];
   load_state<Tr>(dH, p.grad_final_state ? p.grad_final_state + sh * dk * dv : nullptr, dk, dv, v0);
@@ -160,6 +266,7 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_backward_dkv_kernel(const 
     const std::int64_t t = seq.t_begin + t0;  // row of the chunk's first token in batch row b
     const float gL = decay_pow(L, log2g);
     const auto tail_decay = [&](int j) { return j < L ? decay_pow(L - 1 - j, log2g) : 0.f; };
+    const float h_factor = state_operand_factor<Tr>(dH, sScratch, dk);
 
     __syncthreads();
     load_tile<BT, BV, kThreads>(sV, LDV, bthd_ptr<T>(p.v, b, t, h, v0), p.v.stride_t, L, nv);
@@ -187,18 +294,18 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_backward_dkv_kernel(const 
       Fusion::template load_qk<BT, BK, kThreads>(p, sQ, bthd_ptr<T>(p.q, b, t, h, 0), p.q.stride_t, sK,
                                                  bthd_ptr<T>(p.k, b, t, h, 0), p.k.stride_t, LDK, L, k0, dk,
                                                  seq.pos0 + t0);
-      store<Mma, NV>(hh.block(r0, 0), dH[kt]);
+      store_state_operand<Tr>(hh.block(r0, 0), dH[kt], 1.f / h_factor);
       __syncthreads();
 
       warp_mma<Mma, NT, NK>(At, k.block(r0, 0), q.t());  // At += K Q^T
-      warp_mma<Mma, NV, NK>(dV, k.block(r0, 0), hh);     // dV += K dH
+      warp_mma<Mma, NV, NK>(dV, k.block(r0, 0), hh);     // dV += K (2^-e dH)
 
       FragC G[NK];
       fill<Mma>(G, 0.f);
-      warp_mma<Mma, NK, NV>(G, v.block(r0, 0), hh.t());  // V dH^T
-      for_each<Mma, NK>(G, [&](int r, int, float& x) { x *= tail_decay(r0 + r); });
+      warp_mma<Mma, NK, NV>(G, v.block(r0, 0), hh.t());  // V (2^-e dH)^T
+      for_each<Mma, NK>(G, [&](int r, int, float& x) { x *= tail_decay(r0 + r) * h_factor; });
       warp_mma<Mma, NK, NT>(G, d.t().block(r0, 0), q);  // + D^T Q
-      atomic_add_rows<Mma, NK>(dk_acc + t * dk + k0, dk, r0, L, dk - k0, G);
+      store_or_add_rows<Mma, NK>(dk_acc + t * dk + k0, dk, r0, L, dk - k0, add, G);
 
       scale_acc<Mma>(dH[kt], gL);  // dH = g^L dH + Q^T dOd
       warp_mma<Mma, NV, NT>(dH[kt], q.t().block(r0, 0), dOd);
@@ -210,7 +317,7 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_backward_dkv_kernel(const 
       x = i >= j ? x * p.scale * decay_pow(i - j, log2g) : 0.f;
     });
     store<Mma, NT>(a.block(r0, 0), At);
-    for_each<Mma, NV>(dV, [&](int r, int, float& x) { x *= tail_decay(r0 + r); });
+    for_each<Mma, NV>(dV, [&](int r, int, float& x) { x *= tail_decay(r0 + r) * h_factor; });
     __syncthreads();
 
     warp_mma<Mma, NV, NT>(dV, a.block(r0, 0), dO);  // + (K Q^T .* M^T) dO

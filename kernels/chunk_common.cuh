@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "gpu_compat.h"
 #include "numeric.h"
@@ -169,10 +170,12 @@ struct ChunkTraits {
   static constexpr int kTileV = BT * LDV;  // elements of one v-like tile
 
   // Shared memory of each kernel, in bytes (see the buffer lists in the kernels).
+  // Each ends with kWarps floats of scratch for the state rescale (state_operand_factor).
+  static constexpr int kScratch = kWarps * static_cast<int>(sizeof(float));
   static constexpr int kSmemForward = (2 * kTileK + 3 * kTileV) * static_cast<int>(sizeof(T)) +
-                                      Fusion::forward_extra_smem(kWarps, BV);
-  static constexpr int kSmemDq = (2 * kTileK + 4 * kTileV) * static_cast<int>(sizeof(T));
-  static constexpr int kSmemDkv = (3 * kTileK + 4 * kTileV) * static_cast<int>(sizeof(T));
+                                      Fusion::forward_extra_smem(kWarps, BV) + kScratch;
+  static constexpr int kSmemDq = (2 * kTileK + 4 * kTileV) * static_cast<int>(sizeof(T)) + kScratch;
+  static constexpr int kSmemDkv = (3 * kTileK + 4 * kTileV) * static_cast<int>(sizeof(T)) + kScratch;
   static_assert(kSmemDkv <= 64 * 1024, "must fit the 64 KiB LDS of CDNA");
 };
 
@@ -206,6 +209,57 @@ RT_DEVICE void store_state(float* g, typename Tr::FragC (&S)[Tr::KT][Tr::BV / 16
 template <class Mma, int N>
 RT_DEVICE void scale_acc(typename Mma::FragC (&acc)[N], float s) {
   for_each<Mma, N>(acc, [&](int, int, float& x) { x *= s; });
+}
+
+// fp16 range of the state operand.  The fp32 state slice (S forward, dH backward) is rounded to
+// the input type to be an MMA operand.  For fp16 that overflows to inf at 65504, and a slow-decay
+// head accumulates ~1/(1 - gamma) tokens of k^T v (4096 at gamma = 1 - 2^-12) long before the
+// outputs get anywhere near that (q.S / sqrt(dk) with a small q, or dH V^T with a small v).
+// So before the rounding the CTA's whole slice is multiplied by 2^-e, with e chosen so that its
+// largest |element| lands in [2^14, 2^15), and every product with it is multiplied by 2^e
+// afterwards in fp32.  Powers of two are exact, so fp16 keeps its full 11-bit relative
+// precision at every magnitude (a small state also moves out of the subnormals); the rescale is
+// one max-reduction per chunk.  bf16 and fp32 have fp32's range: factor 1, nothing is done.
+// Alternatives: a bf16 copy of S would need bf16 q / k (3 bits lost on every input); an fp32
+// S product would give up the tensor cores for half of the chunk's FLOPs.
+// `scratch` is one shared float per warp (ChunkTraits::kScratch) for the warps' maxima.
+
+template <class Tr>
+RT_DEVICE float state_operand_factor(typename Tr::FragC (&S)[Tr::KT][Tr::BV / 16], float* scratch, int dk) {
+  using Mma = typename Tr::Mma;
+  if constexpr (!std::is_same<typename Tr::T, f16_t>::value) {
+    return 1.f;
+  } else {
+    float m = 0.f;
+#pragma unroll
+    for (int kt = 0; kt < Tr::KT; ++kt) {
+      if (kt * Tr::BK >= dk) break;  // tiles past dk hold zeros
+      for_each<Mma, Tr::BV / 16>(S[kt], [&](int, int, float& x) { m = fmaxf(m, fabsf(x)); });
+    }
+    m = gpu::warp_reduce_max(m);
+    if (gpu::lane_id() == 0) scratch[gpu::warp_id()] = m;
+    __syncthreads();
+    m = 0.f;
+#pragma unroll
+    for (int w = 0; w < Tr::kWarps; ++w) m = fmaxf(m, scratch[w]);
+    __syncthreads();  // scratch is rewritten by the next chunk
+    // Non-finite or zero: factor 1 (inf / NaN propagate as they would without the rescale).
+    if (!(m > 0.f) || !(m <= 3.0e38f)) return 1.f;
+    const int e = ilogbf(m) - 14;
+    return ldexpf(1.f, e < -110 ? -110 : e);  // 2^e and 2^-e both normal fp32
+  }
+}
+
+// Round the warp's rows of one state tile to T for the MMA, times inv_factor (1 / the factor
+// above; exactly 1 for bf16 / fp32, where the multiply is compiled out).
+template <class Tr, int N>
+RT_DEVICE void store_state_operand(SmemTile<typename Tr::T> dst, typename Tr::FragC (&acc)[N], float inv_factor) {
+  using T = typename Tr::T;
+  if constexpr (std::is_same<T, f16_t>::value) {
+    for_each<typename Tr::Mma, N>(acc, [&](int r, int c, float& x) { dst(r, c) = Elem<T>::from_float(x * inv_factor); });
+  } else {
+    store<typename Tr::Mma, N>(dst, acc);
+  }
 }
 
 // Dispatch a runtime dk to the register-tiling bucket (64 / 128 / 256):

@@ -19,8 +19,7 @@ struct ChunkForward {
       if (e != gpu::kSuccess) return e;
       const dim3 grid(static_cast<unsigned>(p.shape.B * p.shape.H),
                       static_cast<unsigned>((p.shape.dv + Tr::BV - 1) / Tr::BV));
-      kernel<<<grid, Tr::kThreads, kSmem, p.stream>>>(p);
-      return gpu::last_error();
+      return gpu::launch(kernel, grid, Tr::kThreads, kSmem, p.stream, p);
     }
   };
 };

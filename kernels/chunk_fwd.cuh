@@ -12,7 +12,10 @@
 // The dk loop accumulates Q K^T and Q S over dk tiles while updating the matching state tile,
 // so the whole of q/k never needs to be resident.  The rounded copy of S used as an MMA operand
 // is the only precision compromise (FLA makes the same one with a bf16 h); S itself, the decay
-// factors and all accumulators stay fp32.
+// factors and all accumulators stay fp32.  For fp16 that copy is taken of 2^-e S, with the
+// power of two chosen per chunk so that it cannot overflow (state_operand_factor), and the
+// score tile is multiplied by `scale` before it is rounded: O = (scale g^(i+1) 2^e) Q (2^-e S)
+// + (scale Q K^T .* M) V.  So an fp16 output is finite whenever its value fits in fp16.
 #pragma once
 
 #include "chunk_common.cuh"
@@ -57,6 +60,7 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const typen
   T* const sA = sQ;                              // [BT x BT]  masked scores, once q/k are dead
   T* const sO = sQ;                              // [BT x BV]  output staging
   float* const sExtra = reinterpret_cast<float*>(sS + Tr::kTileV);  // Fusion::forward_extra_smem
+  float* const sScratch = reinterpret_cast<float*>(smem_raw + Tr::kSmemForward - Tr::kScratch);
 
   const Shape& n = p.shape;
   const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk), dv = static_cast<int>(n.dv);
@@ -80,6 +84,7 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const typen
     const int L = seq.length - t0 < BT ? static_cast<int>(seq.length - t0) : BT;
     const std::int64_t t = seq.t_begin + t0;  // row of the chunk's first token in batch row b
     const float gL = decay_pow(L, log2g);
+    const float s_factor = state_operand_factor<Tr>(S, sScratch, dk);
 
     __syncthreads();  // previous chunk is done with sV and sA/sO
     load_tile<BT, BV, kThreads>(sV, LDV, bthd_ptr<T>(p.v, b, t, h, v0), p.v.stride_t, L, nv);
@@ -97,11 +102,11 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const typen
       Fusion::template load_qk<BT, BK, kThreads>(p, sQ, bthd_ptr<T>(p.q, b, t, h, 0), p.q.stride_t, sK,
                                                  bthd_ptr<T>(p.k, b, t, h, 0), p.k.stride_t, LDK, L, k0, dk,
                                                  seq.pos0 + t0);
-      store<Mma, NV>(s.block(r0, 0), S[kt]);
+      store_state_operand<Tr>(s.block(r0, 0), S[kt], 1.f / s_factor);
       __syncthreads();
 
       warp_mma<Mma, NT, NK>(A, q.block(r0, 0), k.t());  // A += Q K^T
-      warp_mma<Mma, NV, NK>(O, q.block(r0, 0), s);      // O += Q S
+      warp_mma<Mma, NV, NK>(O, q.block(r0, 0), s);      // O += Q 2^-e S
       scale_acc<Mma>(S[kt], gL);                          // S  = g^L S + K^T Vd
       warp_mma<Mma, NV, NT>(S[kt], k.t().block(r0, 0), vd);
     }
@@ -114,14 +119,13 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const typen
 
     for_each<Mma, NT>(A, [&](int r, int j, float& x) {
       const int i = r0 + r;
-      x = i >= j ? x * decay_pow(i - j, log2g) : 0.f;
+      x = i >= j ? x * (p.scale * decay_pow(i - j, log2g)) : 0.f;  // scaled before it is rounded
     });
     store<Mma, NT>(a.block(r0, 0), A);
-    for_each<Mma, NV>(O, [&](int r, int, float& x) { x *= decay_pow(r0 + r + 1, log2g); });
+    for_each<Mma, NV>(O, [&](int r, int, float& x) { x *= p.scale * decay_pow(r0 + r + 1, log2g) * s_factor; });
     __syncthreads();
 
-    warp_mma<Mma, NV, NT>(O, a.block(r0, 0), v);  // O += (Q K^T .* M) V
-    scale_acc<Mma>(O, p.scale);
+    warp_mma<Mma, NV, NT>(O, a.block(r0, 0), v);  // O += (scale Q K^T .* M) V
     __syncthreads();  // all warps are done reading the score tile (and sV)
     if constexpr (Fusion::kEpilogue) {
       Fusion::template epilogue<Tr>(p, tile, O);

@@ -12,17 +12,38 @@
 //  * HIP 5.2 has no <hip/hip_bf16.h>; 16-bit floats are carried as raw bits (numeric.h) and
 //    converted with integer math or the native _Float16 type, so no vendor half/bf16 class is
 //    needed in device code.
+//
+// A third target, RETENTION_HOST_EMU, runs the same kernel sources on the CPU under the GPU's
+// execution rules (host_emu/host_emu.h; test infrastructure, never part of the library).  It
+// takes the CUDA code paths with RETENTION_EMU_WARP=32 and the HIP ones with 64, so both
+// vendors' device code is executed.  RETENTION_DEVICE_CODE is true wherever device code is
+// compiled: by nvcc, by hipcc, or by the host compiler for the emulator.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 
-#if defined(__HIPCC__) || defined(__HIP_PLATFORM_AMD__)
+#if defined(RETENTION_HOST_EMU)
+#include "host_emu/host_emu.h"
+#if RETENTION_EMU_WARP == 64
+#define RETENTION_HIP 1
+#else
+#define RETENTION_CUDA 1
+#endif
+#elif defined(__HIPCC__) || defined(__HIP_PLATFORM_AMD__)
 #define RETENTION_HIP 1
 #include <hip/hip_runtime.h>
 #else
 #define RETENTION_CUDA 1
 #include <cuda_runtime.h>
+#endif
+
+#if defined(__CUDACC__) || defined(__HIPCC__) || defined(RETENTION_HOST_EMU)
+#define RETENTION_DEVICE_CODE 1
 #endif
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -46,7 +67,15 @@ namespace retention::gpu {
 // ------------------------------------------------------------------------------------------
 // Target traits
 // ------------------------------------------------------------------------------------------
-#if RETENTION_HIP
+#if defined(RETENTION_HOST_EMU)
+inline constexpr int kWarpSize = RETENTION_EMU_WARP;
+using lane_mask_t = std::conditional_t<kWarpSize == 64, std::uint64_t, std::uint32_t>;
+struct emu_stream;
+using stream_t = emu_stream*;
+using error_t = emu::Error;
+inline constexpr error_t kSuccess = emu::Error::kSuccess;
+inline constexpr error_t kErrorInvalidValue = emu::Error::kInvalidValue;
+#elif RETENTION_HIP
 inline constexpr int kWarpSize = 64;
 using lane_mask_t = std::uint64_t;
 using stream_t = hipStream_t;
@@ -67,6 +96,35 @@ static_assert(sizeof(lane_mask_t) * 8 == kWarpSize, "one mask bit per lane");
 // ------------------------------------------------------------------------------------------
 // Runtime API (host).  Thin renames so tests and launchers are vendor-neutral.
 // ------------------------------------------------------------------------------------------
+#if defined(RETENTION_HOST_EMU)
+// Exact-size host allocations; launches run to completion, so synchronisation is a no-op.
+inline error_t device_count(int* n) { *n = 1; return kSuccess; }
+inline error_t malloc_device(void** p, std::size_t bytes) { return emu::malloc_device(p, bytes); }
+inline error_t free_device(void* p) { return emu::free_device(p); }
+inline error_t copy_to_device(void* dst, const void* src, std::size_t bytes) {
+  std::memcpy(dst, src, bytes);
+  return kSuccess;
+}
+inline error_t copy_to_host(void* dst, const void* src, std::size_t bytes) {
+  emu::record_download(src, bytes);
+  std::memcpy(dst, src, bytes);
+  return kSuccess;
+}
+inline error_t memset_device(void* p, int byte, std::size_t bytes) {
+  std::memset(p, byte, bytes);
+  return kSuccess;
+}
+inline error_t synchronize() { return kSuccess; }
+inline error_t last_error() { return emu::take_last_error(); }
+inline const char* error_string(error_t e) { return emu::error_string(e); }
+inline error_t check_warp_size() { return kSuccess; }
+template <class Kernel>
+inline error_t set_max_dynamic_smem(Kernel* kernel, int bytes) {
+  return emu::set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes);
+}
+inline error_t memset_async(void* p, int byte, std::size_t bytes, stream_t) { return memset_device(p, byte, bytes); }
+inline constexpr bool kIsHip = kWarpSize == 64;  // the amd model takes the HIP code paths
+#else
 #if RETENTION_HIP
 #define RT_API(name) hip##name
 #else
@@ -123,23 +181,69 @@ inline constexpr bool kIsHip = true;
 inline error_t memset_async(void* p, int byte, std::size_t bytes, stream_t s) { return cudaMemsetAsync(p, byte, bytes, s); }
 inline constexpr bool kIsHip = false;
 #endif
+#endif  // runtime API
+
+// ------------------------------------------------------------------------------------------
+// Kernel launch: every launch site goes through this instead of <<<...>>>, so the host
+// execution backend can run the same launchers.  Returns the launch error (last_error()).
+// ------------------------------------------------------------------------------------------
+#if defined(RETENTION_HOST_EMU)
+template <class... Params, class... Args>
+inline error_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, stream_t,
+                      Args&&... args) {
+  // The arguments are copied once, like a kernel's parameter buffer; each emulated thread
+  // gets its own copy of the by-value parameters from it.
+  struct Call {
+    void (*kernel)(Params...);
+    std::tuple<std::decay_t<Params>...> params;
+    static void run(void* self) {
+      Call* c = static_cast<Call*>(self);
+      std::apply(c->kernel, c->params);
+    }
+  } call{kernel, std::tuple<std::decay_t<Params>...>(std::forward<Args>(args)...)};
+  emu::take_last_error();
+  return emu::launch_grid(grid, block, smem, reinterpret_cast<const void*>(kernel), &Call::run, &call);
+}
+#elif defined(__CUDACC__) || defined(__HIPCC__)
+template <class... Params, class... Args>
+inline error_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, stream_t stream,
+                      Args&&... args) {
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  return last_error();
+}
+#endif
 
 // Shared memory of a kernel whose size is a compile-time constant.  HIP: a static array, so
 // exceeding the 64 KiB of LDS is a compile error and the size appears in the code-object
 // metadata (group_segment_fixed_size).  CUDA: dynamic shared memory, because static shared
 // memory is capped at 48 KiB; launch with dynamic_smem_bytes(bytes) and raise the limit with
 // set_max_dynamic_smem().
-#if RETENTION_HIP
+//
+// RETENTION_SHARED(type, name, dims) declares a static __shared__ array (dims: "[N]" or
+// "[N][M]"); every static shared array goes through it so that the host backend can give
+// each block its own poisoned copy.
+#if defined(RETENTION_HOST_EMU)
+#define RETENTION_SMEM(name, bytes)                                                                    \
+  unsigned char* const name = static_cast<unsigned char*>(::retention::emu::block_shared(             \
+      static_cast<const void*>(__FILE__ ":" RETENTION_EMU_STR(__LINE__)), (bytes), !::retention::gpu::kIsHip, \
+      __FILE__, __LINE__))
+#define RETENTION_EMU_STR2(x) #x
+#define RETENTION_EMU_STR(x) RETENTION_EMU_STR2(x)
+#define RETENTION_SHARED(type, name, dims) \
+  type(&name) dims = ::retention::emu::block_shared_object<type dims>([] {}, __FILE__, __LINE__)
+#elif RETENTION_HIP
 #define RETENTION_SMEM(name, bytes) __shared__ __attribute__((aligned(16))) unsigned char name[bytes]
+#define RETENTION_SHARED(type, name, dims) __shared__ type name dims
 #else
 #define RETENTION_SMEM(name, bytes) extern __shared__ __align__(16) unsigned char name[]
+#define RETENTION_SHARED(type, name, dims) __shared__ type name dims
 #endif
 constexpr int dynamic_smem_bytes(int bytes) { return kIsHip ? 0 : bytes; }
 
 // ------------------------------------------------------------------------------------------
 // Lanes, shuffles, reductions (device)
 // ------------------------------------------------------------------------------------------
-#if defined(__CUDACC__) || defined(__HIPCC__)
+#if RETENTION_DEVICE_CODE
 
 RT_DEVICE int lane_id() { return static_cast<int>(threadIdx.x) & (kWarpSize - 1); }
 RT_DEVICE int warp_id() { return static_cast<int>(threadIdx.x) / kWarpSize; }

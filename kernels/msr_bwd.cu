@@ -6,7 +6,8 @@
 //   0. q~, k~ rotated once into the workspace (input dtype); every kernel below reads those
 //   3. the dq sweep and the dk/dv/dS0 sweep of chunk_bwd.cuh with du as grad_o, on q~ / k~ and
 //      packed sequences
-//   4. cast of the fp32 dq~ / dk~ accumulators to the input dtype, applying R(p)^T
+//   4. sum of the fp32 dq~ / dk~ partials over dv tiles (fixed order, chunk_bwd.cuh), cast to
+//      the input dtype, applying R(p)^T
 //   5. d_norm_weight = sum of the per-CTA column sums (fixed order, no atomics)
 #include "chunk_bwd.cuh"
 #include "msr_common.cuh"
@@ -20,15 +21,20 @@ template <class T>
 struct MsrSweeps {
   template <int kMaxDk>
   struct Bucket {
-    static gpu::error_t run(const MsrChunkBackward& p) {
+    static gpu::error_t run(const MsrChunkBackward& p, int dq_parts, int dk_parts) {
       // The raw sweeps' state budgets: without a prologue (q~ / k~ come pre-rotated) the
       // sweeps differ from the raw ones only by the sequence map.
       using TrDq = ChunkTraits<T, kMaxDk, 64, MsrSweepFusion>;
       using TrDkv = ChunkTraits<T, kMaxDk, 32, MsrSweepFusion>;
-      const dim3 grid_dq(static_cast<unsigned>(p.seq.num_sequences * p.shape.H),
-                         static_cast<unsigned>((p.shape.dv + TrDq::BV - 1) / TrDq::BV));
-      const dim3 grid_dkv(static_cast<unsigned>(p.seq.num_sequences * p.shape.H),
-                          static_cast<unsigned>((p.shape.dv + TrDkv::BV - 1) / TrDkv::BV));
+      const std::int64_t rows = p.seq.num_sequences * p.shape.H;
+      const dim3 grid_dq(static_cast<unsigned>(rows), static_cast<unsigned>(dv_partials(
+                                                          static_cast<int>((p.shape.dv + TrDq::BV - 1) / TrDq::BV), rows)));
+      const dim3 grid_dkv(static_cast<unsigned>(rows), static_cast<unsigned>(dv_partials(
+                                                           static_cast<int>((p.shape.dv + TrDkv::BV - 1) / TrDkv::BV), rows)));
+      if (grid_dq.y != static_cast<unsigned>(dq_parts) || grid_dkv.y != static_cast<unsigned>(dk_parts))
+        return gpu::kErrorInvalidValue;  // the workspace was sized for other tile widths
+      float* const dq_partials = p.workspace;
+      float* const dk_partials = p.workspace + dq_parts * (p.shape.B * p.shape.H * p.shape.T * p.shape.dk);
       constexpr int kSmemDq = gpu::dynamic_smem_bytes(TrDq::kSmemDq);
       constexpr int kSmemDkv = gpu::dynamic_smem_bytes(TrDkv::kSmemDkv);
       auto* dq_kernel = &chunk_backward_dq_kernel<TrDq>;
@@ -36,29 +42,39 @@ struct MsrSweeps {
       gpu::error_t e = gpu::set_max_dynamic_smem(dq_kernel, kSmemDq);
       if (e == gpu::kSuccess) e = gpu::set_max_dynamic_smem(dkv_kernel, kSmemDkv);
       if (e != gpu::kSuccess) return e;
-      dq_kernel<<<grid_dq, TrDq::kThreads, kSmemDq, p.stream>>>(p);
-      if ((e = gpu::last_error()) != gpu::kSuccess) return e;
-      dkv_kernel<<<grid_dkv, TrDkv::kThreads, kSmemDkv, p.stream>>>(p);
-      return gpu::last_error();
+      // dv_tiles_per_cta launches of each sweep (chunk_bwd.cuh).
+      const int dq_passes = dv_tiles_per_cta(static_cast<int>((p.shape.dv + TrDq::BV - 1) / TrDq::BV), rows);
+      for (int pass = 0; pass < dq_passes; ++pass)
+        if ((e = gpu::launch(dq_kernel, grid_dq, TrDq::kThreads, kSmemDq, p.stream, p, dq_partials, pass,
+                             dq_passes)) != gpu::kSuccess)
+          return e;
+      const int dkv_passes = dv_tiles_per_cta(static_cast<int>((p.shape.dv + TrDkv::BV - 1) / TrDkv::BV), rows);
+      for (int pass = 0; pass < dkv_passes; ++pass)
+        if ((e = gpu::launch(dkv_kernel, grid_dkv, TrDkv::kThreads, kSmemDkv, p.stream, p, dk_partials, pass,
+                             dkv_passes)) != gpu::kSuccess)
+          return e;
+      return gpu::kSuccess;
     }
   };
 };
 
-// grad[b, t, h, d] = (R(p)^T acc[b, h, t, :])[d] rounded to T, for dq and dk.  One CTA per
-// (sequence, head) slice of rows; each thread keeps one column d (its theta and partner) and
-// walks rows.
+// grad[b, t, h, d] = (R(p)^T acc[b, h, t, :])[d] rounded to T, for dq and dk, acc being the sum
+// of the dv-tile partial slices in slice order.  One CTA per (sequence, head) slice of rows;
+// each thread keeps one column d (its theta and partner) and walks rows.
 constexpr int kCastColumns = 64;
 constexpr int kCastRows = 4;
 
 template <class T>
-__global__ void __launch_bounds__(kCastColumns* kCastRows) msr_cast_grads_kernel(const MsrChunkBackward p) {
+__global__ void __launch_bounds__(kCastColumns* kCastRows) msr_cast_grads_kernel(const MsrChunkBackward p, int dq_parts, int dk_parts) {
   const Shape& n = p.shape;
   const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk);
   const int h = blockIdx.x % H;
   const SeqSpan seq = msr_sequence(p, blockIdx.x / H);
-  const std::int64_t bh = static_cast<std::int64_t>(seq.b) * H + h;
+  const std::int64_t bh = static_cast<std::int64_t>(seq.b) * H + h, slice = n.B * n.H * n.T * n.dk;
   const float* const dq_acc = p.workspace + bh * n.T * dk;
-  const float* const dk_acc = p.workspace + (n.B * n.H + bh) * n.T * dk;
+  const float* const dk_acc = p.workspace + dq_parts * slice + bh * n.T * dk;
+  const auto dq_at = [&](std::int64_t i) { return sum_partials(dq_acc, slice, dq_parts, i); };
+  const auto dk_at = [&](std::int64_t i) { return sum_partials(dk_acc, slice, dk_parts, i); };
   const int row_lane = threadIdx.x / kCastColumns;
   for (int d = threadIdx.x % kCastColumns; d < dk; d += kCastColumns) {
     int partner = d, pair = 0;
@@ -70,13 +86,13 @@ __global__ void __launch_bounds__(kCastColumns* kCastRows) msr_cast_grads_kernel
     }
     for (std::int64_t r = blockIdx.y * kCastRows + row_lane; r < seq.length; r += gridDim.y * kCastRows) {
       const std::int64_t t = seq.t_begin + r;
-      float gq = dq_acc[t * dk + d], gk = dk_acc[t * dk + d];
+      float gq = dq_at(t * dk + d), gk = dk_at(t * dk + d);
       if (p.rotary != RotaryMode::kNone) {
         // R^T: the partner term changes sign.
         float cs, sn;
         rotary_cos_sin(static_cast<double>(seq.pos0 + r), theta, cs, sn);
-        gq = gq * cs - sign * dq_acc[t * dk + partner] * sn;
-        gk = gk * cs - sign * dk_acc[t * dk + partner] * sn;
+        gq = gq * cs - sign * dq_at(t * dk + partner) * sn;
+        gk = gk * cs - sign * dk_at(t * dk + partner) * sn;
       }
       bthd_ptr<T>(p.grad_q, seq.b, t, h, d)[0] = Elem<T>::from_float(gq);
       bthd_ptr<T>(p.grad_k, seq.b, t, h, d)[0] = Elem<T>::from_float(gk);
@@ -131,19 +147,19 @@ dim3 row_grid(const MsrChunkBackward& p) {
 }
 
 template <class T>
-gpu::error_t launch_cast(const MsrChunkBackward& p) {
-  msr_cast_grads_kernel<T><<<row_grid(p), kCastColumns * kCastRows, 0, p.stream>>>(p);
-  return gpu::last_error();
+gpu::error_t launch_cast(const MsrChunkBackward& p, int dq_parts, int dk_parts) {
+  return gpu::launch(&msr_cast_grads_kernel<T>, row_grid(p), kCastColumns * kCastRows, 0, p.stream, p, dq_parts,
+                     dk_parts);
 }
 
 template <class T>
 gpu::error_t launch_rotate(const MsrChunkBackward& p, const Bthd& q_out, const Bthd& k_out) {
-  msr_rotate_qk_kernel<T><<<row_grid(p), kCastColumns * kCastRows, 0, p.stream>>>(p, q_out, k_out);
-  return gpu::last_error();
+  return gpu::launch(&msr_rotate_qk_kernel<T>, row_grid(p), kCastColumns * kCastRows, 0, p.stream, p, q_out, k_out);
 }
 
 struct Layout {
   std::size_t theta = 0, acc = 0, stats = 0, dw = 0, du = 0, qk = 0, total = 0;
+  int dq_parts = 0, dk_parts = 0;  // dv-tile partial slices of dq~ / dk~ (chunk_bwd.cuh)
 };
 
 std::size_t align16(std::size_t x) { return (x + 15) / 16 * 16; }
@@ -154,7 +170,11 @@ Layout workspace_layout(const MsrBackwardParams& p) {
   std::size_t off = kThetaTableBytes;
   const bool any = n.B > 0 && n.T > 0 && n.H > 0 && n.dv > 0;
   l.acc = off;
-  if (any) off += align16(2 * static_cast<std::size_t>(n.B * n.H * n.T * n.dk) * sizeof(float));
+  if (n.dv > 0 && n.dk <= kMaxHeadDimK) {  // zero bytes when T or dk is 0, but the sweeps still run
+    sweep_partials(p.dtype, n, p.seq.num_sequences * n.H, l.dq_parts, l.dk_parts);
+    off += align16(static_cast<std::size_t>(l.dq_parts + l.dk_parts) * static_cast<std::size_t>(n.B * n.H * n.T * n.dk) *
+                   sizeof(float));
+  }
   const int bv = msr_forward_tile_width(p.dtype, n.dk, true);
   const std::int64_t tiles = bv > 0 ? (n.dv + bv - 1) / bv : 0;
   l.stats = off;
@@ -179,11 +199,16 @@ gpu::error_t launch_msr_backward(const MsrBackwardParams& p) {
   const Shape& n = p.shape;
   if (!msr_shape_ok(n, p.seq, p.opt, p.log_decay)) return gpu::kErrorInvalidValue;
   const std::int64_t N = p.seq.num_sequences;
-  if (N * n.H == 0) return gpu::kSuccess;
-  if (n.dv == 0 || p.grad_initial_state == nullptr || p.workspace == nullptr) return gpu::kErrorInvalidValue;
-  if (p.g.ptr != nullptr && p.grad_g.ptr == nullptr) return gpu::kErrorInvalidValue;
   const bool want_dw = p.opt.norm && p.opt.norm_weight != nullptr;
   if (want_dw && p.grad_norm_weight == nullptr) return gpu::kErrorInvalidValue;
+  // Every output is written, also when there is nothing to retain: d_norm_weight is a sum over
+  // no rows then, i.e. zero (the other outputs are empty).
+  const auto zero_dw = [&] {
+    return gpu::memset_async(p.grad_norm_weight, 0, static_cast<std::size_t>(n.dv) * sizeof(float), p.stream);
+  };
+  if (N * n.H == 0) return want_dw && n.dv > 0 ? zero_dw() : gpu::kSuccess;
+  if (n.dv == 0 || p.grad_initial_state == nullptr || p.workspace == nullptr) return gpu::kErrorInvalidValue;
+  if (p.g.ptr != nullptr && p.grad_g.ptr == nullptr) return gpu::kErrorInvalidValue;
   if (gpu::error_t e = gpu::check_warp_size(); e != gpu::kSuccess) return e;
 
   const Layout l = workspace_layout(p);
@@ -264,9 +289,7 @@ gpu::error_t launch_msr_backward(const MsrBackwardParams& p) {
     f.pass = MsrPass::kBackwardGrad;
     if ((e = launch_msr_chunk_pass(f)) != gpu::kSuccess) return e;
   } else if (want_dw) {
-    if ((e = gpu::memset_async(p.grad_norm_weight, 0, static_cast<std::size_t>(n.dv) * sizeof(float), p.stream)) !=
-        gpu::kSuccess)
-      return e;
+    if ((e = zero_dw()) != gpu::kSuccess) return e;
   }
 
   // 3. The retention sweeps with du as grad_o.
@@ -291,19 +314,15 @@ gpu::error_t launch_msr_backward(const MsrBackwardParams& p) {
   b.seq = p.seq;
   b.rotary = RotaryMode::kNone;  // q~ / k~ already rotated; the cast below applies R^T
   b.theta = theta;
-  if (n.T > 0 && n.dk > 0) {
-    const std::size_t acc_bytes = 2 * static_cast<std::size_t>(n.B * n.H * n.T * n.dk) * sizeof(float);
-    if ((e = gpu::memset_async(b.workspace, 0, acc_bytes, p.stream)) != gpu::kSuccess) return e;
-  }
   switch (p.dtype) {
     case DType::kF16:
-      e = dispatch_dk<MsrSweeps<f16_t>::template Bucket>(n.dk, b);
+      e = dispatch_dk<MsrSweeps<f16_t>::template Bucket>(n.dk, b, l.dq_parts, l.dk_parts);
       break;
     case DType::kBF16:
-      e = dispatch_dk<MsrSweeps<bf16_t>::template Bucket>(n.dk, b);
+      e = dispatch_dk<MsrSweeps<bf16_t>::template Bucket>(n.dk, b, l.dq_parts, l.dk_parts);
       break;
     case DType::kF32:
-      e = dispatch_dk<MsrSweeps<float>::template Bucket>(n.dk, b);
+      e = dispatch_dk<MsrSweeps<float>::template Bucket>(n.dk, b, l.dq_parts, l.dk_parts);
       break;
   }
   if (e != gpu::kSuccess) return e;
@@ -313,13 +332,13 @@ gpu::error_t launch_msr_backward(const MsrBackwardParams& p) {
   if (n.T > 0 && n.dk > 0) {
     switch (p.dtype) {
       case DType::kF16:
-        e = launch_cast<f16_t>(b);
+        e = launch_cast<f16_t>(b, l.dq_parts, l.dk_parts);
         break;
       case DType::kBF16:
-        e = launch_cast<bf16_t>(b);
+        e = launch_cast<bf16_t>(b, l.dq_parts, l.dk_parts);
         break;
       case DType::kF32:
-        e = launch_cast<float>(b);
+        e = launch_cast<float>(b, l.dq_parts, l.dk_parts);
         break;
     }
     if (e != gpu::kSuccess) return e;
@@ -327,9 +346,8 @@ gpu::error_t launch_msr_backward(const MsrBackwardParams& p) {
 
   // 5. d_norm_weight.
   if (want_dw && n.T > 0) {
-    msr_reduce_dw_kernel<<<static_cast<unsigned>((n.dv + 255) / 256), 256, 0, p.stream>>>(
-        reinterpret_cast<const float*>(ws + l.dw), N * n.H, n.dv, p.grad_norm_weight);
-    e = gpu::last_error();
+    e = gpu::launch(&msr_reduce_dw_kernel, static_cast<unsigned>((n.dv + 255) / 256), 256, 0, p.stream,
+                    reinterpret_cast<const float*>(ws + l.dw), N * n.H, n.dv, p.grad_norm_weight);
   }
   return e;
 }

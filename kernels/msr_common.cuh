@@ -211,9 +211,17 @@ RT_DEVICE SeqSpan msr_sequence(const P& p, int n) {
       begin = static_cast<const std::int32_t*>(s.cu_seqlens)[n];
       end = static_cast<const std::int32_t*>(s.cu_seqlens)[n + 1];
     }
+    // cu_seqlens is validated on the device, asynchronously (the glue does not copy it to the
+    // host: that would synchronise every call and break graph capture), so the kernels may run
+    // on a bad tensor before the error surfaces.  Clamping every sequence into [0, T] keeps all
+    // accesses in bounds whatever the values are; a bad tensor then gives wrong rows (or rows
+    // no sequence writes), never an out-of-bounds access.
+    const std::int64_t T = p.shape.T;
+    begin = begin < 0 ? 0 : begin > T ? T : begin;
+    end = end < begin ? begin : end > T ? T : end;
     span.b = 0;
     span.t_begin = begin;
-    span.length = end > begin ? end - begin : 0;
+    span.length = end - begin;
   }
   span.pos0 = s.offsets != nullptr ? s.offsets[n] : 0;
   return span;

@@ -38,8 +38,7 @@ struct MsrForward {
       if (e != gpu::kSuccess) return e;
       const dim3 grid(static_cast<unsigned>(p.seq.num_sequences * p.shape.H),
                       static_cast<unsigned>((p.shape.dv + Tr::BV - 1) / Tr::BV));
-      kernel<<<grid, Tr::kThreads, kSmem, p.stream>>>(p);
-      return gpu::last_error();
+      return gpu::launch(kernel, grid, Tr::kThreads, kSmem, p.stream, p);
     }
   };
 };
@@ -80,8 +79,7 @@ __global__ void rotary_theta_kernel(RotaryMode mode, int dk, double* theta) {
 gpu::error_t launch_rotary_theta(RotaryMode mode, std::int64_t dk, double* theta, gpu::stream_t stream) {
   if (mode == RotaryMode::kNone || dk < 2) return gpu::kSuccess;
   if (theta == nullptr) return gpu::kErrorInvalidValue;
-  rotary_theta_kernel<<<1, 128, 0, stream>>>(mode, static_cast<int>(dk), theta);
-  return gpu::last_error();
+  return gpu::launch(&rotary_theta_kernel, 1, 128, 0, stream, mode, static_cast<int>(dk), theta);
 }
 
 // fp32 passes with dk <= 64 use the 128 bucket: the 64 one spills on sm_80 (ptxas settles
@@ -128,7 +126,8 @@ std::size_t msr_forward_workspace_bytes(const MsrForwardParams& p) {
 
 // Shared argument validation of the MSR launchers.
 bool msr_shape_ok(const Shape& n, const MsrSequences& seq, const MsrOptions& opt, const float* log_decay) {
-  if (n.B < 0 || n.T < 0 || n.H < 0 || n.dk < 0 || n.dv < 0 || n.dk > kMaxHeadDimK || log_decay == nullptr)
+  // log_decay is [H]: an empty tensor (H == 0) may have no storage.
+  if (n.B < 0 || n.T < 0 || n.H < 0 || n.dk < 0 || n.dv < 0 || n.dk > kMaxHeadDimK || (log_decay == nullptr && n.H > 0))
     return false;
   if (seq.num_sequences < 0 || (seq.cu_seqlens == nullptr && seq.num_sequences != n.B)) return false;
   if (seq.cu_seqlens != nullptr && n.B != 1) return false;

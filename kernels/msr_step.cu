@@ -20,11 +20,12 @@ constexpr int kStepThreads = kStepCols * kStepGroups;
 
 template <class T>
 __global__ void __launch_bounds__(kStepThreads) msr_step_kernel(const MsrStepParams p) {
-  __shared__ float sq[kMaxHeadDimK], sk[kMaxHeadDimK];
-  __shared__ float su[kMsrStepMaxDv];
-  __shared__ float partial[kStepGroups][kStepCols];
-  __shared__ float warp_sums[kStepThreads / gpu::kWarpSize];
-  __shared__ double theta[kMaxHeadDimK / 2];
+  RETENTION_SHARED(float, sq, [kMaxHeadDimK]);
+  RETENTION_SHARED(float, sk, [kMaxHeadDimK]);
+  RETENTION_SHARED(float, su, [kMsrStepMaxDv]);
+  RETENTION_SHARED(float, partial, [kStepGroups][kStepCols]);
+  RETENTION_SHARED(float, warp_sums, [kStepThreads / gpu::kWarpSize]);
+  RETENTION_SHARED(double, theta, [kMaxHeadDimK / 2]);
 
   const int H = static_cast<int>(p.H), dk = static_cast<int>(p.dk), dv = static_cast<int>(p.dv);
   const int b = blockIdx.x / H, h = blockIdx.x % H;
@@ -112,8 +113,7 @@ __global__ void __launch_bounds__(kStepThreads) msr_step_kernel(const MsrStepPar
 
 template <class T>
 gpu::error_t launch_step(const MsrStepParams& p) {
-  msr_step_kernel<T><<<static_cast<unsigned>(p.B * p.H), kStepThreads, 0, p.stream>>>(p);
-  return gpu::last_error();
+  return gpu::launch(&msr_step_kernel<T>, static_cast<unsigned>(p.B * p.H), kStepThreads, 0, p.stream, p);
 }
 
 }  // namespace

@@ -110,7 +110,7 @@ inline bf16_t from_f32<bf16_t>(float x) { return bf16_t{f32_to_bf16(x)}; }
 // ------------------------------------------------------------------------------------------
 // Device conversions.  Elem<T> is the single customisation point the kernels use.
 // ------------------------------------------------------------------------------------------
-#if defined(__CUDACC__) || defined(__HIPCC__)
+#if RETENTION_DEVICE_CODE
 
 template <class T>
 struct Elem;

@@ -28,8 +28,9 @@ constexpr int kStepGroups = 4;
 
 template <class T>
 __global__ void __launch_bounds__(kStepCols* kStepGroups) recurrent_step_kernel(const RecurrentStepParams p) {
-  __shared__ float sq[kMaxHeadDimK], sk[kMaxHeadDimK];
-  __shared__ float partial[kStepGroups][kStepCols];
+  RETENTION_SHARED(float, sq, [kMaxHeadDimK]);
+  RETENTION_SHARED(float, sk, [kMaxHeadDimK]);
+  RETENTION_SHARED(float, partial, [kStepGroups][kStepCols]);
 
   const int H = static_cast<int>(p.H), dk = static_cast<int>(p.dk), dv = static_cast<int>(p.dv);
   const int b = blockIdx.x / H, h = blockIdx.x % H;
@@ -138,8 +139,7 @@ __global__ void __launch_bounds__(kScanWarps* gpu::kWarpSize) recurrent_forward_
 template <class T>
 gpu::error_t launch_step(const RecurrentStepParams& p) {
   const dim3 grid(static_cast<unsigned>(p.B * p.H), static_cast<unsigned>((p.dv + kStepCols - 1) / kStepCols));
-  recurrent_step_kernel<T><<<grid, kStepCols * kStepGroups, 0, p.stream>>>(p);
-  return gpu::last_error();
+  return gpu::launch(&recurrent_step_kernel<T>, grid, kStepCols * kStepGroups, 0, p.stream, p);
 }
 
 template <class T, int kMaxDk>
@@ -147,8 +147,7 @@ gpu::error_t launch_scan(const RecurrentForwardParams& p) {
   constexpr int kColsPerCta = kScanWarps * kScanCols;
   const dim3 grid(static_cast<unsigned>(p.shape.B * p.shape.H),
                   static_cast<unsigned>((p.shape.dv + kColsPerCta - 1) / kColsPerCta));
-  recurrent_forward_kernel<T, kMaxDk><<<grid, kScanWarps * gpu::kWarpSize, 0, p.stream>>>(p);
-  return gpu::last_error();
+  return gpu::launch(&recurrent_forward_kernel<T, kMaxDk>, grid, kScanWarps * gpu::kWarpSize, 0, p.stream, p);
 }
 
 template <class T>

@@ -21,6 +21,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "fragment_layout.h"
 #include "gpu_compat.h"
@@ -85,21 +86,27 @@ struct Sm80 {
   RT_DEVICE static void mma(FragC& c, const FragA& a, const FragB& b);
 };
 
+#if defined(RETENTION_HOST_EMU)
+// The emulated instruction: a warp collective over the lanes' registers (matrix_isa.h).
+#define RETENTION_MMA_M16N8K16(TYPE, c0, c1, c2, c3, A, B0, B1) \
+  ::retention::emu::mma_m16n8k16_##TYPE(c0, c1, c2, c3, A.r, B0, B1)
+#else
 #define RETENTION_MMA_M16N8K16(TYPE, c0, c1, c2, c3, A, B0, B1)                                   \
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 "                     \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." #TYPE "." #TYPE ".f32 "                   \
                "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                          \
                : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3)                                           \
                : "r"(A.r[0]), "r"(A.r[1]), "r"(A.r[2]), "r"(A.r[3]), "r"(B0), "r"(B1))
+#endif
 
 template <>
 RT_DEVICE void Sm80<f16_t>::mma(FragC& c, const FragA& a, const FragB& b) {
-  RETENTION_MMA_M16N8K16("f16", c.x[0], c.x[1], c.x[2], c.x[3], a, b.r[0], b.r[1]);
-  RETENTION_MMA_M16N8K16("f16", c.x[4], c.x[5], c.x[6], c.x[7], a, b.r[2], b.r[3]);
+  RETENTION_MMA_M16N8K16(f16, c.x[0], c.x[1], c.x[2], c.x[3], a, b.r[0], b.r[1]);
+  RETENTION_MMA_M16N8K16(f16, c.x[4], c.x[5], c.x[6], c.x[7], a, b.r[2], b.r[3]);
 }
 template <>
 RT_DEVICE void Sm80<bf16_t>::mma(FragC& c, const FragA& a, const FragB& b) {
-  RETENTION_MMA_M16N8K16("bf16", c.x[0], c.x[1], c.x[2], c.x[3], a, b.r[0], b.r[1]);
-  RETENTION_MMA_M16N8K16("bf16", c.x[4], c.x[5], c.x[6], c.x[7], a, b.r[2], b.r[3]);
+  RETENTION_MMA_M16N8K16(bf16, c.x[0], c.x[1], c.x[2], c.x[3], a, b.r[0], b.r[1]);
+  RETENTION_MMA_M16N8K16(bf16, c.x[4], c.x[5], c.x[6], c.x[7], a, b.r[2], b.r[3]);
 }
 #undef RETENTION_MMA_M16N8K16
 
@@ -141,9 +148,44 @@ struct SimtF32 {
 
 #else  // RETENTION_HIP
 
+#if defined(RETENTION_HOST_EMU)
+// g++ has no ext_vector_type; its vector extension gives the same element access.  The
+// emulated MFMA builtins take the operands as raw 16-bit items.
+typedef _Float16 half4_t __attribute__((vector_size(8)));
+typedef short bf16x4_t __attribute__((vector_size(8)));
+typedef float float4_t __attribute__((vector_size(16)));
+
+template <class V>
+inline float4_t emu_mfma_16x16x16(void (*op)(float (&)[4], const std::uint16_t (&)[4], const std::uint16_t (&)[4]),
+                                  V a, V b, float4_t c) {
+  std::uint16_t ra[4], rb[4];
+  float rc[4];
+  std::memcpy(ra, &a, 8);
+  std::memcpy(rb, &b, 8);
+  std::memcpy(rc, &c, 16);
+  op(rc, ra, rb);
+  std::memcpy(&c, rc, 16);
+  return c;
+}
+#define RT_MFMA_F32_16X16X16F16(a, b, c, cbsz, abid, blgp) emu_mfma_16x16x16(::retention::emu::mfma_16x16x16_f16, a, b, c)
+#define RT_MFMA_F32_16X16X16BF16_1K(a, b, c, cbsz, abid, blgp) \
+  emu_mfma_16x16x16(::retention::emu::mfma_16x16x16_bf16, a, b, c)
+inline float4_t emu_mfma_16x16x4f32(float a, float b, float4_t c) {
+  float rc[4];
+  std::memcpy(rc, &c, 16);
+  ::retention::emu::mfma_16x16x4_f32(rc, a, b);
+  std::memcpy(&c, rc, 16);
+  return c;
+}
+#define RT_MFMA_F32_16X16X4F32(a, b, c, cbsz, abid, blgp) emu_mfma_16x16x4f32(a, b, c)
+#else
 typedef _Float16 half4_t __attribute__((ext_vector_type(4)));
 typedef short bf16x4_t __attribute__((ext_vector_type(4)));
 typedef float float4_t __attribute__((ext_vector_type(4)));
+#define RT_MFMA_F32_16X16X16F16 __builtin_amdgcn_mfma_f32_16x16x16f16
+#define RT_MFMA_F32_16X16X16BF16_1K __builtin_amdgcn_mfma_f32_16x16x16bf16_1k
+#define RT_MFMA_F32_16X16X4F32 __builtin_amdgcn_mfma_f32_16x16x4f32
+#endif
 
 template <class T>
 struct Mfma;
@@ -177,7 +219,7 @@ struct Mfma<f16_t> {
     }
   }
   RT_DEVICE static void mma(FragC& c, const FragA& a, const FragB& b) {
-    c.x = __builtin_amdgcn_mfma_f32_16x16x16f16(a.v, b.v, c.x, 0, 0, 0);
+    c.x = RT_MFMA_F32_16X16X16F16(a.v, b.v, c.x, 0, 0, 0);
   }
 };
 
@@ -210,7 +252,7 @@ struct Mfma<bf16_t> {
     }
   }
   RT_DEVICE static void mma(FragC& c, const FragA& a, const FragB& b) {
-    c.x = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(a.v, b.v, c.x, 0, 0, 0);
+    c.x = RT_MFMA_F32_16X16X16BF16_1K(a.v, b.v, c.x, 0, 0, 0);
   }
 };
 
@@ -244,7 +286,7 @@ struct Mfma<float> {
   }
   RT_DEVICE static void mma(FragC& c, const FragA& a, const FragB& b) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) c.x = __builtin_amdgcn_mfma_f32_16x16x4f32(a.v[i], b.v[i], c.x, 0, 0, 0);
+    for (int i = 0; i < 4; ++i) c.x = RT_MFMA_F32_16X16X4F32(a.v[i], b.v[i], c.x, 0, 0, 0);
   }
 };
 
@@ -272,7 +314,7 @@ struct MmaFor {
 // ------------------------------------------------------------------------------------------
 // Warp-level tile algebra on top of the atom.
 // ------------------------------------------------------------------------------------------
-#if defined(__CUDACC__) || defined(__HIPCC__)
+#if RETENTION_DEVICE_CODE
 
 template <class Mma, int N>
 RT_DEVICE void fill(typename Mma::FragC (&acc)[N], float value) {

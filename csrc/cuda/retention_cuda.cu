@@ -191,7 +191,10 @@ Quad chunked_backward(const char* op, const at::Tensor& grad_o, const OptTensor&
   p.grad_final_state = ptr_or_null(dhT);
   p.grad_initial_state = dh0.data_ptr<float>();
   p.stream = at::cuda::getCurrentCUDAStream().stream();
-  // fp32 partial sums of dq and dk over dv tiles; the caching allocator makes this cheap.
+  // fp32 partial sums of dq and dk over dv tiles, reduced in a fixed order by the kernels
+  // (kernels/chunk_bwd.cuh): the backward is deterministic, so it needs no
+  // alertNotDeterministic under torch.use_deterministic_algorithms.  The caching allocator
+  // makes the workspace cheap; it needs no zero-fill.
   const auto ws_bytes = static_cast<int64_t>(rk::chunk_backward_workspace_bytes(p));
   const at::Tensor workspace = at::empty({ws_bytes / 4}, q.options().dtype(at::kFloat));
   p.workspace = ws_bytes > 0 ? workspace.data_ptr<float>() : nullptr;

@@ -1,10 +1,8 @@
 // Host-only check of the matrix-core lane mappings in kernels/fragment_layout.h.
 //
-// The hardware instructions are emulated here from their documented operand layouts, written
-// out the way the vendor documents state them (not with the bit tricks used in the header):
-//   * NVIDIA PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type".
-//   * AMD CDNA ISA / matrix instruction calculator, v_mfma_f32_16x16x16f16 (same layout for
-//     v_mfma_f32_16x16x16bf16_1k) and v_mfma_f32_16x16x4f32.
+// The hardware instructions are emulated from their documented operand layouts, written out
+// the way the vendor documents state them (not with the bit tricks used in the header), in
+// host_emu/matrix_isa.h (shared with the host execution backend).
 // Each test fills per-lane registers with the header's mapping, executes the emulated
 // instruction(s) lane by lane, reads the result back with the header's accumulator mapping and
 // compares against a plain matrix product.  A wrong lane mapping cannot pass.
@@ -16,6 +14,7 @@
 #include <utility>
 
 #include "fragment_layout.h"
+#include "host_emu/matrix_isa.h"
 
 namespace frag = retention::frag;
 
@@ -40,92 +39,32 @@ Tile matmul(const Tile& a, const Tile& b) {
   return c;
 }
 
-// ------------------------------------------------------------------------------------------
-// NVIDIA mma.sync.m16n8k16 (f16/bf16 inputs, f32 accumulators), as documented in PTX:
-//   groupID = %laneid >> 2, threadID_in_group = %laneid % 4
-//   A (16x16): row = groupID for a0, a1, a4, a5 and groupID + 8 for a2, a3, a6, a7;
-//              col = threadID_in_group * 2 + (i & 0x1) for a_i, i < 4, and that + 8 for i >= 4
-//   B (16x8):  row = threadID_in_group * 2 + (i & 0x1) for b0, b1 and that + 8 for b2, b3;
-//              col = groupID
-//   C/D (16x8): row = groupID for c0, c1 and groupID + 8 for c2, c3;
-//               col = threadID_in_group * 2 + (i & 0x1)
-// ------------------------------------------------------------------------------------------
+// The instructions as documented (host_emu/matrix_isa.h, written independently of
+// fragment_layout.h; the host execution backend runs the kernels on the same emulation).
 struct Sm80Regs {
   double a[32][8];
   double b[32][4];
   double c[32][4];
 };
 
-void ptx_mma_m16n8k16(Sm80Regs& r) {
-  double A[16][16] = {}, B[16][8] = {}, C[16][8] = {};
-  for (int lane = 0; lane < 32; ++lane) {
-    const int group = lane >> 2, tig = lane % 4;
-    for (int i = 0; i < 8; ++i) {
-      const bool upper_rows = (i == 2 || i == 3 || i == 6 || i == 7);
-      const int row = upper_rows ? group + 8 : group;
-      const int col = i < 4 ? tig * 2 + (i & 0x1) : tig * 2 + (i & 0x1) + 8;
-      A[row][col] = r.a[lane][i];
-    }
-    for (int i = 0; i < 4; ++i) {
-      const int row = i < 2 ? tig * 2 + (i & 0x1) : tig * 2 + (i & 0x1) + 8;
-      B[row][group] = r.b[lane][i];
-      const int crow = i < 2 ? group : group + 8;
-      C[crow][tig * 2 + (i & 0x1)] = r.c[lane][i];
-    }
-  }
-  for (int lane = 0; lane < 32; ++lane) {
-    const int group = lane >> 2, tig = lane % 4;
-    for (int i = 0; i < 4; ++i) {
-      const int row = i < 2 ? group : group + 8, col = tig * 2 + (i & 0x1);
-      double acc = C[row][col];
-      for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
-      r.c[lane][i] = acc;
-    }
-  }
-}
+void ptx_mma_m16n8k16(Sm80Regs& r) { retention::isa::PtxM16N8K16::execute(r.a, r.b, r.c); }
 
-// ------------------------------------------------------------------------------------------
-// AMD v_mfma_f32_16x16x16f16 / bf16_1k (wave64), as documented:
-//   A[i][k] is item k % 4 of lane i + 16 * (k / 4)
-//   B[k][j] is item k % 4 of lane j + 16 * (k / 4)
-//   D[i][j] is item i % 4 of lane j + 16 * (i / 4)
-// v_mfma_f32_16x16x4f32: A[i][k] is the single value of lane i + 16 k, B[k][j] of lane j + 16 k,
-// D as above.
-// ------------------------------------------------------------------------------------------
 struct MfmaRegs {
   double a[64][4];
   double b[64][4];
   double c[64][4];
 };
 
-void amd_mfma_16x16x16(MfmaRegs& r) {
-  double A[16][16], B[16][16], D[16][16];
-  for (int i = 0; i < 16; ++i)
-    for (int k = 0; k < 16; ++k) {
-      A[i][k] = r.a[i + 16 * (k / 4)][k % 4];
-      B[k][i] = r.b[i + 16 * (k / 4)][k % 4];
-    }
-  for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 16; ++j) {
-      double acc = r.c[j + 16 * (i / 4)][i % 4];
-      for (int k = 0; k < 16; ++k) acc += A[i][k] * B[k][j];
-      D[i][j] = acc;
-    }
-  for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 16; ++j) r.c[j + 16 * (i / 4)][i % 4] = D[i][j];
-}
+void amd_mfma_16x16x16(MfmaRegs& r) { retention::isa::Mfma16x16x16::execute(r.a, r.b, r.c); }
 
 // One 16x16x4 f32 instruction; `slot` is which fragment element each lane feeds it.
 void amd_mfma_16x16x4_f32(MfmaRegs& r, int slot) {
-  double D[16][16];
-  for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 16; ++j) {
-      double acc = r.c[j + 16 * (i / 4)][i % 4];
-      for (int k = 0; k < 4; ++k) acc += r.a[i + 16 * k][slot] * r.b[j + 16 * k][slot];
-      D[i][j] = acc;
-    }
-  for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 16; ++j) r.c[j + 16 * (i / 4)][i % 4] = D[i][j];
+  double a[64], b[64];
+  for (int lane = 0; lane < 64; ++lane) {
+    a[lane] = r.a[lane][slot];
+    b[lane] = r.b[lane][slot];
+  }
+  retention::isa::Mfma16x16x4F32::execute(a, b, r.c);
 }
 
 // Every element of the tile is held by exactly one (lane, element) pair.

@@ -8,6 +8,7 @@
 // Tests skip when there is no GPU; the numeric-conversion tests are host-only and always run.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -365,6 +366,213 @@ TEST(RetentionKernelsNumerics, Fp16FiniteOnSlowestHead) {
   EXPECT_EQ(bad, 0u);
 }
 
+// ------------------------------------------------------------------------------------------
+// Device runs of the chunk kernels on a Problem (inputs rounded to t in place, so a reference
+// computed afterwards sees the kernels' inputs).  Outputs are poisoned first.
+// ------------------------------------------------------------------------------------------
+struct ForwardOut {
+  std::vector<double> o, sT;
+};
+
+ForwardOut run_chunk_forward(Problem& p, rk::DType t) {
+  const auto qb = encode(t, p.q), kb = encode(t, p.k), vb = encode(t, p.v);
+  DeviceBuffer dq(qb.size()), dk(kb.size()), dv(vb.size()), dO(vb.size()), sT(p.s0.size() * 4);
+  dq.upload(qb.data());
+  dk.upload(kb.data());
+  dv.upload(vb.data());
+  dO.poison();
+  sT.poison();
+  for (auto& x : p.s0) x = static_cast<float>(x);
+  DeviceBuffer decay = upload_f32(p.log_decay), s0 = upload_f32(p.s0);
+  rk::ChunkForwardParams prm;
+  prm.dtype = t;
+  prm.shape = {p.B, p.T, p.H, p.dk, p.dv};
+  prm.q = bthd(dq.ptr, p, p.dk, 0, t);
+  prm.k = bthd(dk.ptr, p, p.dk, 0, t);
+  prm.v = bthd(dv.ptr, p, p.dv, 0, t);
+  prm.o = bthd(dO.ptr, p, p.dv, 0, t);
+  prm.log_decay = decay.as<float>();
+  prm.scale = static_cast<float>(p.scale);
+  prm.initial_state = p.with_state ? s0.as<float>() : nullptr;
+  prm.final_state = sT.as<float>();
+  EXPECT_EQ(rk::launch_chunk_forward(prm), gpu::kSuccess);
+  EXPECT_EQ(gpu::synchronize(), gpu::kSuccess);
+  return {decode(t, dO.download()), sT.download_f32()};
+}
+
+struct BackwardOut {
+  std::vector<unsigned char> dq, dk, dv, ds0;  // raw bytes (bit-exact comparisons)
+};
+
+// grad_o is rounded to t in place; grad_sT is fp32 (pass it rounded).
+BackwardOut run_chunk_backward(Problem& p, rk::DType t, std::vector<double>& grad_o, const std::vector<double>& grad_sT) {
+  const auto qb = encode(t, p.q), kb = encode(t, p.k), vb = encode(t, p.v), gob = encode(t, grad_o);
+  DeviceBuffer dq(qb.size()), dk(kb.size()), dv(vb.size()), dgo(gob.size());
+  dq.upload(qb.data());
+  dk.upload(kb.data());
+  dv.upload(vb.data());
+  dgo.upload(gob.data());
+  for (auto& x : p.s0) x = static_cast<float>(x);
+  DeviceBuffer decay = upload_f32(p.log_decay), s0 = upload_f32(p.s0), gsT = upload_f32(grad_sT);
+  DeviceBuffer gq(qb.size()), gk(kb.size()), gv(vb.size()), gs0(p.s0.size() * 4);
+  for (DeviceBuffer* d : {&gq, &gk, &gv, &gs0}) d->poison();
+  rk::ChunkBackwardParams prm;
+  prm.dtype = t;
+  prm.shape = {p.B, p.T, p.H, p.dk, p.dv};
+  prm.q = bthd(dq.ptr, p, p.dk, 0, t);
+  prm.k = bthd(dk.ptr, p, p.dk, 0, t);
+  prm.v = bthd(dv.ptr, p, p.dv, 0, t);
+  prm.grad_o = bthd(dgo.ptr, p, p.dv, 0, t);
+  prm.grad_q = bthd(gq.ptr, p, p.dk, 0, t);
+  prm.grad_k = bthd(gk.ptr, p, p.dk, 0, t);
+  prm.grad_v = bthd(gv.ptr, p, p.dv, 0, t);
+  prm.log_decay = decay.as<float>();
+  prm.scale = static_cast<float>(p.scale);
+  prm.initial_state = p.with_state ? s0.as<float>() : nullptr;
+  prm.grad_final_state = gsT.as<float>();
+  prm.grad_initial_state = gs0.as<float>();
+  DeviceBuffer ws(rk::chunk_backward_workspace_bytes(prm));
+  prm.workspace = ws.as<float>();
+  EXPECT_EQ(rk::launch_chunk_backward(prm), gpu::kSuccess);
+  EXPECT_EQ(gpu::synchronize(), gpu::kSuccess);
+  return {gq.download(), gk.download(), gv.download(), gs0.download()};
+}
+
+std::vector<double> decode_f32(const std::vector<unsigned char>& bytes) { return decode(rk::DType::kF32, bytes); }
+
+double max_abs(const std::vector<double>& x) {
+  double m = 0;
+  for (double e : x) m = std::max(m, std::fabs(e));
+  return m;
+}
+
+// ------------------------------------------------------------------------------------------
+// fp16 range.  The kernels round the score tile and the fp32 state (forward S, backward dH) to
+// the input type as MMA operands.  With fp16 that must not overflow while the true outputs fit:
+// the score tile is scaled before it is rounded, and the state operand carries a per-chunk
+// power-of-two factor (chunk_common.cuh).  Each case makes one intermediate exceed fp16's 65504
+// on the slowest-decaying head that matters (gamma = 1 - 2^-12, i.e. ~4096 tokens of memory,
+// over T = 4096) while every output of the float64 reference fits in fp16.  Before those fixes
+// the intermediates rounded to inf and the outputs were inf / NaN.
+// ------------------------------------------------------------------------------------------
+enum class Large { kScores, kState, kStateGradient };
+
+// Inputs with the named intermediate beyond fp16 range (magnitudes in the comments: scale =
+// 1/8, dk = dv = 64, sum of gamma^j over 4096 tokens ~ 2589, E|N(0,1)|^2 ~ 0.64).
+Problem fp16_range_problem(Large what, unsigned seed) {
+  Problem p = make_problem(1, 4096, 1, 64, 64, false, seed);
+  p.log_decay[0] = std::log1p(-std::ldexp(1.0, -12));
+  auto scale_by = [](std::vector<double>& x, double s, bool positive) {
+    for (auto& e : x) e = s * (positive ? std::fabs(e) : e);
+  };
+  switch (what) {
+    case Large::kScores:  // q.k ~ 64 * 48^2 * 0.64 ~ 94000; scale q.k ~ 12000, o ~ 3000
+      scale_by(p.q, 48, true);
+      scale_by(p.k, 48, true);
+      scale_by(p.v, 1.0 / 256, false);
+      break;
+    case Large::kState:  // S ~ 2589 * 64 * 0.64 ~ 106000; o = scale q.S ~ 100
+      scale_by(p.q, 1.0 / 1024, false);
+      scale_by(p.k, 8, true);
+      scale_by(p.v, 8, true);
+      break;
+    case Large::kStateGradient:  // dH ~ 2589 * scale * 400 * 0.64 ~ 83000; dk, dv ~ 650
+      scale_by(p.q, 20, true);
+      scale_by(p.k, 1.0 / 1024, false);
+      scale_by(p.v, 1.0 / 1024, false);
+      break;
+  }
+  return p;
+}
+
+TEST(Fp16Range, ForwardLargeScores) {
+  SKIP_WITHOUT_DEVICE();
+  Problem p = fp16_range_problem(Large::kScores, 21);
+  const ForwardOut got = run_chunk_forward(p, rk::DType::kF16);
+  const Reference ref = reference(p);
+  ASSERT_LT(max_abs(ref.o), 65504.0) << "the test needs a reference output that fits in fp16";
+  expect_close(got.o, ref.o, tolerance(rk::DType::kF16), "o");
+  expect_close(got.sT, ref.sT, tolerance(rk::DType::kF16), "final_state");
+}
+
+TEST(Fp16Range, ForwardLargeState) {
+  SKIP_WITHOUT_DEVICE();
+  Problem p = fp16_range_problem(Large::kState, 22);
+  const ForwardOut got = run_chunk_forward(p, rk::DType::kF16);
+  const Reference ref = reference(p);
+  ASSERT_GT(max_abs(ref.sT), 65504.0) << "the state must exceed fp16 range";
+  ASSERT_LT(max_abs(ref.o), 65504.0) << "the test needs a reference output that fits in fp16";
+  expect_close(got.o, ref.o, tolerance(rk::DType::kF16), "o");
+  expect_close(got.sT, ref.sT, tolerance(rk::DType::kF16), "final_state");
+}
+
+// grad_o ~ 20 |N| with kStateGradient (dH large), ~ N / 1024 with kState (S large in the dq
+// sweep: dq = scale dO S^T ~ 100).
+void check_fp16_backward(Large what, unsigned seed) {
+  Problem p = fp16_range_problem(what, seed);
+  std::mt19937 gen(seed + 100);
+  std::normal_distribution<double> n01;
+  std::vector<double> grad_o(p.v.size()), grad_sT(p.s0.size(), 0.0);
+  for (auto& x : grad_o) x = what == Large::kStateGradient ? 20 * std::fabs(n01(gen)) : n01(gen) / 1024;
+  const BackwardOut got = run_chunk_backward(p, rk::DType::kF16, grad_o, grad_sT);
+  const Reference ref = reference(p, &grad_o, &grad_sT);
+  for (const auto* r : {&ref.dq, &ref.dk, &ref.dv})
+    ASSERT_LT(max_abs(*r), 65504.0) << "the test needs reference gradients that fit in fp16";
+  const double tol = 2 * tolerance(rk::DType::kF16);
+  expect_close(decode(rk::DType::kF16, got.dq), ref.dq, tol, "grad_q");
+  expect_close(decode(rk::DType::kF16, got.dk), ref.dk, tol, "grad_k");
+  expect_close(decode(rk::DType::kF16, got.dv), ref.dv, tol, "grad_v");
+  expect_close(decode_f32(got.ds0), ref.ds0, tol, "grad_initial_state");
+}
+
+TEST(Fp16Range, BackwardLargeState) {
+  SKIP_WITHOUT_DEVICE();
+  check_fp16_backward(Large::kState, 23);
+}
+
+TEST(Fp16Range, BackwardLargeStateGradient) {
+  SKIP_WITHOUT_DEVICE();
+  check_fp16_backward(Large::kStateGradient, 24);
+}
+
+// ------------------------------------------------------------------------------------------
+// Deterministic backward.  dq and dk are sums over dv tiles; the kernels reduce them in a fixed
+// order (chunk_bwd.cuh), so two runs give the same bits, and so do runs under different
+// emulated schedules and block orders (the emulator's output digests of these downloads are
+// compared across runs by scripts/test-kernels-host.sh).  The shapes cover several dv tiles
+// per CTA (more tiles than partial slices) and a grid large enough for a single slice.
+// ------------------------------------------------------------------------------------------
+class DeterministicBackward : public testing::TestWithParam<Case> {};
+
+TEST_P(DeterministicBackward, BitIdenticalRunsAndMatchesReference) {
+  SKIP_WITHOUT_DEVICE();
+  const Case c = GetParam();
+  Problem p = make_problem(c.B, c.T, c.H, c.dk, c.dv, c.with_state, 31);
+  std::mt19937 gen(32);
+  std::normal_distribution<double> n01;
+  std::vector<double> grad_o(p.v.size()), grad_sT(p.s0.size());
+  for (auto& x : grad_o) x = n01(gen);
+  for (auto& x : grad_sT) x = c.with_state ? static_cast<float>(0.1 * n01(gen)) : 0.0;
+  const BackwardOut a = run_chunk_backward(p, c.dtype, grad_o, grad_sT);
+  const BackwardOut b = run_chunk_backward(p, c.dtype, grad_o, grad_sT);
+  EXPECT_TRUE(a.dq == b.dq) << "grad_q differs between two runs";
+  EXPECT_TRUE(a.dk == b.dk) << "grad_k differs between two runs";
+  EXPECT_TRUE(a.dv == b.dv) << "grad_v differs between two runs";
+  EXPECT_TRUE(a.ds0 == b.ds0) << "grad_initial_state differs between two runs";
+  const Reference ref = reference(p, &grad_o, &grad_sT);
+  const double tol = 2 * tolerance(c.dtype);
+  expect_close(decode(c.dtype, a.dq), ref.dq, tol, "grad_q");
+  expect_close(decode(c.dtype, a.dk), ref.dk, tol, "grad_k");
+  expect_close(decode(c.dtype, a.dv), ref.dv, tol, "grad_v");
+  expect_close(decode_f32(a.ds0), ref.ds0, tol, "grad_initial_state");
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, DeterministicBackward,
+                         testing::Values(Case{rk::DType::kF16, 1, 130, 2, 256, 432, true, 0},   // 2 and 4 tiles per CTA
+                                         Case{rk::DType::kF32, 1, 65, 1, 256, 432, true, 0},    // 27 tiles, 8 slices
+                                         Case{rk::DType::kBF16, 16, 3, 16, 64, 100, false, 0}), // 256 rows: 1 slice
+                         case_name);
+
 // The compat header's reductions at full and partial width, on whatever wavefront size the
 // target has (32 or 64).
 __global__ void warp_reduce_kernel(float* full, float* part) {
@@ -377,8 +585,7 @@ TEST(GpuCompat, WarpReduceSum) {
   SKIP_WITHOUT_DEVICE();
   constexpr int W = gpu::kWarpSize;
   DeviceBuffer full(W * 4), part(W * 4);
-  warp_reduce_kernel<<<1, W>>>(full.as<float>(), part.as<float>());
-  GPU_OK(gpu::last_error());
+  GPU_OK(gpu::launch(&warp_reduce_kernel, 1, W, 0, nullptr, full.as<float>(), part.as<float>()));
   GPU_OK(gpu::synchronize());
   const auto f = full.download_f32(), q = part.download_f32();
   for (int l = 0; l < W; ++l) {

@@ -361,20 +361,19 @@ TEST_P(MsrKernels, ForwardMatchesReference) {
   expect_close(sT.download_f32(), ref.sT, tolerance(c.dtype), "final_state");
 }
 
-TEST_P(MsrKernels, BackwardMatchesReference) {
-  SKIP_WITHOUT_DEVICE();
-  Msr m = make_msr(GetParam(), 12);
-  DeviceMsr d(m);
+// Device outputs of one msr_backward launch (raw bytes, for bit-exact comparisons).
+struct MsrGrads {
+  std::vector<unsigned char> dq, dk, dv, dg, ds0, dw;
+};
+
+// Runs msr_backward on m (inputs already rounded by DeviceMsr d) with the given dy / dsT
+// (rounded here: dy to the input type in place, dsT to fp32 in place).
+MsrGrads run_msr_backward(Msr& m, const DeviceMsr& d, std::vector<double>& dy, std::vector<double>& dsT) {
   const Config& c = m.c;
-  std::mt19937 gen(9);
-  std::normal_distribution<double> n01;
-  std::vector<double> dy(m.v.size()), dsT(std::size_t(m.N) * c.H * c.dk * c.dv);
-  for (auto& x : dy) x = n01(gen);
-  for (auto& x : dsT) x = c.state ? static_cast<float>(0.1 * n01(gen)) : 0.0;
+  for (auto& x : dsT) x = static_cast<float>(x);
   DeviceBuffer gy(dy.size() * elem_size(c.dtype)), gsT(dsT.size() * 4);
   gy.upload(encode(c.dtype, dy).data());
   gsT.upload(to_f32(dsT).data());
-  const Ref ref = reference(m, &dy, &dsT);
 
   const std::size_t es = elem_size(c.dtype);
   DeviceBuffer dq(m.q.size() * es), dk(m.k.size() * es), dv(m.v.size() * es), dg(m.g.size() * es),
@@ -405,16 +404,60 @@ TEST_P(MsrKernels, BackwardMatchesReference) {
   p.grad_norm_weight = c.norm && c.weight ? dw.as<float>() : nullptr;
   DeviceBuffer ws(rk::msr_backward_workspace_bytes(p));
   p.workspace = ws.ptr;
-  GPU_OK(rk::launch_msr_backward(p));
-  GPU_OK(gpu::synchronize());
+  EXPECT_EQ(rk::launch_msr_backward(p), gpu::kSuccess);
+  EXPECT_EQ(gpu::synchronize(), gpu::kSuccess);
+  return {dq.download(), dk.download(), dv.download(), dg.download(), ds0.download(), dw.download()};
+}
 
+// Random dy and (with a state) dsT for m.
+void random_cotangents(const Msr& m, std::vector<double>& dy, std::vector<double>& dsT) {
+  std::mt19937 gen(9);
+  std::normal_distribution<double> n01;
+  dy.resize(m.v.size());
+  dsT.resize(std::size_t(m.N) * m.c.H * m.c.dk * m.c.dv);
+  for (auto& x : dy) x = n01(gen);
+  for (auto& x : dsT) x = m.c.state ? 0.1 * n01(gen) : 0.0;
+}
+
+void expect_grads_close(const Msr& m, const MsrGrads& got, const Ref& ref) {
+  const Config& c = m.c;
   const double tol = 2 * tolerance(c.dtype);
-  expect_close(decode(c.dtype, dq.download()), ref.dq, tol, "grad_q");
-  expect_close(decode(c.dtype, dk.download()), ref.dk, tol, "grad_k");
-  expect_close(decode(c.dtype, dv.download()), ref.dv, tol, "grad_v");
-  if (c.gate) expect_close(decode(c.dtype, dg.download()), ref.dg, tol, "grad_g");
-  expect_close(ds0.download_f32(), ref.ds0, tol, "grad_initial_state");
-  if (c.norm && c.weight) expect_close(dw.download_f32(), ref.dw, tol, "grad_norm_weight");
+  expect_close(decode(c.dtype, got.dq), ref.dq, tol, "grad_q");
+  expect_close(decode(c.dtype, got.dk), ref.dk, tol, "grad_k");
+  expect_close(decode(c.dtype, got.dv), ref.dv, tol, "grad_v");
+  if (c.gate) expect_close(decode(c.dtype, got.dg), ref.dg, tol, "grad_g");
+  expect_close(decode(rk::DType::kF32, got.ds0), ref.ds0, tol, "grad_initial_state");
+  if (c.norm && c.weight) expect_close(decode(rk::DType::kF32, got.dw), ref.dw, tol, "grad_norm_weight");
+}
+
+TEST_P(MsrKernels, BackwardMatchesReference) {
+  SKIP_WITHOUT_DEVICE();
+  Msr m = make_msr(GetParam(), 12);
+  DeviceMsr d(m);
+  std::vector<double> dy, dsT;
+  random_cotangents(m, dy, dsT);
+  const MsrGrads got = run_msr_backward(m, d, dy, dsT);
+  expect_grads_close(m, got, reference(m, &dy, &dsT));
+}
+
+// dq~ / dk~ are sums over dv tiles, reduced in a fixed order (chunk_bwd.cuh): two runs give the
+// same bits (and runs under other emulated schedules / block orders the same digests, for every
+// MsrKernels case).  fp32, dk = 128, dv = 432: 14 and 27 dv tiles in 7 partial slices, i.e.
+// several tiles per slice.
+TEST(MsrDeterminism, BackwardBitIdenticalRuns) {
+  SKIP_WITHOUT_DEVICE();
+  Msr m = make_msr(configs()[1], 14);
+  DeviceMsr d(m);
+  std::vector<double> dy, dsT;
+  random_cotangents(m, dy, dsT);
+  const MsrGrads a = run_msr_backward(m, d, dy, dsT);
+  const MsrGrads b = run_msr_backward(m, d, dy, dsT);
+  EXPECT_TRUE(a.dq == b.dq) << "grad_q differs between two runs";
+  EXPECT_TRUE(a.dk == b.dk) << "grad_k differs between two runs";
+  EXPECT_TRUE(a.dv == b.dv) << "grad_v differs between two runs";
+  EXPECT_TRUE(a.dg == b.dg) << "grad_g differs between two runs";
+  EXPECT_TRUE(a.ds0 == b.ds0) << "grad_initial_state differs between two runs";
+  EXPECT_TRUE(a.dw == b.dw) << "grad_norm_weight differs between two runs";
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, MsrKernels, testing::ValuesIn(configs()), config_name);
@@ -483,5 +526,126 @@ std::vector<Config> step_configs() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, MsrStep, testing::ValuesIn(step_configs()), config_name);
+
+// ------------------------------------------------------------------------------------------
+// Edge cases
+// ------------------------------------------------------------------------------------------
+
+// With no (sequence, head) pair there is nothing to retain, but d_norm_weight is still an
+// output of shape [dv]: a sum over no rows, i.e. exactly zero (it used to be left unwritten).
+TEST(MsrEdgeCases, EmptyBackwardZeroesNormWeightGrad) {
+  SKIP_WITHOUT_DEVICE();
+  using D = rk::DType;
+  const std::vector<Config> empty = {
+      {D::kBF16, 1, 0, 2, 8, 48, {0}, 1, true, true, false, true, true, 0},   // no packed sequence
+      {D::kF32, 2, 5, 0, 8, 48, {}, 1, true, true, true, false, false, 0},    // H = 0 (log_decay empty)
+      {D::kF16, 0, 4, 3, 8, 48, {}, 0, true, true, false, false, false, 0},   // B = 0
+  };
+  for (const Config& c : empty) {
+    Msr m = make_msr(c, 15);
+    DeviceMsr d(m);
+    std::vector<double> dy, dsT;
+    random_cotangents(m, dy, dsT);
+    const MsrGrads got = run_msr_backward(m, d, dy, dsT);
+    const std::vector<double> dw = decode(D::kF32, got.dw);
+    ASSERT_EQ(dw.size(), std::size_t(c.dv)) << config_name(testing::TestParamInfo<Config>(c, 0));
+    for (std::size_t j = 0; j < dw.size(); ++j) ASSERT_EQ(dw[j], 0.0) << "d_norm_weight[" << j << "]";
+  }
+}
+
+// A device buffer with poisoned guard zones on both sides; `data` is the part the kernels see.
+struct GuardedBuffer {
+  static constexpr std::size_t kGuard = 1 << 16;
+  DeviceBuffer all;
+  std::size_t bytes;
+  explicit GuardedBuffer(std::size_t n) : all(n + 2 * kGuard), bytes(n) { all.poison(); }
+  void* data() const { return static_cast<unsigned char*>(all.ptr) + kGuard; }
+  // Whether both guard zones still hold the poison (all-ones bytes).
+  bool guards_intact() const {
+    const std::vector<unsigned char> h = all.download();
+    for (std::size_t i = 0; i < kGuard; ++i)
+      if (h[i] != 0xff || h[kGuard + bytes + i] != 0xff) return false;
+    return true;
+  }
+};
+
+// cu_seqlens is validated on the device, asynchronously, so the kernels may run on a bad one;
+// they must still never access memory outside their tensors (msr_sequence clamps every
+// sequence into [0, T]).  Inputs are exact-size (an out-of-bounds read is a sanitizer error in
+// the sanitizer build); outputs sit between guard zones that must stay untouched.  The values
+// of the outputs are unspecified for a bad cu_seqlens and not checked.
+TEST(MsrEdgeCases, BadCuSeqlensStayInBounds) {
+  SKIP_WITHOUT_DEVICE();
+  const std::vector<std::vector<std::int64_t>> bad = {
+      {0, 5, 400},        // ends past T
+      {0, -40, 150},      // negative
+      {0, 100, 50, 150},  // decreasing
+      {-10, 70, 200},     // starts before 0 and ends past T
+  };
+  for (const auto& cu : bad) {
+    Config c{rk::DType::kBF16, 1, 150, 2, 60, 100, cu, 1, true, true, true, true, true, 3};
+    Msr m = make_msr(c, 16);
+    DeviceMsr d(m);
+    const std::size_t es = elem_size(c.dtype), nq = m.q.size() * es, nv = m.v.size() * es;
+    const std::size_t ns = std::size_t(m.N) * c.H * c.dk * c.dv * 4;
+    GuardedBuffer y(nv), sT(ns), dq(nq), dk(nq), dv(nv), dg(nv), ds0(ns), dw(c.dv * 4);
+
+    rk::MsrForwardParams f;
+    f.dtype = c.dtype;
+    f.shape = {c.B, c.T, c.H, c.dk, c.dv};
+    f.q = bthd(d.q.ptr, c, c.dk);
+    f.k = bthd(d.k.ptr, c, c.dk);
+    f.v = bthd(d.v.ptr, c, c.dv);
+    f.g = bthd(d.g.ptr, c, c.dv);
+    f.y = bthd(y.data(), c, c.dv);
+    f.log_decay = d.decay.as<float>();
+    f.scale = static_cast<float>(m.scale);
+    f.seq = d.seq(m);
+    f.opt = d.opt(m);
+    f.initial_state = d.s0.as<float>();
+    f.final_state = static_cast<float*>(sT.data());
+    DeviceBuffer fws(rk::msr_forward_workspace_bytes(f));
+    f.workspace = fws.ptr;
+    GPU_OK(rk::launch_msr_forward(f));
+    GPU_OK(gpu::synchronize());
+
+    std::vector<double> dy, dsT;
+    random_cotangents(m, dy, dsT);
+    DeviceBuffer gy(nv), gsT(ns);
+    gy.upload(encode(c.dtype, dy).data());
+    gsT.upload(to_f32(dsT).data());
+    rk::MsrBackwardParams b;
+    b.dtype = c.dtype;
+    b.shape = f.shape;
+    b.q = f.q;
+    b.k = f.k;
+    b.v = f.v;
+    b.g = f.g;
+    b.grad_y = bthd(gy.ptr, c, c.dv);
+    b.log_decay = f.log_decay;
+    b.scale = f.scale;
+    b.seq = f.seq;
+    b.opt = f.opt;
+    b.initial_state = f.initial_state;
+    b.grad_final_state = gsT.as<float>();
+    b.grad_q = bthd(dq.data(), c, c.dk);
+    b.grad_k = bthd(dk.data(), c, c.dk);
+    b.grad_v = bthd(dv.data(), c, c.dv);
+    b.grad_g = bthd(dg.data(), c, c.dv);
+    b.grad_initial_state = static_cast<float*>(ds0.data());
+    b.grad_norm_weight = static_cast<float*>(dw.data());
+    DeviceBuffer bws(rk::msr_backward_workspace_bytes(b));
+    b.workspace = bws.ptr;
+    GPU_OK(rk::launch_msr_backward(b));
+    GPU_OK(gpu::synchronize());
+
+    const char* names[] = {"y", "final_state", "grad_q", "grad_k", "grad_v", "grad_g", "grad_initial_state",
+                           "grad_norm_weight"};
+    const GuardedBuffer* outs[] = {&y, &sT, &dq, &dk, &dv, &dg, &ds0, &dw};
+    for (int i = 0; i < 8; ++i)
+      EXPECT_TRUE(outs[i]->guards_intact()) << names[i] << " written out of bounds with cu_seqlens "
+                                            << testing::PrintToString(cu);
+  }
+}
 
 }  // namespace
