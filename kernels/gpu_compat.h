@@ -101,17 +101,19 @@ static_assert(sizeof(lane_mask_t) * 8 == kWarpSize, "one mask bit per lane");
 inline error_t device_count(int* n) { *n = 1; return kSuccess; }
 inline error_t malloc_device(void** p, std::size_t bytes) { return emu::malloc_device(p, bytes); }
 inline error_t free_device(void* p) { return emu::free_device(p); }
+// (Zero-byte copies of empty buffers are legal on the GPU runtimes; memcpy of a null pointer
+// is not, hence the size checks.)
 inline error_t copy_to_device(void* dst, const void* src, std::size_t bytes) {
-  std::memcpy(dst, src, bytes);
+  if (bytes != 0) std::memcpy(dst, src, bytes);
   return kSuccess;
 }
 inline error_t copy_to_host(void* dst, const void* src, std::size_t bytes) {
   emu::record_download(src, bytes);
-  std::memcpy(dst, src, bytes);
+  if (bytes != 0) std::memcpy(dst, src, bytes);
   return kSuccess;
 }
 inline error_t memset_device(void* p, int byte, std::size_t bytes) {
-  std::memset(p, byte, bytes);
+  if (bytes != 0) std::memset(p, byte, bytes);
   return kSuccess;
 }
 inline error_t synchronize() { return kSuccess; }

@@ -32,6 +32,8 @@ if [ -x .ci/gpu_compile_check.sh ] || [ -f .ci/gpu_compile_check.sh ]; then
 fi
 bash scripts/test-gpu-model.sh  # GPU performance model vs the ptxas reports, GPU-check scripts parse
 
+bash scripts/test-kernels-host.sh  # every GPU kernel executed on the CPU, both device models
+
 echo "== main job, quick mode (train a few steps, generate, forms agree)"
 PYTHONPATH=python "$PYTHON" examples/train_lm.py --quick
 

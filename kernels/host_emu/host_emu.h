@@ -17,6 +17,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -50,6 +51,10 @@ enum class Error : int {
 };
 const char* error_string(Error e);
 Error take_last_error();  // the error of the last launch, then reset (cudaGetLastError)
+const char* last_message();
+// Thread order from now on ("forward", "reverse", "random:SEED"; RETENTION_EMU_SCHEDULE sets
+// the initial one); returns the previous one.  For the emulator's own tests.
+std::string set_schedule(const char* schedule);
 
 // The emulated thread that is running now, and the launch it belongs to.
 struct ThreadState {
@@ -73,7 +78,7 @@ void syncthreads(const char* file, int line, const char* func);
 // when all lanes have arrived at a collective with the same `compute`, compute runs once on
 // all slots, then each lane receives its `out` slot.  A lane that exited, waits at a block
 // barrier or at another collective meanwhile is an error (a collective from a diverged warp).
-inline constexpr std::size_t kSlotBytes = 256;
+inline constexpr std::size_t kSlotBytes = 64;
 using CollectiveFn = void (*)(const unsigned char* in, unsigned char* out, int lanes);
 void warp_collective(const char* what, CollectiveFn compute, const void* in, std::size_t in_bytes, void* out,
                      std::size_t out_bytes);

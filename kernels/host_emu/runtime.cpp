@@ -92,22 +92,26 @@ struct Options {
   std::string digest_path;
 };
 
-const Options& options() {
-  static const Options o = [] {
+bool parse_schedule(const std::string& v, Options& r) {
+  if (v == "forward" || v.empty()) {
+    r.order = Order::kForward;
+  } else if (v == "reverse") {
+    r.order = Order::kReverse;
+  } else if (v.rfind("random", 0) == 0) {
+    r.order = Order::kRandom;
+    r.seed = v.size() > 7 ? static_cast<unsigned>(std::strtoul(v.c_str() + 7, nullptr, 10)) : 1u;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+Options& options() {
+  static Options o = [] {
     Options r;
-    if (const char* s = std::getenv("RETENTION_EMU_SCHEDULE")) {
-      const std::string v = s;
-      if (v == "forward" || v.empty()) {
-        r.order = Order::kForward;
-      } else if (v == "reverse") {
-        r.order = Order::kReverse;
-      } else if (v.rfind("random", 0) == 0) {
-        r.order = Order::kRandom;
-        r.seed = v.size() > 7 ? static_cast<unsigned>(std::strtoul(v.c_str() + 7, nullptr, 10)) : 1u;
-      } else {
-        std::fprintf(stderr, "RETENTION_EMU_SCHEDULE must be forward, reverse or random:SEED (got '%s')\n", s);
-        std::exit(2);
-      }
+    if (const char* s = std::getenv("RETENTION_EMU_SCHEDULE"); s != nullptr && !parse_schedule(s, r)) {
+      std::fprintf(stderr, "RETENTION_EMU_SCHEDULE must be forward, reverse or random:SEED (got '%s')\n", s);
+      std::exit(2);
     }
     if (const char* s = std::getenv("RETENTION_EMU_BLOCK_ORDER")) {
       const std::string v = s;
@@ -189,43 +193,77 @@ int thread_index(const Fiber* f) {
   return static_cast<int>(f->ts.idx.x + g_block_dim.x * (f->ts.idx.y + g_block_dim.y * f->ts.idx.z));
 }
 
-// Fiber -> scheduler.  Returns when the scheduler resumes this fiber.
-void yield_to_scheduler() {
+// The next fiber of the block's schedule that can run, or nullptr.
+Fiber* next_runnable(Block& b) {
+  const int n = static_cast<int>(b.fibers.size());
+  while (b.cursor < n && b.fibers[b.order[b.cursor]]->state != State::kRunnable) ++b.cursor;
+  return b.cursor < n ? b.fibers[b.order[b.cursor]] : nullptr;
+}
+
+// Every jump passes the fiber it leaves (nullptr: the scheduler) as data, so the side that
+// resumes stores the suspended context where it belongs.
+void note_suspended(const bctx::transfer_t& t) {
+  if (t.data != nullptr) {
+    static_cast<Fiber*>(t.data)->ctx = t.fctx;
+  } else {
+    g_scheduler = t.fctx;
+  }
+}
+
+// The running fiber blocks (or ends): switch straight to the next runnable fiber of the
+// schedule, or to the scheduler when there is none (it resolves barriers and the end of the
+// block).  Direct switches halve the jumps of a warp collective.  Returns when resumed.
+void switch_away() {
   Fiber* self = current_fiber();
+  Fiber* next = g_block->failed ? nullptr : next_runnable(*g_block);
 #if RETENTION_EMU_ASAN
-  __sanitizer_start_switch_fiber(self->state == State::kDone ? nullptr : &self->fake_stack, g_sched_stack_bottom,
-                                 g_sched_stack_size);
+  void** fake = self->state == State::kDone ? nullptr : &self->fake_stack;
+  if (next != nullptr) {
+    __sanitizer_start_switch_fiber(fake, static_cast<char*>(next->stack) + getpagesize(), kStackBytes - getpagesize());
+  } else {
+    __sanitizer_start_switch_fiber(fake, g_sched_stack_bottom, g_sched_stack_size);
+  }
 #endif
-  const bctx::transfer_t t = bctx::jump_fcontext(g_scheduler, nullptr);
-  g_scheduler = t.fctx;
+  g_thread = next != nullptr ? &next->ts : nullptr;
+  const bctx::transfer_t t = bctx::jump_fcontext(next != nullptr ? next->ctx : g_scheduler, self);
+  note_suspended(t);
 #if RETENTION_EMU_ASAN
-  __sanitizer_finish_switch_fiber(self->fake_stack, &g_sched_stack_bottom, &g_sched_stack_size);
+  __sanitizer_finish_switch_fiber(self->fake_stack, nullptr, nullptr);
 #endif
 }
 
+
 void fiber_entry(bctx::transfer_t t) {
-  g_scheduler = t.fctx;
-  Fiber* self = static_cast<Fiber*>(t.data);
+  note_suspended(t);
 #if RETENTION_EMU_ASAN
-  __sanitizer_finish_switch_fiber(nullptr, &g_sched_stack_bottom, &g_sched_stack_size);
+  const void* from_bottom = nullptr;
+  std::size_t from_size = 0;
+  __sanitizer_finish_switch_fiber(nullptr, &from_bottom, &from_size);
+  if (t.data == nullptr) {  // entered from the scheduler: remember its stack
+    g_sched_stack_bottom = from_bottom;
+    g_sched_stack_size = from_size;
+  }
 #endif
+  Fiber* self = current_fiber();
   g_launch.body(g_launch.ctx);
   self->state = State::kDone;
-  yield_to_scheduler();  // never resumed
+  switch_away();  // never resumed
   std::abort();
 }
 
-// Scheduler -> fiber.
+// Scheduler -> fiber; returns when some fiber switches back to the scheduler.
 void resume(Fiber* f) {
   g_thread = &f->ts;
 #if RETENTION_EMU_ASAN
   __sanitizer_start_switch_fiber(&g_sched_fake_stack, static_cast<char*>(f->stack) + getpagesize(),
                                  kStackBytes - getpagesize());
 #endif
-  const bctx::transfer_t t = bctx::jump_fcontext(f->ctx, f);
-  f->ctx = t.fctx;
+  const bctx::transfer_t t = bctx::jump_fcontext(f->ctx, nullptr);
+  note_suspended(t);
 #if RETENTION_EMU_ASAN
-  __sanitizer_finish_switch_fiber(g_sched_fake_stack, nullptr, nullptr);
+  const void* from_bottom = nullptr;
+  std::size_t from_size = 0;
+  __sanitizer_finish_switch_fiber(g_sched_fake_stack, &from_bottom, &from_size);
 #endif
   g_thread = nullptr;
 }
@@ -309,8 +347,7 @@ bool resolve_blocked(Block& b, unsigned& phase) {
     const Fiber* c = first_collective;
     const Warp& w = b.warps[thread_index(c) / kWarp];
     std::snprintf(buf, sizeof buf, ": %d of %d lanes of warp %d arrived; ", w.arrived, w.lanes, thread_index(c) / kWarp);
-    std::string msg = std::string("warp collective ") + (w.what ? w.what : "?") + " called from a diverged warp at " +
-                      where(c) + buf;
+    std::string msg = std::string("warp collective ") + (w.what ? w.what : "?") + " called from a diverged warp" + buf;
     for (const Fiber* f : b.fibers)
       if (thread_index(f) / kWarp == thread_index(c) / kWarp && f->state != State::kCollective) {
         msg += "thread " + std::to_string(thread_index(f)) +
@@ -354,7 +391,11 @@ void run_block(Block& b, std::size_t nthreads) {
     f.file = nullptr;
     f.func = nullptr;
     f.line = 0;
-    f.ctx = bctx::make_fcontext(static_cast<char*>(f.stack) + kStackBytes, kStackBytes - getpagesize(), fiber_entry);
+    // Stack tops staggered by a few cache lines: stacks 1 MiB apart would otherwise all map
+    // to the same cache sets, and a warp collective touches 32-64 of them in a row.
+    const std::size_t color = (i % 61) * 4 * 64;
+    f.ctx = bctx::make_fcontext(static_cast<char*>(f.stack) + kStackBytes - color,
+                                kStackBytes - getpagesize() - color, fiber_entry);
     b.fibers.push_back(&f);
   }
   const int nwarps = static_cast<int>((nthreads + kWarp - 1) / kWarp);
@@ -367,14 +408,13 @@ void run_block(Block& b, std::size_t nthreads) {
   unsigned phase = 0;
   make_order(b, phase);
 
-  const int n = static_cast<int>(nthreads);
   while (!b.failed) {
-    while (b.cursor < n && b.fibers[b.order[b.cursor]]->state != State::kRunnable) ++b.cursor;
-    if (b.cursor == n) {
+    Fiber* next = next_runnable(b);
+    if (next == nullptr) {
       if (!resolve_blocked(b, phase)) break;
       continue;
     }
-    resume(b.fibers[b.order[b.cursor]]);
+    resume(next);
   }
 #if RETENTION_EMU_ASAN
   if (b.failed)  // abandoned fibers leave poisoned stack frames behind
@@ -393,7 +433,7 @@ void fail(const char* message) {
   std::snprintf(buf, sizeof buf, "thread %d: ", thread_index(self));
   record_failure(buf + std::string(message));
   self->state = State::kBarrier;  // never released: the block is abandoned
-  yield_to_scheduler();
+  switch_away();
   std::abort();
 }
 
@@ -403,7 +443,7 @@ void syncthreads(const char* file, int line, const char* func) {
   self->file = file;
   self->line = line;
   self->func = func;
-  yield_to_scheduler();
+  switch_away();
 }
 
 void warp_collective(const char* what, CollectiveFn compute, const void* in, std::size_t in_bytes, void* out,
@@ -416,7 +456,7 @@ void warp_collective(const char* what, CollectiveFn compute, const void* in, std
     record_failure(std::string("warp ") + std::to_string(t / kWarp) + ": lanes meet at different collectives (" +
                    w.what + " and " + what + ")");
     self->state = State::kBarrier;
-    yield_to_scheduler();
+    switch_away();
     std::abort();
   }
   w.fn = compute;
@@ -439,7 +479,7 @@ void warp_collective(const char* what, CollectiveFn compute, const void* in, std
     self->func = what;
     self->file = "warp collective";
     self->line = 0;
-    yield_to_scheduler();
+    switch_away();
   }
   std::memcpy(out, w.out.data() + lane_index * kSlotBytes, out_bytes);
 }
@@ -619,6 +659,20 @@ const char* error_string(Error e) {
   return "unknown error";
 }
 
+const char* last_message() { return g_last_message.c_str(); }
+
+std::string set_schedule(const char* schedule) {
+  Options& o = options();
+  const std::string before = o.order == Order::kForward   ? "forward"
+                             : o.order == Order::kReverse ? "reverse"
+                                                          : "random:" + std::to_string(o.seed);
+  if (!parse_schedule(schedule, o)) {
+    std::fprintf(stderr, "retention emu: bad schedule '%s'\n", schedule);
+    std::abort();
+  }
+  return before;
+}
+
 Error take_last_error() {
   const Error e = g_last_error;
   g_last_error = Error::kSuccess;
@@ -734,3 +788,8 @@ __nv_bfloat16 __float2bfloat16_rn(float f) { return {retention::kernels::host::f
 #else
 unsigned long long __ballot(int pred) { return retention::emu::ballot(pred, "__ballot"); }
 #endif
+
+namespace retention::emu {
+static_assert(sizeof(PtxIn) <= kSlotBytes && sizeof(MfmaIn) <= kSlotBytes && sizeof(MfmaF32In) <= kSlotBytes,
+              "collective operands fit a slot");
+}  // namespace retention::emu

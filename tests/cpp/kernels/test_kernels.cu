@@ -595,6 +595,69 @@ TEST(GpuCompat, WarpReduceSum) {
   }
 }
 
+// The launchers validate their arguments before touching a device: bad shapes are rejected,
+// empty problems succeed without a launch (host-only, runs with or without a GPU).
+TEST(Launchers, RejectBadArgumentsAndAcceptEmptyProblems) {
+  const float decay = -0.1f;
+  rk::ChunkForwardParams f;
+  f.shape = {1, 4, 1, 257, 8};  // dk above kMaxHeadDimK
+  f.log_decay = &decay;
+  EXPECT_EQ(rk::launch_chunk_forward(f), gpu::kErrorInvalidValue);
+  f.shape = {-1, 4, 1, 64, 8};
+  EXPECT_EQ(rk::launch_chunk_forward(f), gpu::kErrorInvalidValue);
+  f.shape = {1, 4, 1, 64, 8};
+  f.log_decay = nullptr;
+  EXPECT_EQ(rk::launch_chunk_forward(f), gpu::kErrorInvalidValue);
+  f.log_decay = &decay;
+  f.shape = {0, 4, 1, 64, 8};
+  EXPECT_EQ(rk::launch_chunk_forward(f), gpu::kSuccess);
+
+  rk::ChunkBackwardParams b;
+  b.shape = {1, 4, 1, 64, 8};
+  b.log_decay = &decay;  // grad_initial_state missing
+  EXPECT_EQ(rk::launch_chunk_backward(b), gpu::kErrorInvalidValue);
+  b.shape = {1, 4, 1, 300, 8};
+  EXPECT_EQ(rk::launch_chunk_backward(b), gpu::kErrorInvalidValue);
+  b.shape = {1, 4, 1, 64, 0};  // dv == 0 with T * dk > 0: the caller must zero-fill
+  float dummy = 0.f;
+  b.grad_initial_state = &dummy;
+  EXPECT_EQ(rk::launch_chunk_backward(b), gpu::kErrorInvalidValue);
+  b.shape = {0, 4, 1, 64, 8};
+  EXPECT_EQ(rk::launch_chunk_backward(b), gpu::kSuccess);
+  b.shape = {1, 0, 1, 0, 0};
+  EXPECT_EQ(rk::launch_chunk_backward(b), gpu::kSuccess);
+  EXPECT_EQ(rk::chunk_backward_workspace_bytes(b), 0u);
+
+  rk::RecurrentForwardParams r;
+  r.shape = {1, 4, 1, 257, 8};
+  r.log_decay = &decay;
+  EXPECT_EQ(rk::launch_recurrent_forward(r), gpu::kErrorInvalidValue);
+  r.shape = {1, 4, 0, 64, 8};
+  EXPECT_EQ(rk::launch_recurrent_forward(r), gpu::kSuccess);
+
+  rk::RecurrentStepParams st;
+  st.B = 1, st.H = 1, st.dk = 257, st.dv = 8;
+  st.log_decay = &decay;
+  EXPECT_EQ(rk::launch_recurrent_step(st), gpu::kErrorInvalidValue);
+  st.dk = 64, st.dv = 0;
+  EXPECT_EQ(rk::launch_recurrent_step(st), gpu::kSuccess);
+
+  // An unknown dtype value is rejected by every dispatch (after the device check).
+  if (!has_device()) return;
+  f.shape = {1, 4, 1, 64, 8};
+  f.dtype = static_cast<rk::DType>(7);
+  EXPECT_EQ(rk::launch_chunk_forward(f), gpu::kErrorInvalidValue);
+  b.shape = {1, 4, 1, 64, 8};
+  b.dtype = static_cast<rk::DType>(7);
+  EXPECT_EQ(rk::launch_chunk_backward(b), gpu::kErrorInvalidValue);
+  r.shape = {1, 4, 1, 64, 8};
+  r.dtype = static_cast<rk::DType>(7);
+  EXPECT_EQ(rk::launch_recurrent_forward(r), gpu::kErrorInvalidValue);
+  st.dv = 8;
+  st.dtype = static_cast<rk::DType>(7);
+  EXPECT_EQ(rk::launch_recurrent_step(st), gpu::kErrorInvalidValue);
+}
+
 // ------------------------------------------------------------------------------------------
 // Host-only: the bit conversions the tests (and the torch glue's expectations) rely on.
 // ------------------------------------------------------------------------------------------

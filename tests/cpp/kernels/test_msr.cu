@@ -252,6 +252,53 @@ TEST(MsrReference, BackwardMatchesFiniteDifferences) {
   }
 }
 
+// Argument validation of the MSR launchers (host-only: nothing is launched).
+TEST(MsrLaunchers, RejectBadArguments) {
+  const float decay = -0.1f;
+  int cu_dummy = 0;
+  rk::MsrForwardParams f;
+  f.shape = {2, 4, 1, 64, 8};
+  f.log_decay = &decay;
+  f.seq.num_sequences = 3;  // must equal B without cu_seqlens
+  EXPECT_EQ(rk::launch_msr_forward(f), gpu::kErrorInvalidValue);
+  f.seq.num_sequences = 2;
+  f.seq.cu_seqlens = &cu_dummy;  // packed sequences need B == 1
+  EXPECT_EQ(rk::launch_msr_forward(f), gpu::kErrorInvalidValue);
+  f.seq.cu_seqlens = nullptr;
+  f.shape.dk = 63;  // rotary needs an even dk
+  EXPECT_EQ(rk::launch_msr_forward(f), gpu::kErrorInvalidValue);
+  f.opt.rotary = static_cast<rk::RotaryMode>(5);
+  f.shape.dk = 64;
+  EXPECT_EQ(rk::launch_msr_forward(f), gpu::kErrorInvalidValue);
+  f.opt.rotary = rk::RotaryMode::kTorchscale;
+  f.shape.dk = 300;
+  EXPECT_EQ(rk::launch_msr_forward(f), gpu::kErrorInvalidValue);
+  f.shape.dk = 64;
+  EXPECT_EQ(rk::launch_msr_forward(f), gpu::kErrorInvalidValue);  // no workspace
+  f.shape.H = 0;
+  EXPECT_EQ(rk::launch_msr_forward(f), gpu::kSuccess);
+
+  rk::MsrBackwardParams b;
+  b.shape = {1, 4, 1, 64, 8};
+  b.log_decay = &decay;
+  b.seq.num_sequences = 1;
+  EXPECT_EQ(rk::launch_msr_backward(b), gpu::kErrorInvalidValue);  // no grad_initial_state / workspace
+  b.seq.num_sequences = -1;
+  EXPECT_EQ(rk::launch_msr_backward(b), gpu::kErrorInvalidValue);
+
+  rk::MsrStepParams st;
+  st.B = 1, st.H = 1, st.dk = 64, st.dv = rk::kMsrStepMaxDv + 1;
+  st.log_decay = &decay;
+  EXPECT_EQ(rk::launch_msr_step(st), gpu::kErrorInvalidValue);
+  st.dv = 8;
+  st.dk = 63;
+  EXPECT_EQ(rk::launch_msr_step(st), gpu::kErrorInvalidValue);  // rotary with odd dk
+  st.dk = 64;
+  EXPECT_EQ(rk::launch_msr_step(st), gpu::kErrorInvalidValue);  // no state / output
+  st.B = 0;
+  EXPECT_EQ(rk::launch_msr_step(st), gpu::kSuccess);
+}
+
 // ------------------------------------------------------------------------------------------
 // GPU tests
 // ------------------------------------------------------------------------------------------
