@@ -135,6 +135,17 @@ def num_sequences(B, cu):
     return B if cu is None else len(cu) - 1
 
 
+def draw_inputs(data, names):
+    """Shapes, dtype, a torch generator and the named [B, T, H, d] tensors (d = dk for q and k,
+    dv otherwise), each in its own drawn memory layout."""
+    B, T, H, dk, dv = data.draw(dims(), "dims")
+    dtype = data.draw(st.sampled_from(DTYPES), "dtype")
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 31), "seed"))
+    tensors = tuple(make_tensor((B, T, H, dk if n in ("q", "k") else dv), dtype,
+                                data.draw(st.sampled_from(LAYOUTS), n), gen) for n in names)
+    return (B, T, H, dk, dv), dtype, gen, tensors
+
+
 def grads_of(call, tensors, cotangents):
     """Autograd gradients of <outputs, cotangents> w.r.t. the tensors (None where unused)."""
     leaves = [None if t is None else t.detach().requires_grad_() for t in tensors]
@@ -162,11 +173,7 @@ def check_outcome(run, expected):
 @PROFILE
 @given(data=st.data())
 def test_fuzz_raw_ops(data):
-    B, T, H, dk, dv = data.draw(dims(), "dims")
-    dtype = data.draw(st.sampled_from(DTYPES), "dtype")
-    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 31), "seed"))
-    q, k, v = (make_tensor((B, T, H, d), dtype, data.draw(st.sampled_from(LAYOUTS), n), gen)
-               for n, d in (("q", dk), ("k", dk), ("v", dv)))
+    (B, T, H, dk, dv), dtype, gen, (q, k, v) = draw_inputs(data, ("q", "k", "v"))
     ld = data.draw(log_decays(H), "log_decay")
     form = data.draw(st.sampled_from(["chunk", "parallel", "recurrent", "step"]), "form")
     chunk = data.draw(st.one_of(st.sampled_from([1, 2, 3, 16, 64]), st.integers(-1, 100)), "chunk")
@@ -250,11 +257,7 @@ def test_fuzz_raw_ops(data):
 @PROFILE
 @given(data=st.data())
 def test_fuzz_fused_op(data):
-    B, T, H, dk, dv = data.draw(dims(), "dims")
-    dtype = data.draw(st.sampled_from(DTYPES), "dtype")
-    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 31), "seed"))
-    q, k, v, g = (make_tensor((B, T, H, d), dtype, data.draw(st.sampled_from(LAYOUTS), n), gen)
-                  for n, d in (("q", dk), ("k", dk), ("v", dv), ("g", dv)))
+    (B, T, H, dk, dv), dtype, gen, (q, k, v, g) = draw_inputs(data, ("q", "k", "v", "g"))
     ld = data.draw(log_decays(H), "log_decay")
     form = data.draw(st.sampled_from(["chunk", "parallel", "recurrent", "step"]), "form")
     chunk = data.draw(st.sampled_from([1, 3, 16, 64]), "chunk")
