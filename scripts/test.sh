@@ -44,3 +44,5 @@ rm -rf "$fl_out"
 
 echo "== pytest"
 PYTHONPATH=python "$PYTHON" -m pytest tests/python -q -p no:cacheprovider
+
+bash scripts/test-sanitizers.sh  # ASan+UBSan (ctest, pytest subset) and TSan (threaded C++ test)
