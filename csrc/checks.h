@@ -3,6 +3,9 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <utility>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -37,6 +40,30 @@ inline void check_state(const char* op, const char* name, const at::Tensor& s, c
               q.device(), " and ", name, " is on ", s.device());
 }
 
+// Values a shape check cannot see. Read on the host: free for CPU tensors; for a device tensor one
+// small copy (H or N values), which is the price of refusing input that would otherwise overflow
+// the GPU kernels' decay powers. Meta tensors have no values (shape propagation only).
+inline bool has_values(const at::Tensor& t) { return !t.is_meta() && t.numel() > 0; }
+
+// gamma = exp(log_decay) must lie in [0, 1]: log_decay in [-inf, 0]. gamma > 1 grows without bound
+// (gamma^T overflows; the GPU kernels' decay powers are inf), NaN poisons every output and state.
+inline void check_log_decay_values(const char* op, const at::Tensor& log_decay) {
+  if (!has_values(log_decay)) return;
+  const auto host = log_decay.detach().to(at::kCPU, at::kDouble).contiguous();
+  const double* x = host.data_ptr<double>();
+  for (int64_t h = 0; h < host.numel(); ++h) {
+    TORCH_CHECK(x[h] <= 0.0, op, ": log_decay must be <= 0 and not NaN (decay gamma = exp(log_decay) in [0, 1]), ",
+                "got log_decay[", h, "] = ", x[h]);  // also false for NaN
+  }
+}
+
+// offsets: absolute start positions, int64 [N] (shape checked by the caller).
+inline void check_offsets_values(const char* op, const at::Tensor& offsets) {
+  if (!has_values(offsets)) return;
+  const int64_t lo = offsets.detach().min().item<int64_t>();
+  TORCH_CHECK(lo >= 0, op, ": offsets must be non-negative positions, got a minimum of ", lo);
+}
+
 // q, k: [B, T, H, dk]; v: [B, T, H, dv]; log_decay: [H].
 inline Dims check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
                          const at::Tensor& v, const at::Tensor& log_decay,
@@ -63,6 +90,7 @@ inline Dims check_inputs(const char* op, const at::Tensor& q, const at::Tensor& 
               ": log_decay must have shape [H] = [", d.H, "], got ", log_decay.sizes());
   TORCH_CHECK(log_decay.scalar_type() == at::kFloat || log_decay.scalar_type() == at::kDouble, op,
               ": log_decay must be float32 (or float64), got ", log_decay.scalar_type());
+  check_log_decay_values(op, log_decay);
   for (const auto* t : {&k, &v, &log_decay}) {
     TORCH_CHECK(t->device() == q.device(), op,
                 ": all tensors must be on the same device, but q is on ", q.device(),
@@ -79,16 +107,17 @@ inline void check_chunk_size(const char* op, int64_t chunk_size) {
 }
 
 inline void check_grad_o(const char* op, const at::Tensor& grad_o, const Dims& d,
-                         const at::Tensor& q, const OptTensor& grad_final_state) {
+                         const at::Tensor& q, const OptTensor& grad_final_state,
+                         const char* name = "grad_o") {
   TORCH_CHECK(grad_o.dim() == 4 && grad_o.size(0) == d.B && grad_o.size(1) == d.T &&
                   grad_o.size(2) == d.H && grad_o.size(3) == d.dv,
-              op, ": grad_o must have shape [B, T, H, dv] = [", d.B, ", ", d.T, ", ", d.H, ", ",
-              d.dv, "], got ", grad_o.sizes());
-  TORCH_CHECK(is_float_type(grad_o.scalar_type()), op, ": grad_o must be a float tensor, got ",
+              op, ": ", name, " must have shape [B, T, H, dv] = [", d.B, ", ", d.T, ", ", d.H,
+              ", ", d.dv, "], got ", grad_o.sizes());
+  TORCH_CHECK(is_float_type(grad_o.scalar_type()), op, ": ", name, " must be a float tensor, got ",
               grad_o.scalar_type());
   TORCH_CHECK(grad_o.device() == q.device(), op,
-              ": all tensors must be on the same device, but q is on ", q.device(),
-              " and grad_o is on ", grad_o.device());
+              ": all tensors must be on the same device, but q is on ", q.device(), " and ", name,
+              " is on ", grad_o.device());
   if (grad_final_state.has_value() && grad_final_state->defined()) {
     check_state(op, "grad_final_state", *grad_final_state, q, d);
   }
@@ -109,6 +138,32 @@ inline void check_step_state(const char* op, const at::Tensor& state, const at::
               state_dtype(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ",
               state.scalar_type());
   TORCH_CHECK(state.is_contiguous(), op, ": state must be contiguous (it is updated in place)");
+}
+
+// First and last byte a tensor's elements can occupy (torch strides are never negative).
+inline std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  int64_t last = 0;
+  for (int64_t i = 0; i < t.dim(); ++i) last += (t.size(i) - 1) * t.stride(i);
+  const auto first = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return {first, first + static_cast<uintptr_t>((last + 1) * t.element_size()) - 1};
+}
+
+// The step ops write `state` while they read their inputs: an input sharing memory with the state
+// (e.g. q a view of it) would be read after part of it was overwritten, giving an order-dependent
+// result. Compared by address ranges, so any view of the state's memory is refused, whatever its
+// strides (a strided view interleaved with the state without touching it is refused too: rare,
+// and cheap to avoid with a copy).
+inline void check_state_not_aliased(
+    const char* op, const at::Tensor& state,
+    std::initializer_list<std::pair<const char*, const at::Tensor*>> inputs) {
+  if (!has_values(state)) return;
+  const auto s = byte_span(state);
+  for (const auto& in : inputs) {
+    if (in.second == nullptr || !in.second->defined() || !has_values(*in.second)) continue;
+    const auto x = byte_span(*in.second);
+    TORCH_CHECK(x.second < s.first || s.second < x.first, op,
+                ": state (updated in place) must not share memory with ", in.first);
+  }
 }
 
 // Shapes of a fused-layer call: N sequences (= B, or the number of packed sequences).
@@ -161,6 +216,7 @@ inline MsrDims check_msr_inputs(const char* op, const at::Tensor& q, const at::T
                 offsets->scalar_type());
     TORCH_CHECK(offsets->device() == q.device(), op, ": offsets must be on the device of q (",
                 q.device(), "), got ", offsets->device());
+    check_offsets_values(op, *offsets);
   }
   if (has(norm_weight)) {
     TORCH_CHECK(norm_weight->dim() == 1 && norm_weight->size(0) == d.dv, op,
@@ -177,7 +233,7 @@ inline MsrDims check_msr_inputs(const char* op, const at::Tensor& q, const at::T
 
 inline void check_msr_grads(const char* op, const MsrDims& m, const at::Tensor& q,
                             const at::Tensor& grad_y, const OptTensor& grad_final_state) {
-  check_grad_o(op, grad_y, m.d, q, {});
+  check_grad_o(op, grad_y, m.d, q, {}, "grad_y");
   if (has(grad_final_state)) {
     check_state(op, "grad_final_state", *grad_final_state, q,
                 Dims{m.N, m.d.T, m.d.H, m.d.dk, m.d.dv});

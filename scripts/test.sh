@@ -52,3 +52,5 @@ bash scripts/test-distributed.sh
 
 echo "== pytest"
 PYTHONPATH=python "$PYTHON" -m pytest tests/python -q -p no:cacheprovider
+
+bash scripts/test-sanitizers.sh  # ASan+UBSan (ctest, pytest subset) and TSan (threaded C++ test)

@@ -34,10 +34,12 @@ std::vector<double> log_decay_values(const at::Tensor& log_decay) {
 // never positive: no overflow, whatever T).
 struct ChunkDecay {
   int64_t C;
+  double log_gamma;
   std::vector<double> pow;  // gamma^d
   at::Tensor q_decay;       // [C, 1]: gamma^(i+1), weight of the incoming state for row i
 
-  ChunkDecay(double log_gamma, int64_t chunk, at::ScalarType acc) : C(chunk), pow(chunk + 1) {
+  ChunkDecay(double log_gamma_, int64_t chunk, at::ScalarType acc)
+      : C(chunk), log_gamma(log_gamma_), pow(chunk + 1) {
     // gamma^0 = 1 also for gamma = 0 (log_gamma = -inf), where 0 * -inf would give NaN.
     pow[0] = 1.0;
     for (int64_t d = 1; d <= C; ++d) pow[d] = std::exp(d * log_gamma);
@@ -51,7 +53,10 @@ struct ChunkDecay {
     for (int64_t j = 0; j < L; ++j) w[j] = pow[L - 1 - j];
     return at::tensor(w, at::kDouble).unsqueeze(1).to(acc);
   }
-  double chunk_decay(int64_t L) const { return pow[L]; }
+  // 1 - gamma^L without cancellation: the scan uses S - (1 - gamma^L) S, because gamma^L rounded
+  // to fp32 is off by up to 2^-25 near 1, a relative error of 2^-25 / (1 - gamma^L) in the decay
+  // that the scan would compound over every chunk the state remembers.
+  double one_minus_chunk_decay(int64_t L) const { return -std::expm1(double(L) * log_gamma); }
 
   // Scores [n, C, C] (contiguous) -> scores * gamma^(i-j) on and below the diagonal, 0 above.
   // Applied in place instead of multiplying by a C x C mask: no mask to build or keep per head.
@@ -119,8 +124,8 @@ at::Tensor scan_chunks(const at::Tensor& S, const at::Tensor& X, const ChunkDeca
       const int64_t c = reverse ? seg.n_chunks - 1 - i : i;
       const scalar_t* x = X[c].data_ptr<scalar_t>();
       std::copy(s, s + n, before[c].data_ptr<scalar_t>());
-      const auto a = static_cast<scalar_t>(dec.chunk_decay(seg.lengths[c]));
-      for (int64_t e = 0; e < n; ++e) s[e] = a * s[e] + x[e];
+      const auto a = static_cast<scalar_t>(dec.one_minus_chunk_decay(seg.lengths[c]));
+      for (int64_t e = 0; e < n; ++e) s[e] = s[e] - a * s[e] + x[e];
     }
   });
   return before;
@@ -333,7 +338,12 @@ void recurrent_impl(const Dims& d, const Layer& L, const at::Tensor& q, const at
     for (int64_t sh = begin; sh < end; ++sh) {
       const int64_t s = sh / d.H, h = sh % d.H;
       const Sequence& seq = L.seqs[s];
-      const acc_t gamma = static_cast<acc_t>(std::exp(log_gamma[h]));
+      // S <- gamma S + k^T v is computed as S - (1 - gamma) S + k^T v with 1 - gamma rounded once
+      // from double: gamma itself rounded to fp32 is off by up to 2^-25 near 1, a relative error
+      // of 2^-25 / (1 - gamma) in the decay rate (1% at gamma = 1 - 3e-6), which the recurrence
+      // compounds over the ~1/(1 - gamma) tokens the state remembers (bench/long_decode.py). The
+      // chunk form takes its decay powers from double and never had this error.
+      const acc_t one_minus_gamma = static_cast<acc_t>(-std::expm1(log_gamma[h]));
       acc_t* S = sp + sh * d.dk * d.dv;
       for (int64_t n = 0; n < seq.len; ++n) {
         const int64_t t = seq.t0 + n;
@@ -350,7 +360,7 @@ void recurrent_impl(const Dims& d, const Layer& L, const at::Tensor& q, const at
         for (int64_t i = 0; i < d.dk; ++i) {
           acc_t* srow = S + i * d.dv;
           for (int64_t j = 0; j < d.dv; ++j) {
-            srow[j] = gamma * srow[j] + kt[i] * vt[j];
+            srow[j] = srow[j] - one_minus_gamma * srow[j] + kt[i] * vt[j];
             ot[j] += qt[i] * srow[j];
           }
         }
@@ -473,6 +483,7 @@ at::Tensor recurrent_step_cpu(const at::Tensor& q, const at::Tensor& k, const at
   auto v4 = as_single_step(op, "v", v);
   const auto d = check_inputs(op, q4, k4, v4, log_decay, state, "state");
   check_step_state(op, state, q);
+  check_state_not_aliased(op, state, {{"q", &q}, {"k", &k}, {"v", &v}, {"log_decay", &log_decay}});
   auto o = at::empty({d.B, 1, d.H, d.dv}, q.options());
   const auto L = Layer::raw(d);
   RETENTION_DISPATCH_FLOATS(q.scalar_type(), "recurrent_step", [&] {
@@ -484,9 +495,9 @@ at::Tensor recurrent_step_cpu(const at::Tensor& q, const at::Tensor& k, const at
 
 // ---- fused layer core (msr_*) ------------------------------------------------------------------
 
-// Checks the values of cu_seqlens / offsets (the shared checks can only see their shapes).
-void check_msr_values(const char* op, int64_t T, const OptTensor& cu_seqlens,
-                      const OptTensor& offsets) {
+// Checks the values of cu_seqlens (the shared checks see its shape; offsets' values are checked
+// there too).
+void check_msr_values(const char* op, int64_t T, const OptTensor& cu_seqlens) {
   if (has(cu_seqlens)) {
     auto cu = cu_seqlens->to(at::kLong).contiguous();
     const int64_t* c = cu.data_ptr<int64_t>();
@@ -498,10 +509,6 @@ void check_msr_values(const char* op, int64_t T, const OptTensor& cu_seqlens,
     }
     TORCH_CHECK(c[n - 1] == T, op, ": cu_seqlens[-1] must equal the packed length T = ", T,
                 ", got ", c[n - 1]);
-  }
-  if (has(offsets) && offsets->numel() > 0) {
-    const int64_t lo = offsets->min().item<int64_t>();
-    TORCH_CHECK(lo >= 0, op, ": offsets must be non-negative positions, got ", lo);
   }
 }
 
@@ -527,12 +534,14 @@ std::tuple<at::Tensor, at::Tensor> msr_forward_cpu(
   const char* op = "retention::msr_forward";
   const auto m = check_msr_inputs(op, q, k, v, g, log_decay, form, chunk_size, initial_state,
                                   offsets, cu_seqlens, rotary, norm_weight, eps);
-  check_msr_values(op, m.d.T, cu_seqlens, offsets);
+  check_msr_values(op, m.d.T, cu_seqlens);
   const auto& d = m.d;
-  const auto L = make_layer(d, q, g, cu_seqlens, offsets, rotary, norm, norm_weight, eps,
-                            decay_norm);
+  // Outputs first: a T beyond memory fails here with the allocator's clear message (bytes asked),
+  // not inside the layer's per-row tables.
   auto y = at::empty({d.B, d.T, d.H, d.dv}, q.options());
   auto state = new_state(m.N, d, q, initial_state);
+  const auto L = make_layer(d, q, g, cu_seqlens, offsets, rotary, norm, norm_weight, eps,
+                            decay_norm);
   const auto log_gamma = log_decay_values(log_decay);
   RETENTION_DISPATCH_FLOATS(q.scalar_type(), "msr_forward", [&] {
     if (static_cast<Form>(form) == Form::Recurrent) {
@@ -559,13 +568,13 @@ msr_backward_cpu(const at::Tensor& grad_y, const OptTensor& grad_final_state, co
   const auto m = check_msr_inputs(op, q, k, v, g, log_decay, /*form=*/0, chunk_size,
                                   initial_state, offsets, cu_seqlens, rotary, norm_weight, eps);
   check_msr_grads(op, m, q, grad_y, grad_final_state);
-  check_msr_values(op, m.d.T, cu_seqlens, offsets);
+  check_msr_values(op, m.d.T, cu_seqlens);
   const auto& d = m.d;
-  const auto L = make_layer(d, q, g, cu_seqlens, offsets, rotary, norm, norm_weight, eps,
-                            decay_norm);
-  auto dq = at::empty_like(q, at::MemoryFormat::Contiguous);
+  auto dq = at::empty_like(q, at::MemoryFormat::Contiguous);  // (allocated first, as in forward)
   auto dk = at::empty_like(k, at::MemoryFormat::Contiguous);
   auto dv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  const auto L = make_layer(d, q, g, cu_seqlens, offsets, rotary, norm, norm_weight, eps,
+                            decay_norm);
   // Rows outside every packed sequence (none when cu_seqlens covers T) get zero gradients.
   if (has(cu_seqlens)) {
     dq.zero_();
@@ -598,7 +607,10 @@ at::Tensor msr_step_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const auto m = check_msr_inputs(op, q4, k4, v4, g4, log_decay, static_cast<int64_t>(Form::Recurrent),
                                   1, state, offsets, {}, rotary, norm_weight, eps, "state");
   check_step_state(op, state, q);
-  check_msr_values(op, 1, {}, offsets);
+  check_state_not_aliased(op, state,
+                          {{"q", &q}, {"k", &k}, {"v", &v}, {"g", has(g) ? &*g : nullptr},
+                           {"log_decay", &log_decay}, {"offsets", has(offsets) ? &*offsets : nullptr},
+                           {"norm_weight", has(norm_weight) ? &*norm_weight : nullptr}});
   const auto& d = m.d;
   const auto L = make_layer(d, q4, g4, {}, offsets, rotary, norm, norm_weight, eps, decay_norm);
   auto y = at::empty({d.B, 1, d.H, d.dv}, q.options());

@@ -100,6 +100,7 @@ at::Tensor check_offsets(const char* op, const OptTensor& offsets, int64_t N, co
   TORCH_CHECK(offsets->scalar_type() == at::kLong, op, ": offsets must be int64, got ", offsets->scalar_type());
   TORCH_CHECK(offsets->device() == q.device(), op, ": all tensors must be on the same device, but q is on ",
               q.device(), " and offsets is on ", offsets->device());
+  check_offsets_values(op, *offsets);
   return offsets->contiguous();
 }
 
@@ -295,6 +296,10 @@ at::Tensor msr_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Ten
   TORCH_CHECK(state.scalar_type() == state_dtype(q.scalar_type()), op, ": state must be ",
               state_dtype(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ", state.scalar_type());
   TORCH_CHECK(state.is_contiguous(), op, ": state must be contiguous (it is updated in place)");
+  check_state_not_aliased(op, state,
+                          {{"q", &q}, {"k", &k}, {"v", &v}, {"g", has(g) ? &*g : nullptr},
+                           {"log_decay", &log_decay}, {"offsets", has(offsets) ? &*offsets : nullptr},
+                           {"norm_weight", has(norm_weight) ? &*norm_weight : nullptr}});
   const rk::RotaryMode mode = rotary_mode(op, rotary, d.dk);
   const at::Tensor offsets_ = check_offsets(op, offsets, d.B, q);
   const at::Tensor w = check_norm_weight(op, norm_weight, q, d.dv, eps);

@@ -237,6 +237,7 @@ at::Tensor recurrent_step_cuda(const at::Tensor& q, const at::Tensor& k, const a
   TORCH_CHECK(state.scalar_type() == state_dtype(q.scalar_type()), op, ": state must be ",
               state_dtype(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ", state.scalar_type());
   TORCH_CHECK(state.is_contiguous(), op, ": state must be contiguous (it is updated in place)");
+  check_state_not_aliased(op, state, {{"q", &q}, {"k", &k}, {"v", &v}, {"log_decay", &log_decay}});
   if (q.scalar_type() == at::kDouble) {
     static auto cpu_op = schema<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const at::Tensor&, double, const at::Tensor&)>("retention::recurrent_step");

@@ -114,13 +114,20 @@ class RetentionState:
     __slots__ = ("state", "offset")
 
     def __init__(self, state: Tensor, offset: Union[int, Tensor]):
+        if not isinstance(state, Tensor) or state.dim() != 4 or state.dtype not in (torch.float32, torch.float64):
+            raise ValueError("state must be a float32/float64 tensor [N, H, dk, dv], got "
+                             + (f"{state.dtype} {list(state.shape)}" if isinstance(state, Tensor) else type(state).__name__))
         self.state = state
         if isinstance(offset, Tensor):
             if offset.dim() != 1 or offset.shape[0] != state.shape[0]:
                 raise ValueError(f"per-sequence offsets must have shape [{state.shape[0]}], got {list(offset.shape)}")
+            if offset.is_floating_point() or offset.is_complex():
+                raise ValueError(f"offsets must be integer positions, got {offset.dtype}")
             self.offset = offset.to(device=state.device, dtype=torch.int64)
         else:
             self.offset = int(offset)
+        if not isinstance(self.offset, Tensor) and self.offset < 0:  # (tensor offsets: the ops check them)
+            raise ValueError(f"offset must be a non-negative position, got {offset}")
 
     def offsets(self) -> Tensor:
         """Start positions as an int64 tensor [N] on the state's device."""
@@ -348,14 +355,22 @@ class MultiScaleRetention(nn.Module):
         o = o.to(x_dtype).reshape(B, T, self.value_dim)
         return self.gate(g.reshape(B, T, self.value_dim)) * o
 
-    def _check_state(self, state: Optional[RetentionState], N: int):
+    def _check_state(self, state: Optional[RetentionState], N: int, dtype: Optional[torch.dtype] = None):
+        """Refuses a state of another layer configuration before anything is computed or updated
+        (dtype: the state dtype the in-place step needs; forward converts fp32 <-> fp64)."""
         if state is None:
             return None, 0
         if not isinstance(state, RetentionState):
             raise TypeError(f"state must be a RetentionState or None, got {type(state).__name__}")
         want = (N, self.num_heads, self.key_dim, self.head_dim)
         if tuple(state.state.shape) != want:
-            raise ValueError(f"state has shape {list(state.state.shape)}, expected [N, H, dk, dv] = {list(want)}")
+            raise ValueError(f"state has shape {list(state.state.shape)}, expected [N, H, dk, dv] = {list(want)} "
+                             "(a state from another layer configuration or batch?)")
+        if dtype is not None and state.state.dtype != dtype:
+            raise ValueError(f"state has dtype {state.state.dtype}, expected {dtype} for this layer's inputs")
+        off = state.offset
+        if isinstance(off, Tensor) and tuple(off.shape) != (N,):
+            raise ValueError(f"state.offset must have shape [N] = [{N}], got {list(off.shape)}")
         return state.state, state.offset
 
     def forward(self, x: Tensor, form: str = "chunk", state: Optional[RetentionState] = None,
@@ -441,7 +456,7 @@ class MultiScaleRetention(nn.Module):
         sdt = _compute_dtype(x.dtype)
         if state is None:
             state = self.init_state(B, device=x.device, dtype=sdt)
-        self._check_state(state, B)
+        self._check_state(state, B, sdt)  # before any update: a refused step leaves state unchanged
         S = state.state
         if S.requires_grad or not S.is_contiguous() or S.device != x.device:
             # never write into a tensor that may belong to an autograd graph or to a view
@@ -560,8 +575,14 @@ class RetNet(nn.Module):
     @torch.no_grad()
     def step(self, tokens: Tensor, state: Optional[RetNetState] = None) -> Tuple[Tensor, RetNetState]:
         x = self.embed_tokens(tokens)  # [B, D] or [B, 1, D]
+        states = self._states(state)
+        # Every layer's state is checked before the first one is updated in place: a refused step
+        # must not leave the model state half-advanced.
+        sdt = _compute_dtype(x.dtype)
+        for layer, st in zip(self.layers, states):
+            layer.retention._check_state(st, x.shape[0], sdt)
         new = []
-        for layer, st in zip(self.layers, self._states(state)):
+        for layer, st in zip(self.layers, states):
             x, st = layer.step(x, st)  # st is updated in place (or created when None)
             new.append(st)
         if state is None:

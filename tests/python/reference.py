@@ -38,6 +38,13 @@ def _f64(x):
     return None if x is None else x.to(dtype=torch.float64, device="cpu")
 
 
+def gamma_pow(log_decay, n):
+    """g^n = exp(n * log_decay) for integer n >= 0 (float64 tensors, broadcast), with g^0 = 1 also
+    for g = 0 (log_decay = -inf), where n * log_decay would be 0 * -inf = NaN."""
+    e = n * log_decay
+    return torch.exp(torch.where(n == 0, torch.zeros_like(e), e))
+
+
 def decay_matrix(log_decay, T):
     """D[h, n, m] = exp((n - m) * log_decay[h]) for n >= m, 0 otherwise. float64 [H, T, T]."""
     ld = _f64(log_decay)
@@ -47,7 +54,7 @@ def decay_matrix(log_decay, T):
     # Clamp the exponent on the masked-out half so exp never overflows (log_decay <= 0, but keep
     # the reference well defined for any sign), then zero it exactly.
     expo = torch.where(causal, diff, torch.zeros_like(diff))
-    D = torch.exp(expo[None, :, :] * ld[:, None, None])   # [H, T, T]
+    D = gamma_pow(ld[:, None, None], expo[None, :, :])    # [H, T, T]
     return D * causal.to(torch.float64)
 
 
@@ -65,13 +72,13 @@ def retention_quadratic(q, k, v, log_decay, scale=None, initial_state=None):
     o = scale * torch.einsum("bhnm,bmhv->bnhv", scores, v)    # [B, T, H, dv]
     pos = torch.arange(T, dtype=torch.float64)
     # g^(T-1-m) weights for the final state, [H, T]
-    w_last = torch.exp((T - 1 - pos)[None, :] * ld[:, None])
+    w_last = gamma_pow(ld[:, None], (T - 1 - pos)[None, :])
     # (two-operand einsums only: a three-operand einsum may materialise an outer product)
     S = torch.einsum("bmhk,bmhv->bhkv", k, v * w_last.t()[None, :, :, None])
     if S0 is not None:
-        g_np1 = torch.exp((pos + 1)[None, :] * ld[:, None])  # [H, T]: g^(n+1)
+        g_np1 = gamma_pow(ld[:, None], (pos + 1)[None, :])   # [H, T]: g^(n+1)
         o = o + scale * torch.einsum("bnhk,bhkv->bnhv", q, S0) * g_np1.t()[None, :, :, None]
-        S = S + torch.exp(T * ld)[None, :, None, None] * S0
+        S = S + gamma_pow(ld, torch.full_like(ld, T))[None, :, None, None] * S0
     elif T == 0:
         S = torch.zeros(B, H, dk, dv, dtype=torch.float64)
     return o, S

@@ -77,7 +77,9 @@ def msr_reference(q, k, v, g, log_decay, *, scale=None, rotary="torchscale", nor
         o = u[0]                                                        # [n, H, dv]
         if decay_norm:
             j = (pos + 1)[:, None]
-            Sj = torch.expm1(j * ld[None, :]) / torch.expm1(ld)[None, :]  # [n, H]
+            # S_j = (1 - g^j) / (1 - g); = j for g = 1 (log_decay 0), where it would be 0 / 0
+            Sj = torch.where(ld[None, :] == 0, j.expand(-1, ld.shape[0]),
+                             torch.expm1(j * ld[None, :]) / torch.expm1(ld)[None, :])  # [n, H]
             o = o / torch.sqrt(Sj)[..., None]
         if norm and not terms:
             o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + eps)
