@@ -124,7 +124,7 @@ for m in "${MODELS[@]}"; do
   cov=()
   [ "$COVERAGE" = 1 ] && cov=(--coverage)
   t0=$SECONDS
-  build_variant "$m" "$(warp_of "$m")" -O1 "${cov[@]}" && echo "  $m: built in $((SECONDS - t0))s"
+  build_variant "$m" "$(warp_of "$m")" -O2 "${cov[@]}" && echo "  $m: built in $((SECONDS - t0))s"
 done
 if [ "$ASAN" = 1 ]; then
   t0=$SECONDS
