@@ -6,6 +6,7 @@ packages=(
   g++ cmake ninja-build ccache git
   libtorch-dev python3-torch python3-setuptools python3-numpy python3-pytest python3-tqdm
   python3-matplotlib pybind11-dev libgtest-dev googletest
+  python3-venv  # the torch 2.x test environment (scripts/test-torch2.sh)
   libopenblas0-pthread  # without it Debian's torch falls back to the reference BLAS (9-19x slower)
   hipcc libamdhip64-dev rocm-device-libs  # HIP compile checks for gfx90a
 )

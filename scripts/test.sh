@@ -44,3 +44,5 @@ rm -rf "$fl_out"
 
 echo "== pytest"
 PYTHONPATH=python "$PYTHON" -m pytest tests/python -q -p no:cacheprovider
+
+bash scripts/test-torch2.sh  # the same pytest suite (and packaging) against PyPI's torch 2.x
