@@ -19,7 +19,7 @@ def rel(pattern):
 
 
 sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/meta/*.cpp") + rel(
-    "csrc/autograd/*.cpp")
+    "csrc/autograd/*.cpp") + rel("csrc/autocast/*.cpp")
 include_dirs = [os.path.join(ROOT, d) for d in ("csrc/include", "csrc", "kernels")]
 # -fopenmp: at::parallel_for is inline in ATen's headers; without OpenMP in *our* translation
 # units it compiles to a serial loop even though torch itself runs on OpenMP.
@@ -95,9 +95,10 @@ def extension(backend):
 ext = extension(gpu_backend())
 
 setup(
-    name="retention",
-    version="0.1.0",
-    description="Fused multi-scale retention (RetNet) ops for PyTorch and LibTorch",
+    # Objects compiled against one torch must never be linked into a build against another:
+    # Debian's torch 1.13 and a pip torch 2.x share this tree and the same Python ABI tag, so the
+    # intermediate build directory is keyed by the torch version.
+    options={"build": {"build_base": os.path.join("build", f"torch-{torch.__version__}")}},
     package_dir={"": "python"},
     packages=find_packages("python"),
     ext_modules=[ext],

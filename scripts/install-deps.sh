@@ -7,6 +7,7 @@ packages=(
   libtorch-dev python3-torch python3-setuptools python3-numpy python3-pytest python3-tqdm
   python3-matplotlib pybind11-dev libgtest-dev googletest
   python3-hypothesis  # property-based fuzzing (tests/python/test_fuzz.py)
+  python3-venv  # the torch 2.x test environment (scripts/test-torch2.sh)
   libopenblas0-pthread  # without it Debian's torch falls back to the reference BLAS (9-19x slower)
   hipcc libamdhip64-dev rocm-device-libs  # HIP compile checks for gfx90a
   libboost-context-dev gcovr  # host execution backend of the kernels (fibers), its coverage report

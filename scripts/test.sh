@@ -54,3 +54,4 @@ echo "== pytest"
 PYTHONPATH=python "$PYTHON" -m pytest tests/python -q -p no:cacheprovider
 
 bash scripts/test-sanitizers.sh  # ASan+UBSan (ctest, pytest subset) and TSan (threaded C++ test)
+bash scripts/test-torch2.sh  # the same pytest suite (and packaging) against PyPI's torch 2.x

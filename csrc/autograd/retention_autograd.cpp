@@ -64,9 +64,8 @@ class RetentionFunction : public torch::autograd::Function<RetentionFunction> {
     int64_t chunk_size = ctx->saved_data["chunk_size"].toInt();
     if (form == Form::Recurrent) chunk_size = kRecurrentBackwardChunk;
 
-    auto grad_o = grads[0].defined() ? grads[0]
-                                     : at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)},
-                                                 q.options());
+    // zeros_like(v): [B, T, H, dv] without reading sizes as integers (symbolic under torch.compile).
+    auto grad_o = grads[0].defined() ? grads[0] : at::zeros_like(v, at::MemoryFormat::Contiguous);
     const OptTensor grad_final = grads[1].defined() ? OptTensor(grads[1]) : OptTensor();
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> g;
     if (form == Form::Parallel) {
@@ -190,9 +189,8 @@ class MsrFunction : public torch::autograd::Function<MsrFunction> {
     o.norm = ctx->saved_data["norm"].toBool();
     o.eps = ctx->saved_data["eps"].toDouble();
     o.decay_norm = ctx->saved_data["decay_norm"].toBool();
-    auto grad_y = grads[0].defined() ? grads[0]
-                                     : at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)},
-                                                 q.options());
+    // zeros_like(v): [B, T, H, dv] without reading sizes as integers (symbolic under torch.compile).
+    auto grad_y = grads[0].defined() ? grads[0] : at::zeros_like(v, at::MemoryFormat::Contiguous);
     const OptTensor grad_final = grads[1].defined() ? OptTensor(grads[1]) : OptTensor();
     auto r = msr_backward(grad_y, grad_final, q, k, v, g, log_decay, o, initial_state, opt(6),
                           opt(7), norm_weight);

@@ -1,5 +1,14 @@
 // Meta kernels: shapes and dtypes only, so FakeTensor tracing and torch.compile see the ops
 // without running them. Validation is shared with the real kernels.
+//
+// Output shapes are built from SymInts (sym_size): under torch.compile with dynamic shapes a
+// size is a symbol, and reading it as an int64 (as the shared validation in checks.h does)
+// makes the compiler specialise the graph to that value and recompile for every sequence
+// length. So the validation runs here only when the shapes are concrete; with symbolic shapes
+// the real kernel validates the concrete inputs when the compiled graph runs.
+#include <initializer_list>
+#include <vector>
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -8,25 +17,64 @@
 namespace retention {
 namespace {
 
+bool any_symbolic(std::initializer_list<OptTensor> tensors) {
+  for (const auto& t : tensors) {
+    if (has(t) && t->unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return true;
+  }
+  return false;
+}
+
+at::Tensor empty_sym(std::vector<c10::SymInt> shape, const at::TensorOptions& options) {
+  return at::empty_symint(shape, options);
+}
+
+// [B, T, H, dv] output and [N, H, dk, dv] state (N = B, or the number of packed sequences).
+at::Tensor output_like(const at::Tensor& q, const at::Tensor& v) {
+  return empty_sym({q.sym_size(0), q.sym_size(1), q.sym_size(2), v.sym_size(-1)}, q.options());
+}
+at::Tensor state_for(const c10::SymInt& n, const at::Tensor& q, const at::Tensor& v) {
+  return empty_sym({n, q.sym_size(2), q.sym_size(3), v.sym_size(-1)},
+                   q.options().dtype(state_dtype(q.scalar_type())));
+}
+// recurrent_step / msr_step output: the layout of q ([B, H, dv] or [B, 1, H, dv]).
+at::Tensor step_output(const at::Tensor& q, const at::Tensor& v) {
+  return q.dim() == 3 ? empty_sym({q.sym_size(0), q.sym_size(1), v.sym_size(-1)}, q.options())
+                      : output_like(q, v);
+}
+c10::SymInt num_sequences(const at::Tensor& q, const OptTensor& cu_seqlens) {
+  return has(cu_seqlens) ? cu_seqlens->sym_size(0) - 1 : q.sym_size(0);
+}
+
+// as_single_step for Meta kernels: the 4-D stand-in of a [B, H, d] input is a new meta tensor, not
+// a view. Under torch 2.x FakeTensor runs these kernels on fake tensors, and a view op issued from
+// inside the kernel re-enters Python dispatch (an internal assert in torch 2.11 when
+// functionalization is active, i.e. when the in-place decode ops are compiled).
+at::Tensor as_single_step_meta(const char* op, const char* name, const at::Tensor& x) {
+  if (x.dim() == 3) return at::empty({x.size(0), 1, x.size(1), x.size(2)}, x.options());
+  return as_single_step(op, name, x);  // 4-D: checked and returned as is; other ranks: error
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_meta(const char* op, const at::Tensor& q,
                                                 const at::Tensor& k, const at::Tensor& v,
                                                 const at::Tensor& log_decay,
                                                 const OptTensor& initial_state) {
-  const auto d = check_inputs(op, q, k, v, log_decay, initial_state);
-  return {at::empty({d.B, d.T, d.H, d.dv}, q.options()),
-          at::empty({d.B, d.H, d.dk, d.dv}, q.options().dtype(state_dtype(q.scalar_type())))};
+  if (!any_symbolic({q, k, v, initial_state})) {
+    check_inputs(op, q, k, v, log_decay, initial_state);
+  }
+  return {output_like(q, v), state_for(q.sym_size(0), q, v)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_meta(
     const char* op, const at::Tensor& grad_o, const OptTensor& grad_final_state,
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
     const OptTensor& initial_state) {
-  const auto d = check_inputs(op, q, k, v, log_decay, initial_state);
-  check_grad_o(op, grad_o, d, q, grad_final_state);
+  if (!any_symbolic({grad_o, grad_final_state, q, k, v, initial_state})) {
+    const auto d = check_inputs(op, q, k, v, log_decay, initial_state);
+    check_grad_o(op, grad_o, d, q, grad_final_state);
+  }
   return {at::empty_like(q, at::MemoryFormat::Contiguous),
           at::empty_like(k, at::MemoryFormat::Contiguous),
-          at::empty_like(v, at::MemoryFormat::Contiguous),
-          at::empty({d.B, d.H, d.dk, d.dv}, q.options().dtype(state_dtype(q.scalar_type())))};
+          at::empty_like(v, at::MemoryFormat::Contiguous), state_for(q.sym_size(0), q, v)};
 }
 
 std::tuple<at::Tensor, at::Tensor> chunk_forward_meta(const at::Tensor& q, const at::Tensor& k,
@@ -72,10 +120,11 @@ std::tuple<at::Tensor, at::Tensor> recurrent_forward_meta(const at::Tensor& q, c
 at::Tensor recurrent_step_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& log_decay, double, const at::Tensor& state) {
   const char* op = "retention::recurrent_step";
-  const auto d = check_inputs(op, as_single_step(op, "q", q), as_single_step(op, "k", k),
-                              as_single_step(op, "v", v), log_decay, state, "state");
-  return q.dim() == 3 ? at::empty({d.B, d.H, d.dv}, q.options())
-                      : at::empty({d.B, 1, d.H, d.dv}, q.options());
+  if (!any_symbolic({q, k, v, state})) {
+    check_inputs(op, as_single_step_meta(op, "q", q), as_single_step_meta(op, "k", k),
+                 as_single_step_meta(op, "v", v), log_decay, state, "state");
+  }
+  return step_output(q, v);
 }
 
 std::tuple<at::Tensor, at::Tensor> msr_forward_meta(
@@ -83,12 +132,11 @@ std::tuple<at::Tensor, at::Tensor> msr_forward_meta(
     const at::Tensor& log_decay, double, int64_t form, int64_t chunk_size,
     const OptTensor& initial_state, const OptTensor& offsets, const OptTensor& cu_seqlens,
     int64_t rotary, bool, const OptTensor& norm_weight, double eps, bool) {
-  const auto m = check_msr_inputs("retention::msr_forward", q, k, v, g, log_decay, form,
-                                  chunk_size, initial_state, offsets, cu_seqlens, rotary,
-                                  norm_weight, eps);
-  const auto& d = m.d;
-  return {at::empty({d.B, d.T, d.H, d.dv}, q.options()),
-          at::empty({m.N, d.H, d.dk, d.dv}, q.options().dtype(state_dtype(q.scalar_type())))};
+  if (!any_symbolic({q, k, v, g, initial_state, offsets, cu_seqlens})) {
+    check_msr_inputs("retention::msr_forward", q, k, v, g, log_decay, form, chunk_size,
+                     initial_state, offsets, cu_seqlens, rotary, norm_weight, eps);
+  }
+  return {output_like(q, v), state_for(num_sequences(q, cu_seqlens), q, v)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -99,15 +147,16 @@ msr_backward_meta(const at::Tensor& grad_y, const OptTensor& grad_final_state, c
                   const OptTensor& cu_seqlens, int64_t rotary, bool norm,
                   const OptTensor& norm_weight, double eps, bool) {
   const char* op = "retention::msr_backward";
-  const auto m = check_msr_inputs(op, q, k, v, g, log_decay, 0, chunk_size, initial_state,
-                                  offsets, cu_seqlens, rotary, norm_weight, eps);
-  check_msr_grads(op, m, q, grad_y, grad_final_state);
-  const auto& d = m.d;
+  if (!any_symbolic({grad_y, grad_final_state, q, k, v, g, initial_state, offsets, cu_seqlens})) {
+    const auto m = check_msr_inputs(op, q, k, v, g, log_decay, 0, chunk_size, initial_state,
+                                    offsets, cu_seqlens, rotary, norm_weight, eps);
+    check_msr_grads(op, m, q, grad_y, grad_final_state);
+  }
   return {at::empty_like(q, at::MemoryFormat::Contiguous),
           at::empty_like(k, at::MemoryFormat::Contiguous),
           at::empty_like(v, at::MemoryFormat::Contiguous),
           has(g) ? at::empty_like(*g, at::MemoryFormat::Contiguous) : at::Tensor(),
-          at::empty({m.N, d.H, d.dk, d.dv}, q.options().dtype(state_dtype(q.scalar_type()))),
+          state_for(num_sequences(q, cu_seqlens), q, v),
           has(norm_weight) && norm ? at::empty_like(*norm_weight) : at::Tensor()};
 }
 
@@ -116,13 +165,13 @@ at::Tensor msr_step_meta(const at::Tensor& q, const at::Tensor& k, const at::Ten
                          const at::Tensor& state, const OptTensor& offsets, int64_t rotary, bool,
                          const OptTensor& norm_weight, double eps, bool) {
   const char* op = "retention::msr_step";
-  const OptTensor g4 = has(g) ? OptTensor(as_single_step(op, "g", *g)) : OptTensor();
-  const auto m = check_msr_inputs(op, as_single_step(op, "q", q), as_single_step(op, "k", k),
-                                  as_single_step(op, "v", v), g4, log_decay, 2, 1, state,
-                                  offsets, {}, rotary, norm_weight, eps, "state");
-  const auto& d = m.d;
-  return q.dim() == 3 ? at::empty({d.B, d.H, d.dv}, q.options())
-                      : at::empty({d.B, 1, d.H, d.dv}, q.options());
+  if (!any_symbolic({q, k, v, g, state, offsets})) {
+    const OptTensor g4 = has(g) ? OptTensor(as_single_step_meta(op, "g", *g)) : OptTensor();
+    check_msr_inputs(op, as_single_step_meta(op, "q", q), as_single_step_meta(op, "k", k),
+                     as_single_step_meta(op, "v", v), g4, log_decay, 2, 1, state, offsets, {},
+                     rotary, norm_weight, eps, "state");
+  }
+  return step_output(q, v);
 }
 
 }  // namespace

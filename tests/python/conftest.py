@@ -18,7 +18,8 @@ import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _PYDIR = os.path.normpath(os.path.join(_HERE, "..", "..", "python"))
-if _PYDIR not in sys.path:
+# RETENTION_TEST_INSTALLED=1: test the installed package (pip install), not the source tree.
+if _PYDIR not in sys.path and os.environ.get("RETENTION_TEST_INSTALLED") != "1":
     sys.path.insert(0, _PYDIR)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)

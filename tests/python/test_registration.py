@@ -1,0 +1,44 @@
+"""Which dispatch keys every op has a kernel for, checked through the dispatcher (no GPU needed):
+CPU, Meta (FakeTensor / torch.compile), Autograd, the autocast keys and, for a CUDA build of the
+extension, CUDA.  The torch 2.x CI leg builds the CUDA extension on a machine without a GPU and
+sets RETENTION_EXPECT_GPU_BUILD=cuda, so a CUDA glue that silently failed to register is caught
+there."""
+import os
+
+import pytest
+import torch
+
+import retention  # noqa: F401  (registers torch.ops.retention)
+
+OPS = ["retention::" + name for name in (
+    "chunk_forward", "chunk_backward", "parallel_forward", "parallel_backward",
+    "recurrent_forward", "recurrent_step", "msr_forward", "msr_backward", "msr_step")]
+has_kernel = getattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", None)
+
+pytestmark = pytest.mark.skipif(
+    has_kernel is None,
+    reason=f"torch._C._dispatch_has_kernel_for_dispatch_key is missing in torch {torch.__version__}")
+
+
+def test_op_list_is_complete():
+    all_ops = getattr(torch._C, "_dispatch_get_all_op_names", None)
+    if all_ops is None:
+        pytest.skip(f"torch._C._dispatch_get_all_op_names is missing in torch {torch.__version__}")
+    registered = sorted(n for n in all_ops() if n.startswith("retention::"))
+    assert registered == sorted(OPS), f"update OPS: registered ops are {registered}"
+
+
+@pytest.mark.parametrize("key", ["CPU", "Meta", "Autograd", "AutocastCPU", "AutocastCUDA"])
+def test_every_op_has_kernel(key):
+    missing = [op for op in OPS if not has_kernel(op, key)]
+    assert not missing, f"no {key} kernel for {missing}"
+
+
+def test_cuda_kernels_registered():
+    expect = os.environ.get("RETENTION_EXPECT_GPU_BUILD") == "cuda" or (
+        torch.cuda.is_available() and torch.version.hip is None)
+    if not expect:
+        pytest.skip("CPU build of the extension (set RETENTION_EXPECT_GPU_BUILD=cuda to require "
+                    "the CUDA kernels; the torch 2.x CI leg does)")
+    missing = [op for op in OPS if not has_kernel(op, "CUDA")]
+    assert not missing, f"the CUDA build has no CUDA kernel for {missing}"
