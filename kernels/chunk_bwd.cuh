@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
     const int L = seq.length - t0 < BT ? static_cast<int>(seq.length - t0) : BT;
     const std::int64_t t = seq.t_begin + t0;  // row of the chunk's first token in batch row b
     const float gL = decay_pow(L, log2g);
-    const float s_factor = state_operand_factor<Tr>(S, sScratch, dk);
+    const float s_factor = state_operand_factor<Tr>(S, sScratch);
 
     __syncthreads();
     load_tile<BT, BV, kThreads>(sV, LDV, bthd_ptr<T>(p.v, b, t, h, v0), p.v.stride_t, L, nv);
@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
     const std::int64_t t = seq.t_begin + t0;  // row of the chunk's first token in batch row b
     const float gL = decay_pow(L, log2g);
     const auto tail_decay = [&](int j) { return j < L ? decay_pow(L - 1 - j, log2g) : 0.f; };
-    const float h_factor = state_operand_factor<Tr>(dH, sScratch, dk);
+    const float h_factor = state_operand_factor<Tr>(dH, sScratch);
 
     __syncthreads();
     load_tile<BT, BV, kThreads>(sV, LDV, bthd_ptr<T>(p.v, b, t, h, v0), p.v.stride_t, L, nv);

@@ -225,17 +225,17 @@ RT_DEVICE void scale_acc(typename Mma::FragC (&acc)[N], float s) {
 // `scratch` is one shared float per warp (ChunkTraits::kScratch) for the warps' maxima.
 
 template <class Tr>
-RT_DEVICE float state_operand_factor(typename Tr::FragC (&S)[Tr::KT][Tr::BV / 16], float* scratch, int dk) {
+RT_DEVICE float state_operand_factor(typename Tr::FragC (&S)[Tr::KT][Tr::BV / 16], float* scratch) {
   using Mma = typename Tr::Mma;
   if constexpr (!std::is_same<typename Tr::T, f16_t>::value) {
     return 1.f;
   } else {
     float m = 0.f;
+    // All KT tiles (those past dk hold zeros): a data-dependent exit would stop the unrolling
+    // and put S in scratch memory on gfx90a.
 #pragma unroll
-    for (int kt = 0; kt < Tr::KT; ++kt) {
-      if (kt * Tr::BK >= dk) break;  // tiles past dk hold zeros
+    for (int kt = 0; kt < Tr::KT; ++kt)
       for_each<Mma, Tr::BV / 16>(S[kt], [&](int, int, float& x) { m = fmaxf(m, fabsf(x)); });
-    }
     m = gpu::warp_reduce_max(m);
     if (gpu::lane_id() == 0) scratch[gpu::warp_id()] = m;
     __syncthreads();

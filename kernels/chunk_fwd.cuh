@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const typen
     const int L = seq.length - t0 < BT ? static_cast<int>(seq.length - t0) : BT;
     const std::int64_t t = seq.t_begin + t0;  // row of the chunk's first token in batch row b
     const float gL = decay_pow(L, log2g);
-    const float s_factor = state_operand_factor<Tr>(S, sScratch, dk);
+    const float s_factor = state_operand_factor<Tr>(S, sScratch);
 
     __syncthreads();  // previous chunk is done with sV and sA/sO
     load_tile<BT, BV, kThreads>(sV, LDV, bthd_ptr<T>(p.v, b, t, h, v0), p.v.stride_t, L, nv);
