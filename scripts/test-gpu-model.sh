@@ -40,8 +40,8 @@ grep -E "^\| decode_step \| B8 H8 128x128 .*\| 4\.0 \| [0-9.]+ \|$" "$tmp/measur
 bash -n bench/gpu_check.sh
 bash -n bench/gpu_prepare.sh
 
-# bench/gpu_check.sh, rehearsed with this python (no GPU, no prepared build: the kernel-test step
-# reports 'missing'): it must run to the end, time its steps and pack what it promises.
+# bench/gpu_check.sh, rehearsed with this python (no GPU): it must run to the end, time its steps
+# and pack what it promises.
 PYTHON="$PYTHON" bash bench/gpu_check.sh "$tmp/check" --rehearse >"$tmp/check.log" 2>&1 || true
 "$PYTHON" - "$tmp/check" <<'PY' || { cat "$tmp/check.log"; exit 1; }
 import json, os, sys
@@ -51,7 +51,8 @@ status = {s["name"]: s["status"] for s in doc["steps"]}
 assert doc["info"]["mode"] == "rehearsal", doc["info"]
 for name in ("environment", "setup", "pytest", "bench"):
     assert status.get(name) == "ok", (name, status)
-assert status.get("kernel_tests") == "missing", status
+# 'missing' without a prepared build (CI); 'ok' (every GPU test skipping) where bench/gpu_prepare.sh ran
+assert status.get("kernel_tests") in ("missing", "ok"), status
 files = sorted(os.listdir(out))
 assert "logs.tar.gz" in files and "gpu_check.txt" in files and len(files) <= 8, files
 print("gpu_check rehearsal:", ", ".join(f"{k} {v}" for k, v in status.items()))
