@@ -8,6 +8,7 @@
 #include <utility>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_assert_async.h>
 #include <c10/util/Exception.h>
 
 #include "retention/compat.h"
@@ -40,16 +41,21 @@ inline void check_state(const char* op, const char* name, const at::Tensor& s, c
               q.device(), " and ", name, " is on ", s.device());
 }
 
-// Values a shape check cannot see. Read on the host: free for CPU tensors; for a device tensor one
-// small copy (H or N values), which is the price of refusing input that would otherwise overflow
-// the GPU kernels' decay powers. Meta tensors have no values (shape propagation only).
+// Values a shape check cannot see. CPU tensors are read on the host, with a message naming the bad
+// element. Device tensors are checked on the device (at::_assert_async): a host read would cost a
+// sync per call and break CUDA-graph capture; a bad value then fails the next synchronising call.
+// Meta tensors have no values (shape propagation only).
 inline bool has_values(const at::Tensor& t) { return !t.is_meta() && t.numel() > 0; }
 
 // gamma = exp(log_decay) must lie in [0, 1]: log_decay in [-inf, 0]. gamma > 1 grows without bound
 // (gamma^T overflows; the GPU kernels' decay powers are inf), NaN poisons every output and state.
 inline void check_log_decay_values(const char* op, const at::Tensor& log_decay) {
   if (!has_values(log_decay)) return;
-  const auto host = log_decay.detach().to(at::kCPU, at::kDouble).contiguous();
+  if (!log_decay.is_cpu()) {
+    at::_assert_async(log_decay.le(0).all());  // false for NaN too
+    return;
+  }
+  const auto host = log_decay.detach().to(at::kDouble).contiguous();
   const double* x = host.data_ptr<double>();
   for (int64_t h = 0; h < host.numel(); ++h) {
     TORCH_CHECK(x[h] <= 0.0, op, ": log_decay must be <= 0 and not NaN (decay gamma = exp(log_decay) in [0, 1]), ",
@@ -60,6 +66,10 @@ inline void check_log_decay_values(const char* op, const at::Tensor& log_decay) 
 // offsets: absolute start positions, int64 [N] (shape checked by the caller).
 inline void check_offsets_values(const char* op, const at::Tensor& offsets) {
   if (!has_values(offsets)) return;
+  if (!offsets.is_cpu()) {
+    at::_assert_async(offsets.ge(0).all());
+    return;
+  }
   const int64_t lo = offsets.detach().min().item<int64_t>();
   TORCH_CHECK(lo >= 0, op, ": offsets must be non-negative positions, got a minimum of ", lo);
 }
