@@ -108,6 +108,18 @@ def test_layer_step_bit_identical_to_recurrent_form(dtype):
     state = st.clone()
     ys = [layer.step(x[:, t], state)[0] for t in range(x.shape[1])]
     y_step = torch.stack(ys, 1)
-    assert torch.equal(y_step, y_rec), f"max |diff| {(y_step - y_rec).abs().max():.3e}"
-    assert torch.equal(state.state, st_rec.state)
+    # The retention core is bit-identical by construction (test above); the layer's projections
+    # are one GEMM per token in `step` and one per sequence in the recurrent form, and some BLAS
+    # builds (PyPI torch's) round a [B, D] and a [B*T, D] product differently. Bit-identity is
+    # required where this BLAS is shape-invariant, else agreement to the dtype's rounding.
+    w = layer.q_proj.weight
+    shape_invariant = torch.equal(torch.nn.functional.linear(x[:, 0], w),
+                                  torch.nn.functional.linear(x, w)[:, 0])
+    if shape_invariant:
+        assert torch.equal(y_step, y_rec), f"max |diff| {(y_step - y_rec).abs().max():.3e}"
+        assert torch.equal(state.state, st_rec.state)
+    else:
+        tol = 1e-5 if dtype == torch.float32 else 1e-13
+        torch.testing.assert_close(y_step, y_rec, rtol=tol, atol=tol)
+        torch.testing.assert_close(state.state, st_rec.state, rtol=tol, atol=tol)
     assert state.offset.tolist() == st_rec.offset.tolist() == [16, 14]
