@@ -34,7 +34,11 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "tests", "python"))
-sys.path.insert(0, os.path.join(REPO, "python"))
+# The source tree's package, unless one is imported already or the tests run against the
+# installed package: this module is imported by the test suite too, and a path inserted here
+# reaches processes the suite spawns later.
+if "retention" not in sys.modules and os.environ.get("RETENTION_TEST_INSTALLED") != "1":
+    sys.path.insert(0, os.path.join(REPO, "python"))
 
 import retention  # noqa: E402
 from reference import retention_quadratic  # noqa: E402

@@ -11,10 +11,13 @@ import datetime
 import io
 import os
 import queue
+import time
 import traceback
 
 import torch
 import torch.multiprocessing as mp
+
+import retention
 
 _TASK_TIMEOUT_S = 240      # generous: a healthy task takes seconds; the gloo timeout fires first
 _COLLECTIVE_TIMEOUT_S = 90
@@ -33,11 +36,21 @@ def _loads(data):
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
-def _serve(rank, world, init_file, task_q, result_q):
+def _serve(rank, world, init_file, task_q, result_q, package):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"   # loopback only
     torch.set_num_threads(1)                   # the ranks share the machine's cores
+    import importlib.util
+
     import torch.distributed as dist
 
+    # A spawned process rebuilds its import path from the parent's sys.path; if anything put
+    # another copy of the package first (e.g. a source tree whose extension was built for a
+    # different torch), importing it may abort the process: refuse with a message instead.
+    found = importlib.util.find_spec("retention").origin
+    if found != package:
+        result_q.put((rank, "error", f"worker would import retention from {found}, the tests "
+                                     f"use {package} (sys.path differs)"))
+        return
     import retention  # noqa: F401
     import distributed_tasks
 
@@ -77,7 +90,8 @@ class WorkerPool:
         self.result_q = ctx.Queue()
         self.task_qs = [ctx.Queue() for _ in range(self.world)]
         self.procs = [ctx.Process(target=_serve, args=(r, self.world, init_file, self.task_qs[r],
-                                                       self.result_q), daemon=True)
+                                                       self.result_q, retention.__file__),
+                                 daemon=True)
                       for r in range(self.world)]
         for p in self.procs:
             p.start()
@@ -85,19 +99,27 @@ class WorkerPool:
 
     def _collect(self, what):
         out, errors = {}, []
-        try:
-            while len(out) + len(errors) < self.world:
-                # after a failure the other ranks may wait in a collective: don't wait for them
-                timeout = 5 if errors else _TASK_TIMEOUT_S
-                rank, status, payload = self.result_q.get(timeout=timeout)
-                if status == "error":
-                    errors.append(f"rank {rank}:\n{payload}")
-                else:
-                    out[rank] = payload if status == "ready" else _loads(payload)
-        except queue.Empty:
-            if not errors:
-                errors.append(f"timed out after {_TASK_TIMEOUT_S} s waiting for {what} "
-                              f"(answered: {sorted(out)})")
+        deadline = time.monotonic() + _TASK_TIMEOUT_S
+        while len(out) + len(errors) < self.world:
+            try:
+                # short waits, so that a worker that died (it never answers) is noticed at once
+                rank, status, payload = self.result_q.get(timeout=1)
+            except queue.Empty:
+                dead = [f"rank {r} exited with code {p.exitcode}" for r, p in enumerate(self.procs)
+                        if not p.is_alive() and r not in out]
+                if dead or errors:
+                    # after a failure the other ranks may wait in a collective: don't wait for them
+                    errors.extend(dead)
+                    break
+                if time.monotonic() > deadline:
+                    errors.append(f"timed out after {_TASK_TIMEOUT_S} s waiting for {what} "
+                                  f"(answered: {sorted(out)})")
+                    break
+                continue
+            if status == "error":
+                errors.append(f"rank {rank}:\n{payload}")
+            else:
+                out[rank] = payload if status == "ready" else _loads(payload)
         if errors:
             self.close(kill=True)
             raise RuntimeError(f"distributed task {what!r} failed:\n" + "\n".join(errors))

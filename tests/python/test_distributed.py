@@ -228,7 +228,7 @@ def test_data_parallel_matches_single_process(pool, wrapper):
                     assert_close_rel(res[r]["grads"][name], p.grad, TOL[torch.float32],
                                      f"{wrapper} step-1 grad {name} on rank {r}")
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     for r in range(ranks):
         # fp32 training for 3 steps from the same weights: the curves agree to fp32 rounding
         # (amplified a little by the updates), far below the loss change between steps.
