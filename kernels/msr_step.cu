@@ -1,15 +1,21 @@
-// msr_step.cu - one fused MSR decode step per batch row (design notes in msr_kernels.h):
+// msr_step.cu - the decode step, raw (recurrent_step) and fused (msr_step): one launch per step.
 //   q~ = R(p) q, k~ = R(p) k at p = offsets[b];  S <- gamma S + k~^T v (in place);
 //   u = scale q~ S;  y = epilogue(u)  (decay normaliser, RMSNorm over dv, swish gate).
+// The raw step is this kernel with no prologue and no epilogue (as on the CPU).
 //
-// One CTA per (b, h) owns the whole dv row: the RMSNorm needs all of u before any y can be
-// written, and u may not go to global memory, so u is kept in shared memory (fp32, up to
-// kMsrStepMaxDv columns).  The state update keeps the raw decode step's access pattern:
-// consecutive lanes take consecutive state columns (coalesced), kStepGroups row groups split
-// dk and meet in shared memory for q S.  The step is bandwidth-bound on the state, so one CTA
-// per head with a column loop costs nothing beyond the memory traffic.
+// Purely bandwidth-bound on the fp32 state: 8 dk dv bytes of state traffic (read + write)
+// against ~4 dk dv flops, so the goals are one launch for all (b, h), coalesced state access and
+// enough bytes in flight.  Consecutive lanes take consecutive state columns (one warp = one
+// contiguous row segment); kStepGroups row groups split dk and meet in shared memory for q S.
+// Grid: (b, h) x column tiles of kStepCols.  The RMSNorm needs all of u before any y can be
+// written, and u may not go to global memory, so with the norm one CTA walks the whole dv row
+// and keeps u in shared memory (fp32, up to kMsrStepMaxDv columns); without it each CTA finishes
+// its own tile.  Traffic at B H >= 256 and dk = dv = 128 (the model in docs/gpu.md, "Decode
+// step"): the state is 8 dk dv = 128 KiB per (b, h) against 4 (dk + 2 dv) bytes of q/k/v/y, so
+// the step should run at the state-streaming rate, >= 90 % of HBM bandwidth (unmeasured).
 #include "chunk_common.cuh"
 #include "msr_common.cuh"
+#include "recurrence.cuh"
 
 namespace retention::kernels {
 namespace {
@@ -17,6 +23,7 @@ namespace {
 constexpr int kStepCols = 64;
 constexpr int kStepGroups = 4;
 constexpr int kStepThreads = kStepCols * kStepGroups;
+constexpr int kRowsInFlight = 8;  // state loads in flight per thread
 
 template <class T>
 __global__ void __launch_bounds__(kStepThreads) msr_step_kernel(const MsrStepParams p) {
@@ -31,10 +38,11 @@ __global__ void __launch_bounds__(kStepThreads) msr_step_kernel(const MsrStepPar
   const int b = blockIdx.x / H, h = blockIdx.x % H;
   const int tid = threadIdx.x, col = tid % kStepCols, group = tid / kStepCols;
   const std::int64_t pos = p.offsets != nullptr ? p.offsets[b] : 0;
+  const bool rotary = p.opt.rotary != RotaryMode::kNone;
 
   // theta_i first, while almost nothing is live: the float64 pow is a function call whose
   // register saves would otherwise spill.
-  if (p.opt.rotary != RotaryMode::kNone)
+  if (rotary)
     for (int i = tid; i < dk / 2; i += kStepThreads) theta[i] = rotary_theta(p.opt.rotary, i, dk);
   __syncthreads();
 
@@ -43,7 +51,7 @@ __global__ void __launch_bounds__(kStepThreads) msr_step_kernel(const MsrStepPar
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
   for (int d = tid; d < dk; d += kStepThreads) {
     float qd = Elem<T>::to_float(q[d]), kd = Elem<T>::to_float(k[d]);
-    if (p.opt.rotary != RotaryMode::kNone) {
+    if (rotary) {
       int partner, pair;
       float sign, cs, sn;
       rotary_pair(p.opt.rotary, d, dk, partner, sign, pair);
@@ -55,52 +63,12 @@ __global__ void __launch_bounds__(kStepThreads) msr_step_kernel(const MsrStepPar
     sk[d] = kd;
   }
   const float log_gamma = p.log_decay[h];
-  const float gamma = expf(log_gamma);
-  __syncthreads();
-
-  // State update and u, kStepCols columns at a time.
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
-  float* const S = p.state + (static_cast<std::int64_t>(b) * H + h) * dk * dv;
-  for (int c0 = 0; c0 < dv; c0 += kStepCols) {
-    const int c = c0 + col;
-    float acc = 0.f;
-    if (c < dv) {
-      const float vc = Elem<T>::to_float(v[c]);
-#pragma unroll 4
-      for (int r = group; r < dk; r += kStepGroups) {
-        const float s = fmaf(gamma, S[static_cast<std::int64_t>(r) * dv + c], sk[r] * vc);
-        S[static_cast<std::int64_t>(r) * dv + c] = s;
-        acc = fmaf(sq[r], s, acc);
-      }
-    }
-    partial[group][col] = acc;
-    __syncthreads();
-    if (group == 0 && c < dv) {
-#pragma unroll
-      for (int g = 1; g < kStepGroups; ++g) acc += partial[g][col];
-      su[c] = p.scale * acc;
-    }
-    __syncthreads();
-  }
-
-  // Epilogue over the whole row.
+  const float omg = one_minus_gamma(log_gamma);
   const float a = p.opt.decay_norm ? decay_normaliser(pos + 1, log_gamma) : 1.f;
-  float r = 1.f;
-  if (p.opt.norm) {
-    float ss = 0.f;
-    for (int c = tid; c < dv; c += kStepThreads) ss += su[c] * su[c];
-    ss = gpu::warp_reduce_sum(ss);
-    if (gpu::lane_id() == 0) warp_sums[gpu::warp_id()] = ss;
-    __syncthreads();
-    ss = 0.f;
-#pragma unroll
-    for (int w = 0; w < kStepThreads / gpu::kWarpSize; ++w) ss += warp_sums[w];
-    r = rsqrtf(a * a * ss / static_cast<float>(dv) + p.opt.eps);
-  }
   const T* g = p.g != nullptr ? static_cast<const T*>(p.g) + b * p.g_stride_b + h * p.g_stride_h : nullptr;
   T* y = static_cast<T*>(p.y) + b * p.y_stride_b + h * p.y_stride_h;
-  for (int c = tid; c < dv; c += kStepThreads) {
-    const float o = a * su[c];
+  // y[c] from o = a u[c] and the normalisation factor r (1 without the norm).
+  auto write_y = [&](int c, float o, float r) {
     float z = o;
     if (p.opt.norm) z = o * r * (p.opt.norm_weight != nullptr ? p.opt.norm_weight[c] : 1.f);
     if (g != nullptr) {
@@ -108,18 +76,75 @@ __global__ void __launch_bounds__(kStepThreads) msr_step_kernel(const MsrStepPar
       z *= gv * sigmoid(gv);
     }
     y[c] = Elem<T>::from_float(z);
+  };
+  __syncthreads();
+
+  // State update and u, kStepCols columns at a time.
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
+  float* const S = p.state + (static_cast<std::int64_t>(b) * H + h) * dk * dv;
+  for (int c0 = blockIdx.y * kStepCols; c0 < dv; c0 += gridDim.y * kStepCols) {
+    const int c = c0 + col;
+    float acc = 0.f;
+    if (c < dv) {
+      const float vc = Elem<T>::to_float(v[c]);
+      float* const Sc = S + c;
+      // kRowsInFlight loads before the first store: the compiler may not move a load above a
+      // store that could alias it, so a row-by-row loop would have one load in flight.
+      for (int r0 = group; r0 < dk; r0 += kStepGroups * kRowsInFlight) {
+        float s[kRowsInFlight];
+#pragma unroll
+        for (int i = 0; i < kRowsInFlight; ++i) {
+          const int r = r0 + i * kStepGroups;
+          s[i] = r < dk ? Sc[static_cast<std::int64_t>(r) * dv] : 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < kRowsInFlight; ++i) {
+          const int r = r0 + i * kStepGroups;
+          if (r < dk) {
+            s[i] = decay_update(s[i], omg, sk[r], vc);
+            Sc[static_cast<std::int64_t>(r) * dv] = s[i];
+            acc = fmaf(sq[r], s[i], acc);
+          }
+        }
+      }
+    }
+    partial[group][col] = acc;
+    __syncthreads();
+    if (group == 0 && c < dv) {
+#pragma unroll
+      for (int i = 1; i < kStepGroups; ++i) acc += partial[i][col];
+      if (p.opt.norm)
+        su[c] = p.scale * acc;
+      else
+        write_y(c, a * p.scale * acc, 1.f);
+    }
+    __syncthreads();
   }
+  if (!p.opt.norm) return;
+
+  // RMSNorm epilogue over the whole row.
+  float ss = 0.f;
+  for (int c = tid; c < dv; c += kStepThreads) ss += su[c] * su[c];
+  ss = gpu::warp_reduce_sum(ss);
+  if (gpu::lane_id() == 0) warp_sums[gpu::warp_id()] = ss;
+  __syncthreads();
+  ss = 0.f;
+#pragma unroll
+  for (int w = 0; w < kStepThreads / gpu::kWarpSize; ++w) ss += warp_sums[w];
+  const float r = rsqrtf(a * a * ss / static_cast<float>(dv) + p.opt.eps);
+  for (int c = tid; c < dv; c += kStepThreads) write_y(c, a * su[c], r);
 }
 
 template <class T>
 gpu::error_t launch_step(const MsrStepParams& p) {
-  return gpu::launch(&msr_step_kernel<T>, static_cast<unsigned>(p.B * p.H), kStepThreads, 0, p.stream, p);
+  const dim3 grid(static_cast<unsigned>(p.B * p.H), p.opt.norm ? 1u : static_cast<unsigned>((p.dv + kStepCols - 1) / kStepCols));
+  return gpu::launch(&msr_step_kernel<T>, grid, kStepThreads, 0, p.stream, p);
 }
 
 }  // namespace
 
 gpu::error_t launch_msr_step(const MsrStepParams& p) {
-  if (p.B < 0 || p.H < 0 || p.dk < 0 || p.dv < 0 || p.dk > kMaxHeadDimK || p.dv > kMsrStepMaxDv ||
+  if (p.B < 0 || p.H < 0 || p.dk < 0 || p.dv < 0 || p.dk > kMaxHeadDimK || (p.opt.norm && p.dv > kMsrStepMaxDv) ||
       p.log_decay == nullptr)
     return gpu::kErrorInvalidValue;
   if (p.opt.rotary != RotaryMode::kNone && p.dk % 2 != 0) return gpu::kErrorInvalidValue;
@@ -134,6 +159,24 @@ gpu::error_t launch_msr_step(const MsrStepParams& p) {
       return launch_step<float>(p);
   }
   return gpu::kErrorInvalidValue;
+}
+
+// The raw step: the fused step with no rotation, no normaliser, no norm and no gate.
+gpu::error_t launch_recurrent_step(const RecurrentStepParams& r) {
+  MsrStepParams p;
+  p.dtype = r.dtype;
+  p.B = r.B, p.H = r.H, p.dk = r.dk, p.dv = r.dv;
+  p.q = r.q, p.q_stride_b = r.q_stride_b, p.q_stride_h = r.q_stride_h;
+  p.k = r.k, p.k_stride_b = r.k_stride_b, p.k_stride_h = r.k_stride_h;
+  p.v = r.v, p.v_stride_b = r.v_stride_b, p.v_stride_h = r.v_stride_h;
+  p.y = r.o, p.y_stride_b = r.o_stride_b, p.y_stride_h = r.o_stride_h;
+  p.log_decay = r.log_decay;
+  p.scale = r.scale;
+  p.state = r.state;
+  p.opt.rotary = RotaryMode::kNone;
+  p.opt.norm = false;
+  p.stream = r.stream;
+  return launch_msr_step(p);
 }
 
 }  // namespace retention::kernels

@@ -1,74 +1,20 @@
-// recurrent.cu - token-by-token retention: the multi-token scan and the single decode step.
+// recurrent.cu - the token-by-token scan (recurrent_forward; the decode step is msr_step.cu).
 //
 //   S <- g S + k^T v ;  o = scale * q S        (S: fp32 [dk x dv] per (b, h))
 //
-// Decode step (recurrent_step_kernel): purely bandwidth-bound (8 dk dv bytes of state traffic
-// against ~5 dk dv flops), so the only goals are one launch for all (b, h), coalesced state
-// access and enough bytes in flight.  A CTA covers kCols consecutive state columns of one head;
-// consecutive lanes take consecutive columns (one warp = one contiguous row segment), the
-// kGroups row groups split dk and meet in shared memory for the q S reduction.
-//
-// Scan (recurrent_forward_kernel): the state stays in registers for the whole sequence, so
-// nothing about it needs to be coalesced; instead the lanes of a warp split dk (rows) and the
-// q S reduction is a butterfly across lanes.  Each warp owns kCols columns and is independent
-// of the others: no barriers.  This is the GPU reference for the chunk kernels, not a
-// throughput path (one token at a time, latency-bound).
+// The state stays in registers for the whole sequence, so nothing about it needs to be
+// coalesced; instead the lanes of a warp split dk (rows) and the q S reduction is a butterfly
+// across lanes.  Each warp owns kCols columns and is independent of the others: no barriers.
+// This is the GPU reference for the chunk kernels, not a throughput path (one token at a time,
+// latency-bound).
 #include "gpu_compat.h"
 #include "numeric.h"
+#include "recurrence.cuh"
 #include "retention_kernels.h"
 
 namespace retention::kernels {
 namespace {
 
-// ------------------------------------------------------------------------------------------
-// Decode step
-// ------------------------------------------------------------------------------------------
-constexpr int kStepCols = 64;
-constexpr int kStepGroups = 4;
-
-template <class T>
-__global__ void __launch_bounds__(kStepCols* kStepGroups) recurrent_step_kernel(const RecurrentStepParams p) {
-  RETENTION_SHARED(float, sq, [kMaxHeadDimK]);
-  RETENTION_SHARED(float, sk, [kMaxHeadDimK]);
-  RETENTION_SHARED(float, partial, [kStepGroups][kStepCols]);
-
-  const int H = static_cast<int>(p.H), dk = static_cast<int>(p.dk), dv = static_cast<int>(p.dv);
-  const int b = blockIdx.x / H, h = blockIdx.x % H;
-  const int tid = threadIdx.x, col = tid % kStepCols, group = tid / kStepCols;
-  const int c = blockIdx.y * kStepCols + col;
-
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
-  for (int r = tid; r < dk; r += kStepCols * kStepGroups) {
-    sq[r] = Elem<T>::to_float(q[r]);
-    sk[r] = Elem<T>::to_float(k[r]);
-  }
-  const float gamma = expf(p.log_decay[h]);
-  __syncthreads();
-
-  float acc = 0.f;
-  if (c < dv) {
-    const float vc = Elem<T>::to_float((static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h)[c]);
-    float* S = p.state + (static_cast<std::int64_t>(b) * H + h) * dk * dv + c;
-#pragma unroll 4
-    for (int r = group; r < dk; r += kStepGroups) {
-      const float s = fmaf(gamma, S[static_cast<std::int64_t>(r) * dv], sk[r] * vc);
-      S[static_cast<std::int64_t>(r) * dv] = s;
-      acc = fmaf(sq[r], s, acc);
-    }
-  }
-  partial[group][col] = acc;
-  __syncthreads();
-  if (group == 0 && c < dv) {
-#pragma unroll
-    for (int g = 1; g < kStepGroups; ++g) acc += partial[g][col];
-    (static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h)[c] = Elem<T>::from_float(p.scale * acc);
-  }
-}
-
-// ------------------------------------------------------------------------------------------
-// Multi-token scan
-// ------------------------------------------------------------------------------------------
 constexpr int kScanWarps = 4;
 constexpr int kScanCols = 8;  // state columns per warp
 
@@ -81,7 +27,7 @@ __global__ void __launch_bounds__(kScanWarps* gpu::kWarpSize) recurrent_forward_
   const int lane = gpu::lane_id();
   const int c0 = (blockIdx.y * kScanWarps + gpu::warp_id()) * kScanCols;
   if (c0 >= dv) return;  // whole warp; there are no block-level barriers below
-  const float gamma = expf(p.log_decay[h]);
+  const float omg = one_minus_gamma(p.log_decay[h]);
   const std::int64_t state_off = (static_cast<std::int64_t>(b) * H + h) * dk * dv;
 
   // S[i][j] = state[lane + kWarpSize * i][c0 + j]
@@ -117,7 +63,7 @@ __global__ void __launch_bounds__(kScanWarps* gpu::kWarpSize) recurrent_forward_
       float acc = 0.f;
 #pragma unroll
       for (int i = 0; i < kRows; ++i) {
-        S[i][j] = fmaf(gamma, S[i][j], kr[i] * vc[j]);
+        S[i][j] = decay_update(S[i][j], omg, kr[i], vc[j]);
         acc = fmaf(qr[i], S[i][j], acc);
       }
       acc = gpu::warp_reduce_sum(acc);
@@ -136,12 +82,6 @@ __global__ void __launch_bounds__(kScanWarps* gpu::kWarpSize) recurrent_forward_
   }
 }
 
-template <class T>
-gpu::error_t launch_step(const RecurrentStepParams& p) {
-  const dim3 grid(static_cast<unsigned>(p.B * p.H), static_cast<unsigned>((p.dv + kStepCols - 1) / kStepCols));
-  return gpu::launch(&recurrent_step_kernel<T>, grid, kStepCols * kStepGroups, 0, p.stream, p);
-}
-
 template <class T, int kMaxDk>
 gpu::error_t launch_scan(const RecurrentForwardParams& p) {
   constexpr int kColsPerCta = kScanWarps * kScanCols;
@@ -158,21 +98,6 @@ gpu::error_t launch_scan_dk(const RecurrentForwardParams& p) {
 }
 
 }  // namespace
-
-gpu::error_t launch_recurrent_step(const RecurrentStepParams& p) {
-  if (p.B < 0 || p.H < 0 || p.dk < 0 || p.dv < 0 || p.dk > kMaxHeadDimK || p.log_decay == nullptr)
-    return gpu::kErrorInvalidValue;
-  if (p.B * p.H == 0 || p.dv == 0) return gpu::kSuccess;
-  switch (p.dtype) {
-    case DType::kF16:
-      return launch_step<f16_t>(p);
-    case DType::kBF16:
-      return launch_step<bf16_t>(p);
-    case DType::kF32:
-      return launch_step<float>(p);
-  }
-  return gpu::kErrorInvalidValue;
-}
 
 gpu::error_t launch_recurrent_forward(const RecurrentForwardParams& p) {
   const Shape& n = p.shape;

@@ -1,7 +1,9 @@
-// Tensor -> kernel parameter translation shared by the CUDA glue files.
+// Tensor -> kernel parameter translation shared by the CUDA glue files: the inputs every
+// launcher takes, fp32 states, workspaces, and the launch status check.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 
 #include "checks.h"
 #include "retention_kernels.h"
@@ -23,9 +25,8 @@ inline rk::DType kernel_dtype(at::ScalarType t) {
 }
 
 // The kernels take any B/T/H strides but need a unit stride along the head dimension.
-inline at::Tensor unit_inner_stride(const at::Tensor& x) {
-  return x.stride(-1) == 1 ? x : x.contiguous();
-}
+inline at::Tensor unit_inner_stride(const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
+inline at::Tensor unit_inner_stride(const OptTensor& x) { return has(x) ? unit_inner_stride(*x) : at::Tensor(); }
 
 inline rk::Bthd bthd(const at::Tensor& x) {
   rk::Bthd b;
@@ -36,14 +37,68 @@ inline rk::Bthd bthd(const at::Tensor& x) {
   return b;
 }
 
-inline rk::Shape shape_of(const Dims& d) {
-  rk::Shape s;
-  s.B = d.B;
-  s.T = d.T;
-  s.H = d.H;
-  s.dk = d.dk;
-  s.dv = d.dv;
-  return s;
+// fp32 contiguous copy of an optional tensor (states, norm weight), or an undefined tensor.
+inline at::Tensor fp32_contiguous(const OptTensor& s) { return has(s) ? s->to(at::kFloat).contiguous() : at::Tensor(); }
+inline const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// A new fp32 [N, H, dk, dv] state.
+inline at::Tensor empty_state(const at::Tensor& q, int64_t N, const Dims& d) {
+  return at::empty({N, d.H, d.dk, d.dv}, q.options().dtype(at::kFloat));
+}
+
+// Byte workspace from the caching allocator (16-byte aligned, as the launchers require); it
+// needs no zero-fill.
+inline at::Tensor workspace(std::size_t bytes, const at::Tensor& like) {
+  return at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 1)}, like.options().dtype(at::kByte));
+}
+
+inline void check_launch(cudaError_t e, const char* op) {
+  TORCH_CHECK(e == cudaSuccess, op, ": CUDA kernel failed: ", cudaGetErrorString(e));
+}
+
+// q, k, v with a unit inner stride and log_decay in fp32, kept alive for the launch.
+struct Inputs {
+  at::Tensor q, k, v, log_decay;
+};
+
+// What every launcher takes: dtype, fp32 log_decay, scale, the current stream (and the q / k / v
+// filled by the two functions below).
+template <class Params>
+Inputs fill_common(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& log_decay, double scale) {
+  Inputs in{unit_inner_stride(q), unit_inner_stride(k), unit_inner_stride(v), log_decay.to(at::kFloat).contiguous()};
+  p.dtype = kernel_dtype(q.scalar_type());
+  p.log_decay = in.log_decay.data_ptr<float>();
+  p.scale = static_cast<float>(scale);
+  p.stream = at::cuda::getCurrentCUDAStream().stream();
+  return in;
+}
+
+// Multi-token launchers: [B, T, H, d] operands.
+template <class Params>
+Inputs fill_inputs(Params& p, const Dims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& log_decay, double scale) {
+  Inputs in = fill_common(p, q, k, v, log_decay, scale);
+  p.shape.B = d.B, p.shape.T = d.T, p.shape.H = d.H, p.shape.dk = d.dk, p.shape.dv = d.dv;
+  p.q = bthd(in.q), p.k = bthd(in.k), p.v = bthd(in.v);
+  return in;
+}
+
+// Decode steps: [B, 1, H, d] operands, as a pointer and b / h strides.
+template <class Ptr>
+void one_token(Ptr& ptr, int64_t& stride_b, int64_t& stride_h, const at::Tensor& x) {
+  ptr = x.data_ptr(), stride_b = x.stride(0), stride_h = x.stride(2);
+}
+
+template <class Params>
+Inputs fill_step_inputs(Params& p, const Dims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& log_decay, double scale) {
+  Inputs in = fill_common(p, q, k, v, log_decay, scale);
+  p.B = d.B, p.H = d.H, p.dk = d.dk, p.dv = d.dv;
+  one_token(p.q, p.q_stride_b, p.q_stride_h, in.q);
+  one_token(p.k, p.k_stride_b, p.k_stride_h, in.k);
+  one_token(p.v, p.v_stride_b, p.v_stride_h, in.v);
+  return in;
 }
 
 }  // namespace glue

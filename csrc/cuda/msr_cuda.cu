@@ -1,108 +1,31 @@
 // CUDA kernels of the fused multi-scale retention (MSR) layer-core ops: msr_forward,
-// msr_backward, msr_step (contract: the MSR section of retention.h).  Argument checks, output
-// and workspace allocation, and one call into the torch-free launchers of kernels/msr_kernels.h
-// on the current stream; all device code lives in kernels/.
+// msr_backward, msr_step (contract: the MSR section of retention.h).  Argument checks (shared
+// with the CPU kernels, checks.h), output and workspace allocation, and one call into the
+// torch-free launchers of kernels/msr_kernels.h on the current stream; all device code lives in
+// kernels/.
 //
 // All three forms (chunk / parallel / recurrent) run the fused chunk kernels on the GPU, and
 // chunk_size does not change the kernels' tiling (as for the raw ops): the result is the same
-// function of the inputs up to rounding.  float64 inputs are evaluated by the CPU kernel on
-// host copies (as for the raw ops), which keeps gradcheck on CUDA tensors working.
+// function of the inputs up to rounding.  float64 inputs run the CPU kernel on host copies
+// (cpu_fallback.h), as for the raw ops.
 #include <tuple>
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu_fallback.h"
 #include "kernel_params.h"
 #include "msr_kernels.h"
 
 namespace retention {
 namespace {
 
-namespace rk = retention::kernels;
+using namespace glue;
 
 using Pair = std::tuple<at::Tensor, at::Tensor>;
 using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-using glue::bthd;
-using glue::kernel_dtype;
-using glue::shape_of;
-using glue::unit_inner_stride;
-
-at::Tensor fp32_contiguous(const OptTensor& s) { return has(s) ? s->to(at::kFloat).contiguous() : at::Tensor(); }
-const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
-
-void check_launch(cudaError_t e, const char* op) {
-  TORCH_CHECK(e == cudaSuccess, op, ": CUDA kernel failed: ", cudaGetErrorString(e));
-}
-
-// Byte workspace from the caching allocator (16-byte aligned, as the launchers require).
-at::Tensor workspace(std::size_t bytes, const at::Tensor& like) {
-  return at::empty({static_cast<int64_t>(bytes > 0 ? bytes : 1)}, like.options().dtype(at::kByte));
-}
-
-template <class Signature>
-c10::TypedOperatorHandle<Signature> schema(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-at::Tensor cpu(const at::Tensor& t) { return t.to(at::kCPU); }
-OptTensor cpu(const OptTensor& t) { return has(t) ? OptTensor(t->to(at::kCPU)) : OptTensor(); }
-const c10::DispatchKeySet kCpuKeys{c10::DispatchKey::CPU};
-
-at::Tensor to_device(const at::Tensor& t, const at::Device& device) { return t.defined() ? t.to(device) : t; }
-
-// ---- argument checks ------------------------------------------------------------------------
-
-struct MsrArgs {
-  Dims d;
-  int64_t N;  // number of sequences
-  rk::MsrSequences seq;
-  at::Tensor cu_seqlens, offsets, norm_weight;  // device copies kept alive for the launch
-};
-
-rk::RotaryMode rotary_mode(const char* op, int64_t rotary, int64_t dk) {
-  TORCH_CHECK(rotary >= 0 && rotary <= 2, op, ": rotary must be 0 (none), 1 (torchscale) or 2 (neox), got ",
-              rotary);
-  TORCH_CHECK(rotary == 0 || dk % 2 == 0, op, ": rotary embeddings need an even dk (last dim of q and k), got ",
-              dk);
-  return static_cast<rk::RotaryMode>(rotary);
-}
-
-void check_gate(const char* op, const char* name, const OptTensor& g, const at::Tensor& v) {
-  if (!has(g)) return;
-  TORCH_CHECK(g->sizes() == v.sizes(), op, ": ", name, " must have the shape of v ", v.sizes(), ", got ",
-              g->sizes());
-  TORCH_CHECK(g->scalar_type() == v.scalar_type(), op, ": ", name, " must have the dtype of v (", v.scalar_type(),
-              "), got ", g->scalar_type());
-  TORCH_CHECK(g->device() == v.device(), op, ": all tensors must be on the same device, but v is on ", v.device(),
-              " and ", name, " is on ", g->device());
-}
-
-at::Tensor check_norm_weight(const char* op, const OptTensor& w, const at::Tensor& q, int64_t dv, double eps) {
-  TORCH_CHECK(eps >= 0, op, ": eps must be non-negative, got ", eps);
-  if (!has(w)) return at::Tensor();
-  TORCH_CHECK(w->dim() == 1 && w->size(0) == dv, op, ": norm_weight must have shape [dv] = [", dv, "], got ",
-              w->sizes());
-  TORCH_CHECK(is_float_type(w->scalar_type()), op, ": norm_weight must be a float tensor, got ", w->scalar_type());
-  TORCH_CHECK(w->device() == q.device(), op, ": all tensors must be on the same device, but q is on ", q.device(),
-              " and norm_weight is on ", w->device());
-  return w->to(at::kFloat).contiguous();
-}
-
-// offsets: int64 [N] on the device of q.
-at::Tensor check_offsets(const char* op, const OptTensor& offsets, int64_t N, const at::Tensor& q) {
-  if (!has(offsets)) return at::Tensor();
-  TORCH_CHECK(offsets->dim() == 1 && offsets->size(0) == N, op, ": offsets must have shape [N] = [", N,
-              "] (one position per sequence), got ", offsets->sizes());
-  TORCH_CHECK(offsets->scalar_type() == at::kLong, op, ": offsets must be int64, got ", offsets->scalar_type());
-  TORCH_CHECK(offsets->device() == q.device(), op, ": all tensors must be on the same device, but q is on ",
-              q.device(), " and offsets is on ", offsets->device());
-  check_offsets_values(op, *offsets);
-  return offsets->contiguous();
-}
 
 // The values of cu_seqlens (cu[0] == 0, non-decreasing, cu[N] == T) are checked on the device:
 // copying them to the host would synchronise every call and make the ops impossible to capture
@@ -117,44 +40,33 @@ void check_cu_seqlens_async(const at::Tensor& cu, int64_t T) {
   at::_assert_async(ok);
 }
 
-MsrArgs check_msr(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& g,
-                  const at::Tensor& log_decay, const OptTensor& initial_state, const OptTensor& offsets,
-                  const OptTensor& cu_seqlens, const OptTensor& norm_weight, double eps) {
-  MsrArgs a;
-  a.d = check_inputs(op, q, k, v, log_decay, OptTensor());
-  check_gate(op, "g", g, v);
-  a.N = a.d.B;
-  if (has(cu_seqlens)) {
-    const at::Tensor& cu = *cu_seqlens;
-    TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1, op, ": cu_seqlens must be 1-D [N + 1], got ", cu.sizes());
-    TORCH_CHECK(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong, op,
-                ": cu_seqlens must be int32 or int64, got ", cu.scalar_type());
-    TORCH_CHECK(cu.device() == q.device(), op, ": cu_seqlens must be on the device of q (", q.device(), "), got ",
-                cu.device());
-    TORCH_CHECK(a.d.B == 1, op, ": with cu_seqlens the sequences are packed in one batch row (B == 1), got B = ",
-                a.d.B);
-    a.N = cu.size(0) - 1;
-    a.cu_seqlens = cu.contiguous();
-    check_cu_seqlens_async(a.cu_seqlens, a.d.T);
-    a.seq.cu_seqlens = a.cu_seqlens.data_ptr();
-    a.seq.cu_seqlens_int64 = cu.scalar_type() == at::kLong;
-  }
-  a.seq.num_sequences = a.N;
-  a.offsets = check_offsets(op, offsets, a.N, q);
-  a.seq.offsets = a.offsets.defined() ? a.offsets.data_ptr<int64_t>() : nullptr;
-  if (has(initial_state)) check_state(op, "initial_state", *initial_state, q, Dims{a.N, a.d.T, a.d.H, a.d.dk, a.d.dv});
-  a.norm_weight = check_norm_weight(op, norm_weight, q, a.d.dv, eps);
-  return a;
-}
+// The layer's sequences and prologue / epilogue options as the launchers take them, with the
+// device tensors they point into kept alive for the launch.
+struct Layer {
+  at::Tensor cu_seqlens, offsets, norm_weight;
+  rk::MsrSequences seq;
+  rk::MsrOptions opt;
+};
 
-rk::MsrOptions options(rk::RotaryMode rotary, bool norm, const at::Tensor& w, double eps, bool decay_norm) {
-  rk::MsrOptions o;
-  o.rotary = rotary;
-  o.norm = norm;
-  o.norm_weight = norm && w.defined() ? w.data_ptr<float>() : nullptr;
-  o.eps = static_cast<float>(eps);
-  o.decay_norm = decay_norm;
-  return o;
+Layer layer(int64_t N, int64_t T, const OptTensor& cu_seqlens, const OptTensor& offsets, int64_t rotary, bool norm,
+            const OptTensor& norm_weight, double eps, bool decay_norm) {
+  Layer L;
+  if (has(cu_seqlens)) {
+    L.cu_seqlens = cu_seqlens->contiguous();
+    check_cu_seqlens_async(L.cu_seqlens, T);
+    L.seq.cu_seqlens = L.cu_seqlens.data_ptr();
+    L.seq.cu_seqlens_int64 = L.cu_seqlens.scalar_type() == at::kLong;
+  }
+  L.seq.num_sequences = N;
+  if (has(offsets)) L.offsets = offsets->contiguous();
+  L.seq.offsets = L.offsets.defined() ? L.offsets.data_ptr<int64_t>() : nullptr;
+  L.norm_weight = fp32_contiguous(norm_weight);
+  L.opt.rotary = static_cast<rk::RotaryMode>(rotary);
+  L.opt.norm = norm;
+  L.opt.norm_weight = norm ? ptr_or_null(L.norm_weight) : nullptr;
+  L.opt.eps = static_cast<float>(eps);
+  L.opt.decay_norm = decay_norm;
+  return L;
 }
 
 // ---- forward ----------------------------------------------------------------------------------
@@ -164,43 +76,28 @@ Pair msr_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       const OptTensor& initial_state, const OptTensor& offsets, const OptTensor& cu_seqlens,
                       int64_t rotary, bool norm, const OptTensor& norm_weight, double eps, bool decay_norm) {
   const char* op = "retention::msr_forward";
-  TORCH_CHECK(form >= 0 && form <= 2, op, ": form must be 0 (chunk), 1 (parallel) or 2 (recurrent), got ", form);
-  check_chunk_size(op, chunk_size);
-  MsrArgs a = check_msr(op, q, k, v, g, log_decay, initial_state, offsets, cu_seqlens, norm_weight, eps);
-  const rk::RotaryMode mode = rotary_mode(op, rotary, a.d.dk);
-  if (q.scalar_type() == at::kDouble) {
-    static auto cpu_op =
-        schema<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
-                    double, int64_t, int64_t, const OptTensor&, const OptTensor&, const OptTensor&, int64_t, bool,
-                    const OptTensor&, double, bool)>("retention::msr_forward");
-    auto r = cpu_op.redispatch(kCpuKeys, cpu(q), cpu(k), cpu(v), cpu(g), cpu(log_decay), scale, form, chunk_size,
-                               cpu(initial_state), cpu(offsets), cpu(cu_seqlens), rotary, norm, cpu(norm_weight), eps,
-                               decay_norm);
-    return {to_device(std::get<0>(r), q.device()), to_device(std::get<1>(r), q.device())};
-  }
+  const MsrDims m = check_msr_inputs(op, q, k, v, g, log_decay, form, chunk_size, initial_state, offsets, cu_seqlens,
+                                     rotary, norm_weight, eps);
+  if (q.scalar_type() == at::kDouble)
+    return CpuKernel<&msr_forward_cuda>::run(op, q.device(), q, k, v, g, log_decay, scale, form, chunk_size,
+                                             initial_state, offsets, cu_seqlens, rotary, norm, norm_weight, eps,
+                                             decay_norm);
+  const Dims& d = m.d;
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor q_ = unit_inner_stride(q), k_ = unit_inner_stride(k), v_ = unit_inner_stride(v);
-  const at::Tensor g_ = has(g) ? unit_inner_stride(*g) : at::Tensor();
-  const at::Tensor decay = log_decay.to(at::kFloat).contiguous(), h0 = fp32_contiguous(initial_state);
-  at::Tensor y = at::empty({a.d.B, a.d.T, a.d.H, a.d.dv}, q.options());
-  at::Tensor state = at::empty({a.N, a.d.H, a.d.dk, a.d.dv}, q.options().dtype(at::kFloat));
+  const Layer L = layer(m.N, d.T, cu_seqlens, offsets, rotary, norm, norm_weight, eps, decay_norm);
+  const at::Tensor g_ = unit_inner_stride(g), h0 = fp32_contiguous(initial_state);
+  at::Tensor y = at::empty({d.B, d.T, d.H, d.dv}, q.options());
+  at::Tensor state = empty_state(q, m.N, d);
 
   rk::MsrForwardParams p;
-  p.dtype = kernel_dtype(q.scalar_type());
-  p.shape = shape_of(a.d);
-  p.q = bthd(q_);
-  p.k = bthd(k_);
-  p.v = bthd(v_);
+  const Inputs in = fill_inputs(p, d, q, k, v, log_decay, scale);
   if (g_.defined()) p.g = bthd(g_);
   p.y = bthd(y);
-  p.log_decay = decay.data_ptr<float>();
-  p.scale = static_cast<float>(scale);
   p.chunk_size = chunk_size;
-  p.seq = a.seq;
-  p.opt = options(mode, norm, a.norm_weight, eps, decay_norm);
+  p.seq = L.seq;
+  p.opt = L.opt;
   p.initial_state = ptr_or_null(h0);
   p.final_state = state.data_ptr<float>();
-  p.stream = at::cuda::getCurrentCUDAStream().stream();
   const at::Tensor ws = workspace(rk::msr_forward_workspace_bytes(p), q);
   p.workspace = ws.data_ptr();
   check_launch(rk::launch_msr_forward(p), op);
@@ -215,55 +112,36 @@ Six msr_backward_cuda(const at::Tensor& grad_y, const OptTensor& grad_final_stat
                       const OptTensor& cu_seqlens, int64_t rotary, bool norm, const OptTensor& norm_weight,
                       double eps, bool decay_norm) {
   const char* op = "retention::msr_backward";
-  check_chunk_size(op, chunk_size);
-  MsrArgs a = check_msr(op, q, k, v, g, log_decay, initial_state, offsets, cu_seqlens, norm_weight, eps);
-  const rk::RotaryMode mode = rotary_mode(op, rotary, a.d.dk);
-  const Dims state_dims{a.N, a.d.T, a.d.H, a.d.dk, a.d.dv};
-  // grad_y has the shape of y = [B, T, H, dv]; grad_final_state that of the states [N, H, dk, dv].
-  check_grad_o(op, grad_y, a.d, q, OptTensor());
-  if (has(grad_final_state)) check_state(op, "grad_final_state", *grad_final_state, q, state_dims);
-  if (q.scalar_type() == at::kDouble) {
-    static auto cpu_op =
-        schema<Six(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                   const OptTensor&, const at::Tensor&, double, int64_t, const OptTensor&, const OptTensor&,
-                   const OptTensor&, int64_t, bool, const OptTensor&, double, bool)>("retention::msr_backward");
-    auto r = cpu_op.redispatch(kCpuKeys, cpu(grad_y), cpu(grad_final_state), cpu(q), cpu(k), cpu(v), cpu(g),
-                               cpu(log_decay), scale, chunk_size, cpu(initial_state), cpu(offsets), cpu(cu_seqlens),
-                               rotary, norm, cpu(norm_weight), eps, decay_norm);
-    return {to_device(std::get<0>(r), q.device()), to_device(std::get<1>(r), q.device()),
-            to_device(std::get<2>(r), q.device()), to_device(std::get<3>(r), q.device()),
-            to_device(std::get<4>(r), q.device()), to_device(std::get<5>(r), q.device())};
-  }
+  const MsrDims m = check_msr_inputs(op, q, k, v, g, log_decay, /*form=*/0, chunk_size, initial_state, offsets,
+                                     cu_seqlens, rotary, norm_weight, eps);
+  check_msr_grads(op, m, q, grad_y, grad_final_state);
+  if (q.scalar_type() == at::kDouble)
+    return CpuKernel<&msr_backward_cuda>::run(op, q.device(), grad_y, grad_final_state, q, k, v, g, log_decay, scale,
+                                              chunk_size, initial_state, offsets, cu_seqlens, rotary, norm,
+                                              norm_weight, eps, decay_norm);
+  const Dims& d = m.d;
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor q_ = unit_inner_stride(q), k_ = unit_inner_stride(k), v_ = unit_inner_stride(v);
-  const at::Tensor g_ = has(g) ? unit_inner_stride(*g) : at::Tensor();
-  const at::Tensor dy = unit_inner_stride(grad_y.to(q.scalar_type()));
-  const at::Tensor decay = log_decay.to(at::kFloat).contiguous();
+  const Layer L = layer(m.N, d.T, cu_seqlens, offsets, rotary, norm, norm_weight, eps, decay_norm);
+  const at::Tensor g_ = unit_inner_stride(g), dy = unit_inner_stride(grad_y.to(q.scalar_type()));
   const at::Tensor h0 = fp32_contiguous(initial_state), dhT = fp32_contiguous(grad_final_state);
   at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
   at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
   at::Tensor dg = g_.defined() ? at::empty_like(g_, at::MemoryFormat::Contiguous) : at::Tensor();
-  at::Tensor dh0 = at::empty({a.N, a.d.H, a.d.dk, a.d.dv}, q.options().dtype(at::kFloat));
-  const bool want_dw = norm && a.norm_weight.defined();
-  at::Tensor dw32 = want_dw ? at::empty({a.d.dv}, q.options().dtype(at::kFloat)) : at::Tensor();
+  at::Tensor dh0 = empty_state(q, m.N, d);
+  const bool want_dw = L.opt.norm_weight != nullptr;
+  at::Tensor dw32 = want_dw ? at::empty({d.dv}, q.options().dtype(at::kFloat)) : at::Tensor();
 
   rk::MsrBackwardParams p;
-  p.dtype = kernel_dtype(q.scalar_type());
-  p.shape = shape_of(a.d);
-  p.q = bthd(q_);
-  p.k = bthd(k_);
-  p.v = bthd(v_);
+  const Inputs in = fill_inputs(p, d, q, k, v, log_decay, scale);
   if (g_.defined()) {
     p.g = bthd(g_);
     p.grad_g = bthd(dg);
   }
   p.grad_y = bthd(dy);
-  p.log_decay = decay.data_ptr<float>();
-  p.scale = static_cast<float>(scale);
   p.chunk_size = chunk_size;
-  p.seq = a.seq;
-  p.opt = options(mode, norm, a.norm_weight, eps, decay_norm);
+  p.seq = L.seq;
+  p.opt = L.opt;
   p.initial_state = ptr_or_null(h0);
   p.grad_final_state = ptr_or_null(dhT);
   p.grad_q = bthd(dq);
@@ -271,7 +149,6 @@ Six msr_backward_cuda(const at::Tensor& grad_y, const OptTensor& grad_final_stat
   p.grad_v = bthd(dv);
   p.grad_initial_state = dh0.data_ptr<float>();
   p.grad_norm_weight = want_dw ? dw32.data_ptr<float>() : nullptr;
-  p.stream = at::cuda::getCurrentCUDAStream().stream();
   const at::Tensor ws = workspace(rk::msr_backward_workspace_bytes(p), q);
   p.workspace = ws.data_ptr();
   check_launch(rk::launch_msr_backward(p), op);
@@ -289,67 +166,36 @@ at::Tensor msr_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Ten
                          int64_t rotary, bool norm, const OptTensor& norm_weight, double eps, bool decay_norm) {
   const char* op = "retention::msr_step";
   const at::Tensor q4 = as_single_step(op, "q", q), k4 = as_single_step(op, "k", k), v4 = as_single_step(op, "v", v);
-  const Dims d = check_inputs(op, q4, k4, v4, log_decay, state, "state");
-  OptTensor g4;
-  if (has(g)) g4 = as_single_step(op, "g", *g);
-  check_gate(op, "g", g4, v4);
-  TORCH_CHECK(state.scalar_type() == state_dtype(q.scalar_type()), op, ": state must be ",
-              state_dtype(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ", state.scalar_type());
-  TORCH_CHECK(state.is_contiguous(), op, ": state must be contiguous (it is updated in place)");
+  const OptTensor g4 = has(g) ? OptTensor(as_single_step(op, "g", *g)) : OptTensor();
+  const MsrDims m = check_msr_inputs(op, q4, k4, v4, g4, log_decay, /*form=*/2, /*chunk_size=*/1, state, offsets, {},
+                                     rotary, norm_weight, eps, "state");
+  check_step_state(op, state, q);
   check_state_not_aliased(op, state,
                           {{"q", &q}, {"k", &k}, {"v", &v}, {"g", has(g) ? &*g : nullptr},
                            {"log_decay", &log_decay}, {"offsets", has(offsets) ? &*offsets : nullptr},
                            {"norm_weight", has(norm_weight) ? &*norm_weight : nullptr}});
-  const rk::RotaryMode mode = rotary_mode(op, rotary, d.dk);
-  const at::Tensor offsets_ = check_offsets(op, offsets, d.B, q);
-  const at::Tensor w = check_norm_weight(op, norm_weight, q, d.dv, eps);
   if (q.scalar_type() == at::kDouble) {
-    static auto cpu_op = schema<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                           const at::Tensor&, double, const at::Tensor&, const OptTensor&, int64_t,
-                                           bool, const OptTensor&, double, bool)>("retention::msr_step");
-    at::Tensor host_state = cpu(state);
-    at::Tensor y = cpu_op.redispatch(kCpuKeys, cpu(q), cpu(k), cpu(v), cpu(g), cpu(log_decay), scale, host_state,
-                                     cpu(offsets), rotary, norm, cpu(norm_weight), eps, decay_norm);
+    const at::Tensor host_state = to_host(state);
+    at::Tensor y = CpuKernel<&msr_step_cuda>::run(op, q.device(), q, k, v, g, log_decay, scale, host_state, offsets,
+                                                  rotary, norm, norm_weight, eps, decay_norm);
     state.copy_(host_state);
-    return y.to(q.device());
+    return y;
   }
-  TORCH_CHECK(d.dv <= rk::kMsrStepMaxDv, op, ": dv (last dim of v) must be at most ", rk::kMsrStepMaxDv,
-              " on the GPU (the decode step keeps a whole row in shared memory), got ", d.dv);
+  const Dims& d = m.d;
+  TORCH_CHECK(!norm || d.dv <= rk::kMsrStepMaxDv, op, ": dv (last dim of v) must be at most ", rk::kMsrStepMaxDv,
+              " on the GPU with norm (the decode step keeps a whole row in shared memory), got ", d.dv);
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor q_ = unit_inner_stride(q4), k_ = unit_inner_stride(k4), v_ = unit_inner_stride(v4);
-  const at::Tensor g_ = has(g4) ? unit_inner_stride(*g4) : at::Tensor();
-  const at::Tensor decay = log_decay.to(at::kFloat).contiguous();
+  const Layer L = layer(d.B, 1, {}, offsets, rotary, norm, norm_weight, eps, decay_norm);
+  const at::Tensor g_ = unit_inner_stride(g4);
   at::Tensor y = at::empty({d.B, 1, d.H, d.dv}, q.options());
 
   rk::MsrStepParams p;
-  p.dtype = kernel_dtype(q.scalar_type());
-  p.B = d.B;
-  p.H = d.H;
-  p.dk = d.dk;
-  p.dv = d.dv;
-  p.q = q_.data_ptr();
-  p.q_stride_b = q_.stride(0);
-  p.q_stride_h = q_.stride(2);
-  p.k = k_.data_ptr();
-  p.k_stride_b = k_.stride(0);
-  p.k_stride_h = k_.stride(2);
-  p.v = v_.data_ptr();
-  p.v_stride_b = v_.stride(0);
-  p.v_stride_h = v_.stride(2);
-  if (g_.defined()) {
-    p.g = g_.data_ptr();
-    p.g_stride_b = g_.stride(0);
-    p.g_stride_h = g_.stride(2);
-  }
-  p.y = y.data_ptr();
-  p.y_stride_b = y.stride(0);
-  p.y_stride_h = y.stride(2);
-  p.log_decay = decay.data_ptr<float>();
-  p.scale = static_cast<float>(scale);
+  const Inputs in = fill_step_inputs(p, d, q4, k4, v4, log_decay, scale);
+  if (g_.defined()) one_token(p.g, p.g_stride_b, p.g_stride_h, g_);
+  one_token(p.y, p.y_stride_b, p.y_stride_h, y);
   p.state = state.data_ptr<float>();
-  p.offsets = offsets_.defined() ? offsets_.data_ptr<int64_t>() : nullptr;
-  p.opt = options(mode, norm, w, eps, decay_norm);
-  p.stream = at::cuda::getCurrentCUDAStream().stream();
+  p.offsets = L.seq.offsets;
+  p.opt = L.opt;
   check_launch(rk::launch_msr_step(p), op);
   return q.dim() == 3 ? y.squeeze(1) : y;
 }

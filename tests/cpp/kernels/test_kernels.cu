@@ -334,6 +334,66 @@ TEST_P(RecurrentStep, UpdatesStateInPlace) {
 INSTANTIATE_TEST_SUITE_P(DTypes, RecurrentStep, testing::Values(rk::DType::kF16, rk::DType::kBF16, rk::DType::kF32),
                          [](const testing::TestParamInfo<rk::DType>& i) { return std::string(name(i.param)); });
 
+// The token-by-token update near gamma = 1 (scan and decode step): gamma = expf(log gamma)
+// rounded to fp32 is off by up to 2^-25, a relative error of 2^-25 / (1 - gamma) in the decay
+// rate that every step repeats in the same direction; the kernels take 1 - gamma from expm1f
+// (kernels/recurrence.cuh).  log gamma ~ -3e-6 is picked where fp32 rounds gamma the most: over
+// T tokens the rounded gamma drifts by ~T 2^-25 / sqrt(3) relative to the state (~3.5e-5 at
+// T = 2048, random inputs), while the per-step rounding of the fp32 state is noise of order
+// sqrt(T) 2^-24 (~3e-6).
+TEST(RecurrentNumerics, DecayNearOneNotRoundedToFp32) {
+  SKIP_WITHOUT_DEVICE();
+  const int T = 2048, dk = 32, dv = 40;
+  Problem p = make_problem(1, T, 1, dk, dv, true, 21);
+  double worst = 0.0;
+  for (int i = 0; i < 2000; ++i) {
+    const float lg = static_cast<float>(-3e-6 * (1.0 + 1e-3 * i));
+    const double err = std::abs(double(std::exp(lg)) - std::exp(double(lg)));
+    if (err > worst) worst = err, p.log_decay = {double(lg)};
+  }
+  ASSERT_GT(worst, 0.45 * std::ldexp(1.0, -24));
+  const rk::DType t = rk::DType::kF32;
+  const auto qb = encode(t, p.q), kb = encode(t, p.k), vb = encode(t, p.v);
+  const Reference ref = reference(p);
+  DeviceBuffer dq(qb.size()), dk_(kb.size()), dv_(vb.size()), dO(vb.size());
+  dq.upload(qb.data());
+  dk_.upload(kb.data());
+  dv_.upload(vb.data());
+  DeviceBuffer decay = upload_f32(p.log_decay), s0 = upload_f32(p.s0), sT(p.s0.size() * 4);
+
+  rk::RecurrentForwardParams scan;
+  scan.dtype = t;
+  scan.shape = {1, T, 1, dk, dv};
+  scan.q = bthd(dq.ptr, p, dk, 0, t);
+  scan.k = bthd(dk_.ptr, p, dk, 0, t);
+  scan.v = bthd(dv_.ptr, p, dv, 0, t);
+  scan.o = bthd(dO.ptr, p, dv, 0, t);
+  scan.log_decay = decay.as<float>();
+  scan.scale = static_cast<float>(p.scale);
+  scan.initial_state = s0.as<float>();
+  scan.final_state = sT.as<float>();
+  GPU_OK(rk::launch_recurrent_forward(scan));
+  GPU_OK(gpu::synchronize());
+  expect_close(sT.download_f32(), ref.sT, 1e-5, "scan final_state");
+
+  rk::RecurrentStepParams st;  // token t: q, k, v, o at element offset t * d
+  st.dtype = t;
+  st.B = 1, st.H = 1, st.dk = dk, st.dv = dv;
+  st.log_decay = decay.as<float>();
+  st.scale = static_cast<float>(p.scale);
+  st.state = s0.as<float>();
+  for (int i = 0; i < T; ++i) {
+    st.q = static_cast<const float*>(dq.ptr) + std::size_t(i) * dk;
+    st.k = static_cast<const float*>(dk_.ptr) + std::size_t(i) * dk;
+    st.v = static_cast<const float*>(dv_.ptr) + std::size_t(i) * dv;
+    st.o = static_cast<float*>(dO.ptr) + std::size_t(i) * dv;
+    GPU_OK(rk::launch_recurrent_step(st));
+  }
+  GPU_OK(gpu::synchronize());
+  expect_close(s0.download_f32(), ref.sT, 1e-5, "step state");
+  expect_close(decode(t, dO.download()), ref.o, 1e-5, "step o");
+}
+
 // fp16 output stays finite on the slowest-decaying head over a long sequence (the state grows
 // like 1 / (1 - gamma); it must be carried in fp32).
 TEST(RetentionKernelsNumerics, Fp16FiniteOnSlowestHead) {
