@@ -5,7 +5,18 @@
 //   order and keeps its [dk x BV] slice of the fp32 state in registers, as accumulator
 //   fragments.  Inside a chunk every product has 64 (or 32) rows, and warp w owns rows
 //   [16w, 16w + 16) of all of them, so no cross-warp reduction is ever needed.
-//   dk is covered by KT tiles of BK columns; dv by gridDim.x tiles of BV columns.
+//   dk is covered by KT tiles of BK columns; dv by `tiles` tiles of BV columns.
+//
+// Launch order (q / k reuse): the grid is one-dimensional and the dv tile varies fastest,
+// CTA i = (row = i / tiles, tile = i % tiles), row = (sequence, head).  GPUs hand out CTAs in
+// increasing linear index, so the dv-tile CTAs of one head start together, walk the same
+// chunks at the same pace and read the same q / k chunk within a short window: the first
+// read comes from HBM, the other tiles - 1 from L2.  (With the dv tile on blockIdx.y, the
+// order used before, the tiles of one head were B*H CTAs apart, i.e. several waves apart
+// whenever B*H exceeds the resident CTAs, and each re-read q / k from HBM.)  Designed HBM
+// traffic per token and head (bench/gpu_model.py, docs/gpu.md): forward (q + k) dk + 2 dv
+// elements instead of tiles (q + k) dk + 2 dv.  A one-dimensional grid also lifts the
+// 65535 limit of blockIdx.y off (sequence, head) rows.
 //
 // Decay: gamma^n is always evaluated as exp2(n * log2(gamma)) with n >= 0, so it can only
 // underflow (to 0, harmless), never overflow; log2(gamma) stays fp32.
@@ -90,6 +101,21 @@ RT_DEVICE void scale_rows(T* dst, const T* src, int ld, F&& row_factor) {
     const int r = idx / C, c = idx % C;
     dst[r * ld + c] = Elem<T>::from_float(Elem<T>::to_float(src[r * ld + c]) * row_factor(r));
   }
+}
+
+struct ChunkCta {
+  int row;   // (sequence, head): sequence = row / H, head = row % H
+  int tile;  // dv tile (or, in the backward sweeps, dv tile group)
+};
+RT_DEVICE ChunkCta chunk_cta(int tiles) {
+  const int i = static_cast<int>(blockIdx.x);
+  return {i / tiles, i % tiles};
+}
+// The grid of `rows` x `tiles` CTAs in that order; false when it exceeds the grid limit.
+inline bool chunk_grid(std::int64_t rows, std::int64_t tiles, dim3& grid) {
+  const std::int64_t ctas = rows * tiles;
+  grid = dim3(static_cast<unsigned>(ctas));
+  return ctas > 0 && ctas <= 0x7fffffff;
 }
 
 // Where the tokens of one CTA's sequence live.  Without fusion a sequence is a batch row; the

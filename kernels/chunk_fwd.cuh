@@ -27,11 +27,12 @@ namespace retention::kernels {
 template <class T>
 struct ForwardTile {
   SeqSpan seq;
-  int seq_index;     // blockIdx.x / H
+  int seq_index;     // row / H (chunk_cta)
   int h;
   std::int64_t t0;   // chunk start, relative to the sequence
   int L;             // tokens in the chunk
   int v0, nv;        // dv tile [v0, v0 + nv)
+  int tile, tiles;   // index of that dv tile, number of dv tiles
   int r0;            // first chunk row of this warp
   T* spare0;         // free after the dk loop (held the decayed v); epilogue operand tile
   T* spare1;         // free after the dk loop (held the state tile); epilogue operand tile
@@ -64,14 +65,16 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const typen
 
   const Shape& n = p.shape;
   const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk), dv = static_cast<int>(n.dv);
-  const int seq_index = blockIdx.x / H, h = blockIdx.x % H;
+  const int tiles = (dv + BV - 1) / BV;
+  const ChunkCta cta = chunk_cta(tiles);
+  const int seq_index = cta.row / H, h = cta.row % H;
   const SeqSpan seq = Fusion::sequence(p, seq_index);
   const int b = seq.b;
-  const int v0 = blockIdx.y * BV, nv = min(BV, dv - v0);
+  const int v0 = cta.tile * BV, nv = min(BV, dv - v0);
   const int r0 = 16 * gpu::warp_id();
   const float log2g = p.log_decay[h] * kLog2e;
   const std::int64_t state_off = (seq.state * H + h) * dk * dv;
-  ForwardTile<T> tile{seq, seq_index, h, 0, 0, v0, nv, r0, sVd, sS, sO, sV, sExtra};
+  ForwardTile<T> tile{seq, seq_index, h, 0, 0, v0, nv, cta.tile, tiles, r0, sVd, sS, sO, sV, sExtra};
   if constexpr (Fusion::kEpilogue) Fusion::template epilogue_begin<Tr>(p, tile);
 
   const SmemTile<T> q = row_major(sQ, LDK), k = row_major(sK, LDK), a = row_major(sA, LDK);

@@ -36,8 +36,9 @@ struct MsrForward {
       auto* kernel = &chunk_forward_kernel<Tr>;
       gpu::error_t e = gpu::set_max_dynamic_smem(kernel, kSmem);
       if (e != gpu::kSuccess) return e;
-      const dim3 grid(static_cast<unsigned>(p.seq.num_sequences * p.shape.H),
-                      static_cast<unsigned>((p.shape.dv + Tr::BV - 1) / Tr::BV));
+      dim3 grid;
+      if (!chunk_grid(p.seq.num_sequences * p.shape.H, (p.shape.dv + Tr::BV - 1) / Tr::BV, grid))
+        return gpu::kErrorInvalidValue;
       return gpu::launch(kernel, grid, Tr::kThreads, kSmem, p.stream, p);
     }
   };
