@@ -110,7 +110,7 @@ RT_DEVICE void store_or_add_rows(float* g, std::int64_t ld, int r0, int rows_val
 }
 
 // The dv tile of a sweep CTA: dv_tiles_per_cta(...) == `passes` launches of the sweep run one
-// after the other on the stream; the grid is (row, group g) in chunk_cta order (groups of a row
+// after the other on the stream; the grid is (group g fastest, row): chunk_cta (groups of a row
 // adjacent); in pass j, CTA (row, g) sweeps tile g * passes + j of its
 // group g and stores (j == 0) or adds (j > 0) its partial sums in slice g.  Stream order
 // makes the read-modify-write safe; separate launches instead of a loop inside the kernel keep
@@ -147,6 +147,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
   const Shape& n = p.shape;
   const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk), dv = static_cast<int>(n.dv);
   const ChunkCta cta = chunk_cta(groups);
+  if (cta.row >= Fusion::num_sequences(p) * H) return;  // grid padding (chunk_grid)
   const SeqSpan seq = Fusion::sequence(p, cta.row / H);
   const int b = seq.b, h = cta.row % H;
   const int r0 = 16 * gpu::warp_id();
@@ -241,6 +242,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
   const Shape& n = p.shape;
   const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk), dv = static_cast<int>(n.dv);
   const ChunkCta cta = chunk_cta(groups);
+  if (cta.row >= Fusion::num_sequences(p) * H) return;  // grid padding (chunk_grid)
   const SeqSpan seq = Fusion::sequence(p, cta.row / H);
   const int b = seq.b, h = cta.row % H;
   const int r0 = 16 * gpu::warp_id();

@@ -89,6 +89,10 @@ Pair chunked_forward(const char* op, const at::Tensor& q, const at::Tensor& k, c
   p.chunk_size = chunk_size;
   p.initial_state = ptr_or_null(h0);
   p.final_state = state.data_ptr<float>();
+  // Segment states of the sequence split (kernels/chunk_fwd.cuh), when the launcher splits.
+  const auto ws_bytes = static_cast<int64_t>(rk::chunk_forward_workspace_bytes(p));
+  const at::Tensor workspace = at::empty({ws_bytes / 4}, q.options().dtype(at::kFloat));
+  p.workspace = ws_bytes > 0 ? workspace.data_ptr<float>() : nullptr;
   p.stream = at::cuda::getCurrentCUDAStream().stream();
   check_launch(rk::launch_chunk_forward(p), op);
   return {o, state};
