@@ -70,7 +70,7 @@ ASSUMPTIONS = {
     "sm_bandwidth_share_max": 4.0,
     # Gap between back-to-back kernels of one op on the stream (not the host's op overhead).
     "launch_gap_us": 1.5,
-    # Sequence split (planned): segments are at least this many chunks long.
+    # Sequence split: segments are at least this many chunks long (kSplitMinChunks, kernels/chunk_fwd.cuh).
     "split_min_chunks": 4,
 }
 # Hopper SM limits used for occupancy (compute capability 9.0).
@@ -171,8 +171,12 @@ def parse_ptxas(log_dir):
         m = re.search(r"(chunk_forward|chunk_backward_dq|chunk_backward_dkv)_kernel<retention::kernels::"
                       r"ChunkTraits<[^,]+, (\d+), (\d+), retention::kernels::NoFusion>", pretty)
         if m:
-            out[(m.group(1), dtype, int(m.group(2)), int(m.group(3)))] = {"regs": regs, "smem_static": smem,
-                                                                         "spill": spill}
+            # chunk_forward_kernel<Tr, ForwardSplitPass>: 1 = the split's state-only pass, 2 = its
+            # segment pass (kernels/chunk_fwd.cuh); 0 (or none: the sweeps) = no split
+            p = re.match(r", \(retention::kernels::ForwardSplitPass\)(\d)>", pretty[m.end():])
+            kind = m.group(1) + {"1": "_state", "2": "_segments"}.get(p.group(1) if p else "0", "")
+            out[(kind, dtype, int(m.group(2)), int(m.group(3)))] = {"regs": regs, "smem_static": smem,
+                                                                   "spill": spill}
             continue
         m = re.search(r"(recurrent_step|msr_step)_kernel<", pretty)
         if m and dtype:
@@ -201,10 +205,10 @@ def occupancy(threads, regs, smem):
 # Kernel descriptions.  Each is a dict: grid CTAs, threads, smem, regs, chunks per CTA, and per
 # CTA and chunk: dependent round trips, MMA FLOPs, HBM bytes; plus totals.
 # ----------------------------------------------------------------------------------------------
-def chunk_kernel(kind, B, T, H, dk, dv, ptx, *, qk_reuse=False, segments=1):
-    """One chunk sweep (forward, dq sweep or dk/dv sweep) as launched today (qk_reuse=False,
-    segments=1) or after the planned changes.  Bytes and FLOPs are per token-head below, times
-    B*H*T."""
+def chunk_kernel(kind, B, T, H, dk, dv, ptx, *, qk_reuse=True, segments=1):
+    """One chunk sweep (forward, dq sweep or dk/dv sweep) as launched today (qk_reuse=True: dv
+    tiles fastest in launch order; segments=1) or with the old launch order (qk_reuse=False) or
+    the sequence split (segments > 1).  Bytes and FLOPs are per token-head below, times B*H*T."""
     tr = chunk_traits(bucket(dk), STATE_REGS[kind])
     bt, bk, bv = tr["BT"], tr["BK"], tr["BV"]
     kt_used = -(-dk // bk)
@@ -218,8 +222,9 @@ def chunk_kernel(kind, B, T, H, dk, dv, ptx, *, qk_reuse=False, segments=1):
     per_sm, limiter = occupancy(tr["threads"], regs, smem)
     slots = DEVICES["H200"]["sms"] * per_sm
     # How many times the q / k (or k / workspace) rows of one head come from HBM: once when all
-    # dv tiles of the head are resident together, else once per wave that holds some of them
-    # (tiles of one head are gridDim.x = B*H CTAs apart in launch order).
+    # dv tiles of the head are resident together (today's launch order puts them next to each
+    # other: kernels/chunk_common.cuh, chunk_cta), else once per wave that holds some of them
+    # (the old order: tiles of one head B*H CTAs apart).
     reads = 1 if (qk_reuse or ctas <= slots) else min(n_vt, -(-ctas // slots))
     e = ELEM
     if kind == "chunk_forward":
@@ -247,7 +252,7 @@ def chunk_kernel(kind, B, T, H, dk, dv, ptx, *, qk_reuse=False, segments=1):
         alg_fl = 4 * bt * dv + 4 * bt * dk + 6 * dk * dv
     tokens = B * H * T
     designed_fl = fl_cta * n_vt * chunks * B * H
-    return {"kernel": kind, "grid": f"{B * H * segments}x{n_vt}", "ctas": ctas, "threads": tr["threads"],
+    return {"kernel": kind, "grid": f"{n_vt * segments}x{B * H}", "ctas": ctas, "threads": tr["threads"],
             "BV": bv, "dv_tiles": n_vt, "regs": regs, "smem": smem, "per_sm": per_sm, "limiter": limiter,
             "chunks": -(-chunks // segments), "trips": trips, "cta_flops": fl_cta,
             "flops_alg": alg_fl * tokens, "flops": designed_fl, "bytes_min": min_b * tokens,
@@ -320,7 +325,7 @@ def kernel_time_us(k, dev):
 # ----------------------------------------------------------------------------------------------
 # Ops: which kernels each op launches, as designed and after the planned changes
 # ----------------------------------------------------------------------------------------------
-def split_segments(B, H, dk, dv, T, kind, ptx, qk_reuse):
+def split_segments(B, H, dk, dv, T, kind, ptx, qk_reuse=True):
     """Planned sequence split: the number of segments S (a power of two, segments at least
     split_min_chunks long) that gives this sweep the shortest predicted H200 time, S = 1 (no split)
     included.  The launcher would pick S from the grid size and the SM count; the model shows
@@ -337,9 +342,29 @@ def split_segments(B, H, dk, dv, T, kind, ptx, qk_reuse):
     return best
 
 
+def launcher_segments(B, T, H, dk, dv, sms=132):
+    """The forward launcher's automatic split (plan_split in kernels/chunk_fwd.cuh): when the
+    unsplit grid is under two waves, enough segments for two waves, each at least
+    split_min_chunks whole chunks."""
+    tr = chunk_traits(bucket(dk), STATE_REGS["chunk_forward"])
+    bt = tr["BT"]
+    ctas = B * H * -(-dv // tr["BV"])
+    if ctas >= 2 * sms:
+        return 1
+    count = min(-(-2 * sms // ctas), -(-T // bt) // ASSUMPTIONS["split_min_chunks"])
+    if count <= 1:
+        return 1
+    length = -(-(-(-T // count)) // bt) * bt
+    return -(-T // length)
+
+
 def split_kernel(kind, B, T, H, dk, dv, ptx, qk_reuse, S):
     k = chunk_kernel(kind, B, T, H, dk, dv, ptx, qk_reuse=qk_reuse, segments=S)
     k["segments"] = S
+    if kind == "chunk_forward" and S > 1:  # the segment pass is its own instantiation
+        rec = ptx.get(("chunk_forward_segments", "bf16", bucket(dk), STATE_REGS[kind]), {}) if ptx else {}
+        k["regs"] = rec.get("regs")
+        k["per_sm"], k["limiter"] = occupancy(k["threads"], k["regs"], k["smem"])
     if S > 1:
         k["bytes"] += 4 * dk * dv * B * H * S  # each segment reads its incoming state
     return k
@@ -356,6 +381,10 @@ def split_extras(kind, B, T, H, dk, dv, S, ptx, qk_reuse):
     kt = -(-dk // tr["BK"])
     local = dict(base)
     local["kernel"] = kind + "/local_state"
+    if kind == "chunk_forward":  # its own instantiation (state-only): registers from ptxas
+        rec = ptx.get(("chunk_forward_state", "bf16", bucket(dk), STATE_REGS[kind]), {}) if ptx else {}
+        local["regs"] = rec.get("regs")
+        local["per_sm"], local["limiter"] = occupancy(local["threads"], local["regs"], local["smem"])
     local["trips"] = 1 + kt
     local["cta_flops"] = 2 * tr["BT"] * kt * tr["BK"] * tr["BV"]
     tokens = B * H * T
@@ -367,7 +396,7 @@ def split_extras(kind, B, T, H, dk, dv, S, ptx, qk_reuse):
     return [local, scan]
 
 
-def op_kernels(op, shape, ptx, *, split=False, qk_reuse=False):
+def op_kernels(op, shape, ptx, *, split=False, qk_reuse=True):
     if op in ("decode_step", "msr_step"):
         B, H, dk, dv = shape
         return [decode_kernel("recurrent_step" if op == "decode_step" else "msr_step", B, H, dk, dv, ptx)]
@@ -375,7 +404,12 @@ def op_kernels(op, shape, ptx, *, split=False, qk_reuse=False):
     kinds = ["chunk_forward"] if op == "chunk_fwd" else ["chunk_forward", "chunk_backward_dq", "chunk_backward_dkv"]
     ks = []
     for kind in kinds:
-        S = split_segments(B, H, dk, dv, T, kind, ptx, qk_reuse) if split else 1
+        # As launched: the forward splits automatically; split=True adds the planned split of the
+        # backward sweeps (S chosen by the model).
+        if kind == "chunk_forward":
+            S = launcher_segments(B, T, H, dk, dv) if qk_reuse else 1
+        else:
+            S = split_segments(B, H, dk, dv, T, kind, ptx, qk_reuse) if split else 1
         ks += split_extras(kind, B, T, H, dk, dv, S, ptx, qk_reuse)
         ks.append(split_kernel(kind, B, T, H, dk, dv, ptx, qk_reuse, S))
         if kind == "chunk_backward_dq":  # the workspace memset precedes the sweeps
@@ -467,8 +501,7 @@ def build(ptx, measured):
         variants = {"now": op_kernels(op, shape, ptx)}
         if op.startswith("chunk"):
             variants["split"] = op_kernels(op, shape, ptx, split=True)
-            variants["qk_reuse"] = op_kernels(op, shape, ptx, qk_reuse=True)
-            variants["both"] = op_kernels(op, shape, ptx, split=True, qk_reuse=True)
+            variants["old_order"] = op_kernels(op, shape, ptx, qk_reuse=False)
         row = {"op": op, "label": label, "shape": shape, "key": shape_key(op, shape)}
         row["flops_alg"], row["bytes_min"] = op_minimums(op, shape)
         for name, ks in variants.items():
@@ -527,13 +560,13 @@ def markdown(rows, ptx_dir, ptx, measured_path, info):
 
     def variant_cols(r, dev):
         pct = f"{r['floor'][dev] / r['now'][dev] * 100:.0f} %"
-        return " | ".join([fmt_ms(r["now"][dev]), pct] + [fmt_ms(r[v][dev]) for v in ("split", "qk_reuse", "both")])
+        return " | ".join([fmt_ms(r["now"][dev]), pct] + [fmt_ms(r[v][dev]) for v in ("split", "old_order")])
 
     has_m = bool(measured_path)
     for title, sel in (("Chunk forward", "chunk_fwd"), ("Chunk forward + backward", "chunk_fwdbwd")):
         L += [f"## {title} (ms)", ""]
-        cols = ["shape", "GFLOP alg", "GFLOP launched", "MB min", "MB now", "MB q/k reuse", "split S",
-                "floor H200", "H100 now", "H200 now", "% of floor", "H200 split", "H200 q/k reuse", "H200 both",
+        cols = ["shape", "GFLOP alg", "GFLOP launched", "MB min", "MB designed", "MB old order", "split S",
+                "floor H200", "H100 now", "H200 now", "% of floor", "H200 split", "H200 old order",
                 "FLA H100 (3rd party)"]
         if has_m:
             cols += ["measured ours", "meas/pred", "FLA measured", "SDPA measured"]
@@ -543,7 +576,7 @@ def markdown(rows, ptx_dir, ptx, measured_path, info):
             if r["op"] != sel:
                 continue
             line = (f"| {r['label']} {shape_str(r)} | {r['flops_alg'] / 1e9:.1f} | {r['now_flops'] / 1e9:.1f} "
-                    f"| {r['bytes_min'] / 1e6:.0f} | {r['now_bytes'] / 1e6:.0f} | {r['qk_reuse_bytes'] / 1e6:.0f} "
+                    f"| {r['bytes_min'] / 1e6:.0f} | {r['now_bytes'] / 1e6:.0f} | {r['old_order_bytes'] / 1e6:.0f} "
                     f"| {r['segments']} | {fmt_ms(r['floor']['H200'])} | {fmt_ms(r['now']['H100'])} "
                     f"| {variant_cols(r, 'H200')} | {r.get('fla_h100_ms', '-')}")
             if has_m:
@@ -581,10 +614,10 @@ def markdown(rows, ptx_dir, ptx, measured_path, info):
     L.append("")
 
     L += ["## Kernels as launched today (H200)", "",
-          "Per kernel of each chunk op: grid (B·H x dv tiles), BV (state columns per CTA), registers (ptxas), "
+          "Per kernel of each chunk op: grid (dv tiles x B·H; with the split, dv tiles x segments), BV (state columns per CTA), registers (ptxas), "
           "dynamic shared memory (ChunkTraits), CTAs per SM and what limits it, waves on 132 SMs, how many "
-          "times q/k come from HBM (dv tiles of a head are B·H CTAs apart in launch order: once if the grid "
-          "fits one wave, else once per wave holding some of them), and what bounds it.", ""]
+          "times q/k come from HBM (1: the dv tiles of a head are adjacent in launch order and share them "
+          "through L2), and what bounds it.", ""]
     cols = ["op", "shape", "kernel", "grid", "BV", "threads", "regs", "smem B", "CTAs/SM", "waves", "q/k reads",
             "chunks/CTA", "MB", "bound", "H200 µs"]
     L += ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
@@ -604,20 +637,27 @@ def markdown(rows, ptx_dir, ptx, measured_path, info):
                      f"({k['wave_fill'] * 100:.0f} % of one) | {k['qk_reads']} | {k['chunks']} "
                      f"| {k['bytes'] / 1e6:.0f} | {k['bound']['H200']} | {t:.1f} |")
     L.append("")
-    L += ["## The two planned changes", "",
-          "* **Sequence split** (`split` columns; `split S` gives S per sweep: forward / dq / dk-dv): T is cut "
-          "into S segments (a power of two, each at least "
-          f"{ASSUMPTIONS['split_min_chunks']} chunks, S chosen for the shortest predicted time, 1 = no split): a pass computing each segment's local state (reads the "
+    L += ["## Launch order and sequence split", "",
+          "* **Sequence split** (`split S` gives S per sweep: forward / dq / dk-dv). Forward: done and "
+          "automatic, so `now` includes it (kernels/chunk_fwd.cuh, plan_split: when the unsplit grid is "
+          "under two waves, enough segments for two waves, each at least "
+          f"{ASSUMPTIONS['split_min_chunks']} whole chunks). Backward sweeps: planned, the `split` columns "
+          "add it with S a power of two chosen for the shortest predicted time. Either way: a pass computing each segment's local state (reads the "
           "state-update operands again), a scan over segments (fp32 states read and written), then the sweep "
           "with S times the CTAs, each walking T/S tokens from its incoming state. It trades extra bytes for "
           "a shorter chain; it pays where the chain (latency) bounds the kernel, i.e. small B·H and long T.",
-          "* **q/k reuse across dv tiles** (`q/k reuse` columns): dv tiles of one head adjacent in launch "
-          "order (or one cluster with multicast loads), so q/k (and the dq/dk workspace rows) come from HBM "
-          "once per head and chunk: bytes drop to the `MB q/k reuse` column. It pays where the grid is over "
-          "one wave and the kernel is bandwidth-bound (large dk with small BV, e.g. RetNet's 256/512).",
+          "* **q/k reuse across dv tiles** (done; `old order` columns: the launch order before it): the "
+          "dv tiles of one head are adjacent in launch order (one-dimensional grid, dv tile fastest: "
+          "`chunk_cta` in kernels/chunk_common.cuh), so they run together and q/k (and the dq/dk workspace "
+          "rows) come from HBM once per head and chunk, the other dv tiles reading them from L2. Before, the "
+          "tiles of a head were B·H CTAs apart and re-read q/k from HBM once per wave holding some of them "
+          "(`MB old order`); that mattered where the grid is over one wave and the kernel is bandwidth-bound "
+          "(large dk with small BV, e.g. RetNet's 256/512).",
           "* Both keep the per-dv-tile recomputation of Q K^T (`GFLOP launched` vs `GFLOP alg`).", "",
-          "Expected HBM bytes per token and head, forward, after q/k reuse: 2·(2·dk + 2·dv) "
-          "(= 1024 B at 128/128, 3072 B at 256/512); the `MB now` / `MB min` ratio is the re-read factor today.",
+          "Expected HBM bytes per token and head as designed (bf16), forward: 2·(2·dk + 2·dv) = the minimum "
+          "(1024 B at 128/128, 3072 B at 256/512); with the old order up to 2·(2·dk·tiles + 2·dv) "
+          "(`MB old order` / `MB min` is that re-read factor). This assumes L2 serves the repeats of a "
+          "head's q/k chunk while its dv tiles walk it together; a device run checks it.",
           ""]
     return "\n".join(L)
 

@@ -34,13 +34,13 @@ struct ChunkBackward {
       using TrDkv = ChunkTraits<T, kMaxDk, 32>;
       const Shape& n = p.shape;
       const std::int64_t rows = n.B * n.H;
-      const auto grid = [&](int bv) {
-        return dim3(static_cast<unsigned>(rows), static_cast<unsigned>(dv_partials(static_cast<int>((n.dv + bv - 1) / bv), rows)));
-      };
+      const auto groups = [&](int bv) { return dv_partials(static_cast<int>((n.dv + bv - 1) / bv), rows); };
       int dq_parts = 0, dk_parts = 0;
       sweep_partials(p.dtype, n, rows, dq_parts, dk_parts);
-      if (grid(TrDq::BV).y != static_cast<unsigned>(dq_parts) || grid(TrDkv::BV).y != static_cast<unsigned>(dk_parts))
+      if (groups(TrDq::BV) != dq_parts || groups(TrDkv::BV) != dk_parts)
         return gpu::kErrorInvalidValue;  // the workspace was sized for other tile widths
+      dim3 grid_dq, grid_dkv;
+      if (!chunk_grid(rows, dq_parts, grid_dq) || !chunk_grid(rows, dk_parts, grid_dkv)) return gpu::kErrorInvalidValue;
       float* const dq_partials = p.workspace;
       float* const dk_partials = p.workspace + dq_parts * (n.B * n.H * n.T * n.dk);
 
@@ -57,13 +57,13 @@ struct ChunkBackward {
         if (p.workspace == nullptr) return gpu::kErrorInvalidValue;
         const int passes = dv_tiles_per_cta(static_cast<int>((n.dv + TrDq::BV - 1) / TrDq::BV), rows);
         for (int pass = 0; pass < passes; ++pass)
-          if ((e = gpu::launch(dq_kernel, grid(TrDq::BV), TrDq::kThreads, kSmemDq, p.stream, p, dq_partials, pass,
+          if ((e = gpu::launch(dq_kernel, grid_dq, TrDq::kThreads, kSmemDq, p.stream, p, dq_partials, dq_parts, pass,
                                passes)) != gpu::kSuccess)
             return e;
       }
       const int passes = dv_tiles_per_cta(static_cast<int>((n.dv + TrDkv::BV - 1) / TrDkv::BV), rows);
       for (int pass = 0; pass < passes; ++pass)
-        if ((e = gpu::launch(dkv_kernel, grid(TrDkv::BV), TrDkv::kThreads, kSmemDkv, p.stream, p, dk_partials, pass,
+        if ((e = gpu::launch(dkv_kernel, grid_dkv, TrDkv::kThreads, kSmemDkv, p.stream, p, dk_partials, dk_parts, pass,
                              passes)) != gpu::kSuccess)
           return e;
       if (ws > 0) {

@@ -110,21 +110,22 @@ RT_DEVICE void store_or_add_rows(float* g, std::int64_t ld, int r0, int rows_val
 }
 
 // The dv tile of a sweep CTA: dv_tiles_per_cta(...) == `passes` launches of the sweep run one
-// after the other on the stream; in pass j, CTA (row, g) sweeps tile g * passes + j of its
+// after the other on the stream; the grid is (group g fastest, row): chunk_cta (groups of a row
+// adjacent); in pass j, CTA (row, g) sweeps tile g * passes + j of its
 // group g and stores (j == 0) or adds (j > 0) its partial sums in slice g.  Stream order
 // makes the read-modify-write safe; separate launches instead of a loop inside the kernel keep
 // the register allocation of a single sweep (a loop around it made ptxas spill).
 // Returns -1 when group g has fewer tiles than `passes` (the last group may be short).
 template <int BV>
-RT_DEVICE int sweep_tile(int dv, int pass, int passes) {
-  const int tile = static_cast<int>(blockIdx.y) * passes + pass;
+RT_DEVICE int sweep_tile(int group, int dv, int pass, int passes) {
+  const int tile = group * passes + pass;
   return tile * BV < dv ? tile : -1;
 }
 
-// dq partials: `partials` is the [gridDim.y, B*H, T, dk] fp32 slice array of the dq sweep.
+// dq partials: `partials` is the [groups, B*H, T, dk] fp32 slice array of the dq sweep.
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads)
-    chunk_backward_dq_kernel(const typename Tr::Fusion::BackwardParams p, float* partials, int pass,
+    chunk_backward_dq_kernel(const typename Tr::Fusion::BackwardParams p, float* partials, int groups, int pass,
                              int passes) {
   using Fusion = typename Tr::Fusion;
   using T = typename Tr::T;
@@ -145,19 +146,21 @@ __global__ void __launch_bounds__(Tr::kThreads)
 
   const Shape& n = p.shape;
   const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk), dv = static_cast<int>(n.dv);
-  const SeqSpan seq = Fusion::sequence(p, blockIdx.x / H);
-  const int b = seq.b, h = blockIdx.x % H;
+  const ChunkCta cta = chunk_cta(groups);
+  if (cta.row >= Fusion::num_sequences(p) * H) return;  // grid padding (chunk_grid)
+  const SeqSpan seq = Fusion::sequence(p, cta.row / H);
+  const int b = seq.b, h = cta.row % H;
   const int r0 = 16 * gpu::warp_id();
   const float log2g = p.log_decay[h] * kLog2e;
   const std::int64_t bh = static_cast<std::int64_t>(b) * H + h;  // batch row: workspace rows
   const std::int64_t sh = seq.state * H + h;                      // state block
-  float* const dq_acc = partials + (blockIdx.y * n.B * n.H + bh) * n.T * dk;
+  float* const dq_acc = partials + (cta.tile * n.B * n.H + bh) * n.T * dk;
 
   const SmemTile<T> k = row_major(sK, LDK), d = row_major(sD, LDK);
   const SmemTile<T> v = row_major(sV, LDV), vd = row_major(sVd, LDV), dO = row_major(sDO, LDV),
                     s = row_major(sS, LDV);
 
-  const int tile = sweep_tile<BV>(dv, pass, passes);
+  const int tile = sweep_tile<BV>(cta.tile, dv, pass, passes);
   if (tile < 0) return;  // uniform over the CTA, before any barrier
   const int v0 = tile * BV, nv = min(BV, dv - v0);
   const bool add = pass > 0;
@@ -210,10 +213,10 @@ __global__ void __launch_bounds__(Tr::kThreads)
   }
 }
 
-// dk partials: `partials` is the [gridDim.y, B*H, T, dk] fp32 slice array of this sweep.
+// dk partials: `partials` is the [groups, B*H, T, dk] fp32 slice array of this sweep.
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads)
-    chunk_backward_dkv_kernel(const typename Tr::Fusion::BackwardParams p, float* partials, int pass,
+    chunk_backward_dkv_kernel(const typename Tr::Fusion::BackwardParams p, float* partials, int groups, int pass,
                              int passes) {
   using Fusion = typename Tr::Fusion;
   using T = typename Tr::T;
@@ -238,20 +241,22 @@ __global__ void __launch_bounds__(Tr::kThreads)
 
   const Shape& n = p.shape;
   const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk), dv = static_cast<int>(n.dv);
-  const SeqSpan seq = Fusion::sequence(p, blockIdx.x / H);
-  const int b = seq.b, h = blockIdx.x % H;
+  const ChunkCta cta = chunk_cta(groups);
+  if (cta.row >= Fusion::num_sequences(p) * H) return;  // grid padding (chunk_grid)
+  const SeqSpan seq = Fusion::sequence(p, cta.row / H);
+  const int b = seq.b, h = cta.row % H;
   const int r0 = 16 * gpu::warp_id();
   const float log2g = p.log_decay[h] * kLog2e;
   const std::int64_t bh = static_cast<std::int64_t>(b) * H + h;  // batch row: workspace rows
   const std::int64_t sh = seq.state * H + h;                      // state block
-  float* const dk_acc = partials + (blockIdx.y * n.B * n.H + bh) * n.T * dk;
+  float* const dk_acc = partials + (cta.tile * n.B * n.H + bh) * n.T * dk;
 
   const SmemTile<T> q = row_major(sQ, LDK), k = row_major(sK, LDK), d = row_major(sD, LDK),
                     a = row_major(sA, LDK);
   const SmemTile<T> v = row_major(sV, LDV), dO = row_major(sDO, LDV), dOd = row_major(sDOd, LDV),
                     hh = row_major(sH, LDV);
 
-  const int tile = sweep_tile<BV>(dv, pass, passes);
+  const int tile = sweep_tile<BV>(cta.tile, dv, pass, passes);
   if (tile < 0) return;  // uniform over the CTA, before any barrier
   const int v0 = tile * BV, nv = min(BV, dv - v0);
   const bool add = pass > 0;

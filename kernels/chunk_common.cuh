@@ -5,7 +5,19 @@
 //   order and keeps its [dk x BV] slice of the fp32 state in registers, as accumulator
 //   fragments.  Inside a chunk every product has 64 (or 32) rows, and warp w owns rows
 //   [16w, 16w + 16) of all of them, so no cross-warp reduction is ever needed.
-//   dk is covered by KT tiles of BK columns; dv by gridDim.x tiles of BV columns.
+//   dk is covered by KT tiles of BK columns; dv by `tiles` tiles of BV columns.
+//
+// Launch order (q / k reuse): the dv tile is the fastest grid index, blockIdx.x, and the
+// (sequence, head) row is blockIdx.y (+ gridDim.y * blockIdx.z past 65535 rows).  GPUs hand
+// out CTAs in increasing linear index (in practice; no API guarantees it), so the dv-tile CTAs
+// of one head start together, walk the same chunks at the same pace and read the same q / k
+// chunk within a short window: the first read comes from HBM, the other tiles - 1 from L2.
+// (With the dv tile on blockIdx.y, the order used before, the tiles of one head were B*H CTAs
+// apart, i.e. several waves apart whenever B*H exceeds the resident CTAs, and each re-read
+// q / k from HBM.)  Designed HBM traffic per token and head (bench/gpu_model.py, docs/gpu.md):
+// forward (q + k) dk + 2 dv elements instead of up to tiles (q + k) dk + 2 dv.  Every CTA
+// coordinate is read from the block index registers: the kernels sit at 230-255 registers, and
+// a one-dimensional grid decoded by division made ptxas spill.
 //
 // Decay: gamma^n is always evaluated as exp2(n * log2(gamma)) with n >= 0, so it can only
 // underflow (to 0, harmless), never overflow; log2(gamma) stays fp32.
@@ -92,6 +104,29 @@ RT_DEVICE void scale_rows(T* dst, const T* src, int ld, F&& row_factor) {
   }
 }
 
+// With the sequence split (chunk_fwd.cuh) blockIdx.x = tile + tiles * segment: the dv tiles
+// of one segment stay adjacent.
+struct ChunkCta {
+  int row;      // (sequence, head): sequence = row / H, head = row % H
+  int tile;     // dv tile (or, in the backward sweeps, dv tile group)
+  int segment;  // segment of the sequence (0 without a split)
+};
+// segments == 1 (a constant at every call without a split) reads the tile straight from
+// blockIdx.x.  CTAs past the last row (rows over 65535 fold onto blockIdx.z) must return at once.
+RT_DEVICE ChunkCta chunk_cta(int tiles, int segments = 1) {
+  const int x = static_cast<int>(blockIdx.x);
+  const int row = static_cast<int>(blockIdx.y + blockIdx.z * gridDim.y);
+  return segments == 1 ? ChunkCta{row, x, 0} : ChunkCta{row, x % tiles, x / tiles};
+}
+inline constexpr std::int64_t kMaxGridY = 65535;
+// The grid of `rows` x `segments` x `tiles` CTAs in that order; false when it exceeds the
+// grid limits.
+inline bool chunk_grid(std::int64_t rows, std::int64_t tiles, dim3& grid, std::int64_t segments = 1) {
+  const std::int64_t x = tiles * segments, y = rows < kMaxGridY ? rows : kMaxGridY, z = y > 0 ? (rows + y - 1) / y : 0;
+  grid = dim3(static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(z));
+  return x > 0 && x <= 0x7fffffff && y > 0 && z <= kMaxGridY;
+}
+
 // Where the tokens of one CTA's sequence live.  Without fusion a sequence is a batch row; the
 // fused MSR kernels (msr_common.cuh) also map packed sequences (cu_seqlens) of batch row 0.
 struct SeqSpan {
@@ -102,8 +137,27 @@ struct SeqSpan {
   std::int64_t pos0;     // absolute position of its first token (rotary angle, decay normaliser)
 };
 
+// Sequence split of the forward (chunk_fwd.cuh): segment g of a sequence is its tokens
+// [g length, (g + 1) length), clamped to the sequence (empty past its end).
+struct SegmentSplit {
+  std::int64_t length = 0;  // tokens per segment; 0: no split
+  int count = 1;            // segments per sequence
+  // [count - 1, sequences * H, dk, dv] fp32: the local states of segments 0 .. count - 2, then
+  // (after the scan) the states entering segments 1 .. count - 1.
+  float* states = nullptr;
+  std::int64_t state_stride = 0;  // sequences * H * dk * dv
+};
+RT_HOST_DEVICE inline SeqSpan segment_of(SeqSpan s, std::int64_t length, int g) {
+  const std::int64_t begin = g * length < s.length ? g * length : s.length;
+  const std::int64_t rest = s.length - begin;
+  s.t_begin += begin;
+  s.pos0 += begin;
+  s.length = rest < length ? rest : length;
+  return s;
+}
+
 // Compile-time fusion policy of the chunk kernels.  The kernels call it at three points:
-//   sequence(p, n)   which tokens / state sequence n (blockIdx.x / H) covers
+//   sequence(p, n)   which tokens / state sequence n (chunk_cta row / H) covers
 //   load_qk(...)     the prologue: global -> shared copy of the q / k tiles of one dk tile (the
 //                    place for a rotary embedding; it gets the row base and the dk offset, so
 //                    it can read rotation partners outside the tile)
@@ -117,7 +171,7 @@ struct NoFusion {
   static constexpr int forward_extra_smem(int /*warps*/, int /*bv*/) { return 0; }
 
   template <class P>
-  static std::int64_t num_sequences(const P& p) {
+  RT_HOST_DEVICE static std::int64_t num_sequences(const P& p) {
     return p.shape.B;
   }
   template <class P>

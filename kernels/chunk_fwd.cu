@@ -11,20 +11,77 @@ template <class T>
 struct ChunkForward {
   template <int kMaxDk>
   struct Bucket {
-    static gpu::error_t run(const ChunkForwardParams& p) {
-      using Tr = ChunkTraits<T, kMaxDk>;
+    using Tr = ChunkTraits<T, kMaxDk>;
+    static gpu::error_t run(const ChunkForwardParams& p, SegmentSplit split) {
       constexpr int kSmem = gpu::dynamic_smem_bytes(Tr::kSmemForward);
-      auto* kernel = &chunk_forward_kernel<Tr>;
-      gpu::error_t e = gpu::set_max_dynamic_smem(kernel, kSmem);
-      if (e != gpu::kSuccess) return e;
-      const dim3 grid(static_cast<unsigned>(p.shape.B * p.shape.H),
-                      static_cast<unsigned>((p.shape.dv + Tr::BV - 1) / Tr::BV));
-      return gpu::launch(kernel, grid, Tr::kThreads, kSmem, p.stream, p);
+      const std::int64_t rows = p.shape.B * p.shape.H, tiles = (p.shape.dv + Tr::BV - 1) / Tr::BV;
+      gpu::error_t e = gpu::kSuccess;
+      dim3 grid;
+      if (split.count <= 1) {
+        auto* kernel = &chunk_forward_kernel<Tr>;
+        if ((e = gpu::set_max_dynamic_smem(kernel, kSmem)) != gpu::kSuccess) return e;
+        if (!chunk_grid(rows, tiles, grid)) return gpu::kErrorInvalidValue;
+        return gpu::launch(kernel, grid, Tr::kThreads, kSmem, p.stream, p, split);
+      }
+      if (p.workspace == nullptr) return gpu::kErrorInvalidValue;
+      split.states = p.workspace;
+      split.state_stride = rows * p.shape.dk * p.shape.dv;
+      auto* state_kernel = &chunk_forward_kernel<Tr, ForwardSplitPass::kStateOnly>;
+      auto* kernel = &chunk_forward_kernel<Tr, ForwardSplitPass::kSegments>;
+      if ((e = gpu::set_max_dynamic_smem(state_kernel, kSmem)) != gpu::kSuccess ||
+          (e = gpu::set_max_dynamic_smem(kernel, kSmem)) != gpu::kSuccess)
+        return e;
+      if (!chunk_grid(rows, tiles, grid, split.count - 1)) return gpu::kErrorInvalidValue;
+      if ((e = gpu::launch(state_kernel, grid, Tr::kThreads, kSmem, p.stream, p, split)) != gpu::kSuccess) return e;
+      if (split.count > 2) {
+        const std::int64_t blocks = (split.state_stride + 255) / 256;
+        if ((e = gpu::launch(&segment_scan_kernel<NoFusion>, static_cast<unsigned>(blocks < 1024 ? blocks : 1024), 256,
+                             0, p.stream, p, split)) != gpu::kSuccess)
+          return e;
+      }
+      if (!chunk_grid(rows, tiles, grid, split.count)) return gpu::kErrorInvalidValue;
+      return gpu::launch(kernel, grid, Tr::kThreads, kSmem, p.stream, p, split);
+    }
+  };
+  template <int kMaxDk>
+  struct Planner {
+    using Tr = ChunkTraits<T, kMaxDk>;
+    static gpu::error_t run(const ChunkForwardParams& p, SegmentSplit& split) {
+      split = plan_split(p.split, p.num_sms, p.shape.B * p.shape.H * ((p.shape.dv + Tr::BV - 1) / Tr::BV), p.shape.T,
+                         Tr::BT);
+      return gpu::kSuccess;
     }
   };
 };
 
+// The segment plan of a forward (chunk_fwd.cuh: plan_split).
+SegmentSplit forward_split(const ChunkForwardParams& p) {
+  SegmentSplit s;
+  const Shape& n = p.shape;
+  if (n.B * n.H <= 0 || n.dv <= 0 || n.dk <= 0 || n.T <= 1 || n.dk > kMaxHeadDimK || p.split == 0) return s;
+  switch (p.dtype) {
+    case DType::kF16:
+      dispatch_dk<ChunkForward<f16_t>::template Planner>(n.dk, p, s);
+      break;
+    case DType::kBF16:
+      dispatch_dk<ChunkForward<bf16_t>::template Planner>(n.dk, p, s);
+      break;
+    case DType::kF32:
+      dispatch_dk<ChunkForward<float>::template Planner>(n.dk, p, s);
+      break;
+  }
+  return s;
+}
+
 }  // namespace
+
+// The states of segments 1 .. count - 1 (fp32 [count - 1, B, H, dk, dv]).
+std::size_t chunk_forward_workspace_bytes(const ChunkForwardParams& p) {
+  const SegmentSplit s = forward_split(p);
+  const Shape& n = p.shape;
+  return s.count > 1 ? static_cast<std::size_t>(s.count - 1) * static_cast<std::size_t>(n.B * n.H * n.dk * n.dv) * sizeof(float)
+                     : 0;
+}
 
 gpu::error_t launch_chunk_forward(const ChunkForwardParams& p) {
   const Shape& n = p.shape;
@@ -32,13 +89,14 @@ gpu::error_t launch_chunk_forward(const ChunkForwardParams& p) {
     return gpu::kErrorInvalidValue;
   if (n.B * n.H == 0 || n.dv == 0) return gpu::kSuccess;
   if (gpu::error_t e = gpu::check_warp_size(); e != gpu::kSuccess) return e;
+  const SegmentSplit split = forward_split(p);
   switch (p.dtype) {
     case DType::kF16:
-      return dispatch_dk<ChunkForward<f16_t>::template Bucket>(n.dk, p);
+      return dispatch_dk<ChunkForward<f16_t>::template Bucket>(n.dk, p, split);
     case DType::kBF16:
-      return dispatch_dk<ChunkForward<bf16_t>::template Bucket>(n.dk, p);
+      return dispatch_dk<ChunkForward<bf16_t>::template Bucket>(n.dk, p, split);
     case DType::kF32:
-      return dispatch_dk<ChunkForward<float>::template Bucket>(n.dk, p);
+      return dispatch_dk<ChunkForward<float>::template Bucket>(n.dk, p, split);
   }
   return gpu::kErrorInvalidValue;
 }

@@ -27,11 +27,11 @@ namespace retention::kernels {
 template <class T>
 struct ForwardTile {
   SeqSpan seq;
-  int seq_index;     // blockIdx.x / H
+  int seq_index;     // row / H (chunk_cta)
   int h;
   std::int64_t t0;   // chunk start, relative to the sequence
   int L;             // tokens in the chunk
-  int v0, nv;        // dv tile [v0, v0 + nv)
+  int v0, nv;        // dv tile [v0, v0 + nv): tile v0 / BV of ceil(dv / BV)
   int r0;            // first chunk row of this warp
   T* spare0;         // free after the dk loop (held the decayed v); epilogue operand tile
   T* spare1;         // free after the dk loop (held the state tile); epilogue operand tile
@@ -40,8 +40,23 @@ struct ForwardTile {
   float* extra;      // Fusion::forward_extra_smem(kWarps, BV) bytes, kept across chunks
 };
 
-template <class Tr>
-__global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const typename Tr::Fusion::ForwardParams p) {
+// Sequence split (the launchers decide; chunk_fwd.cu): with split.count = G > 1 segments per
+// sequence the forward runs as
+//   (a) kStateOnly: segments 0 .. G-2 each compute their local final state (segment 0 from the
+//       initial state, the others from zero) into split.states; no output, q is not read;
+//   (b) segment_scan_kernel: S_in(g + 1) = gamma^len(g) S_in(g) + local(g), in place;
+//   (c) this kernel: every segment g from its incoming state (g = 0: the initial state),
+//       writing its outputs; the last segment writes the final state.
+// All other CTAs of (c) see the same per-chunk math as without the split; only the state
+// entering a segment is summed in another order (fp32, deterministic).
+// The pass is a template argument, kNoSplit being exactly the unsplit kernel: the kernels sit
+// at 230-255 registers, and even one more value live across the chunk loop makes ptxas spill
+// (measured: a runtime segment index did, for the dk = 256 buckets).
+enum class ForwardSplitPass : int { kNoSplit = 0, kStateOnly = 1, kSegments = 2 };
+
+template <class Tr, ForwardSplitPass kPass = ForwardSplitPass::kNoSplit>
+__global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const typename Tr::Fusion::ForwardParams p,
+                                                                      const SegmentSplit split) {
   using Fusion = typename Tr::Fusion;
   using T = typename Tr::T;
   using Mma = typename Tr::Mma;
@@ -64,27 +79,42 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const typen
 
   const Shape& n = p.shape;
   const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk), dv = static_cast<int>(n.dv);
-  const int seq_index = blockIdx.x / H, h = blockIdx.x % H;
-  const SeqSpan seq = Fusion::sequence(p, seq_index);
+  constexpr bool kStateOnly = kPass == ForwardSplitPass::kStateOnly, kSplit = kPass != ForwardSplitPass::kNoSplit;
+  const int tiles = (dv + BV - 1) / BV;
+  const ChunkCta cta = chunk_cta(tiles, kSplit ? (kStateOnly ? split.count - 1 : split.count) : 1);
+  if (cta.row >= Fusion::num_sequences(p) * H) return;  // grid padding (chunk_grid)
+  const int seq_index = cta.row / H, h = cta.row % H;
+  SeqSpan seq = Fusion::sequence(p, seq_index);
+  if constexpr (kSplit) seq = segment_of(seq, split.length, cta.segment);
   const int b = seq.b;
-  const int v0 = blockIdx.y * BV, nv = min(BV, dv - v0);
+  const int v0 = cta.tile * BV, nv = min(BV, dv - v0);
   const int r0 = 16 * gpu::warp_id();
   const float log2g = p.log_decay[h] * kLog2e;
   const std::int64_t state_off = (seq.state * H + h) * dk * dv;
   ForwardTile<T> tile{seq, seq_index, h, 0, 0, v0, nv, r0, sVd, sS, sO, sV, sExtra};
-  if constexpr (Fusion::kEpilogue) Fusion::template epilogue_begin<Tr>(p, tile);
+  if constexpr (Fusion::kEpilogue && !kStateOnly) Fusion::template epilogue_begin<Tr>(p, tile);
 
   const SmemTile<T> q = row_major(sQ, LDK), k = row_major(sK, LDK), a = row_major(sA, LDK);
   const SmemTile<T> v = row_major(sV, LDV), vd = row_major(sVd, LDV), s = row_major(sS, LDV);
 
+  // The state entering this CTA's tokens and (split) where the state leaving them goes, both
+  // decided here so that nothing about the segment stays live across the chunk loop.
+  const float* entering = p.initial_state ? p.initial_state + state_off : nullptr;
+  float* leaving = nullptr;
+  if constexpr (kSplit) {
+    if (cta.segment > 0) entering = kStateOnly ? nullptr : split.states + (cta.segment - 1) * split.state_stride + state_off;
+    leaving = kStateOnly ? split.states + cta.segment * split.state_stride + state_off
+                         : (p.final_state != nullptr && cta.segment == split.count - 1 ? p.final_state + state_off
+                                                                                       : nullptr);
+  }
   FragC S[KT][NV];
-  load_state<Tr>(S, p.initial_state ? p.initial_state + state_off : nullptr, dk, dv, v0);
+  load_state<Tr>(S, entering, dk, dv, v0);
 
   for (std::int64_t t0 = 0; t0 < seq.length; t0 += BT) {
     const int L = seq.length - t0 < BT ? static_cast<int>(seq.length - t0) : BT;
     const std::int64_t t = seq.t_begin + t0;  // row of the chunk's first token in batch row b
     const float gL = decay_pow(L, log2g);
-    const float s_factor = state_operand_factor<Tr>(S, sScratch);
+    const float s_factor = kStateOnly ? 1.f : state_operand_factor<Tr>(S, sScratch);
 
     __syncthreads();  // previous chunk is done with sV and sA/sO
     load_tile<BT, BV, kThreads>(sV, LDV, bthd_ptr<T>(p.v, b, t, h, v0), p.v.stride_t, L, nv);
@@ -99,18 +129,21 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const typen
       const int k0 = kt * BK;
       if (k0 >= dk) break;  // uniform: dk is below this bucket's maximum
       __syncthreads();
-      Fusion::template load_qk<BT, BK, kThreads>(p, sQ, bthd_ptr<T>(p.q, b, t, h, 0), p.q.stride_t, sK,
-                                                 bthd_ptr<T>(p.k, b, t, h, 0), p.k.stride_t, LDK, L, k0, dk,
-                                                 seq.pos0 + t0);
-      store_state_operand<Tr>(s.block(r0, 0), S[kt], 1.f / s_factor);
+      Fusion::template load_qk<BT, BK, kThreads>(p, kStateOnly ? nullptr : sQ, bthd_ptr<T>(p.q, b, t, h, 0),
+                                                 p.q.stride_t, sK, bthd_ptr<T>(p.k, b, t, h, 0), p.k.stride_t, LDK,
+                                                 L, k0, dk, seq.pos0 + t0);
+      if constexpr (!kStateOnly) store_state_operand<Tr>(s.block(r0, 0), S[kt], 1.f / s_factor);
       __syncthreads();
 
-      warp_mma<Mma, NT, NK>(A, q.block(r0, 0), k.t());  // A += Q K^T
-      warp_mma<Mma, NV, NK>(O, q.block(r0, 0), s);      // O += Q 2^-e S
+      if constexpr (!kStateOnly) {
+        warp_mma<Mma, NT, NK>(A, q.block(r0, 0), k.t());  // A += Q K^T
+        warp_mma<Mma, NV, NK>(O, q.block(r0, 0), s);      // O += Q 2^-e S
+      }
       scale_acc<Mma>(S[kt], gL);                          // S  = g^L S + K^T Vd
       warp_mma<Mma, NV, NT>(S[kt], k.t().block(r0, 0), vd);
     }
     __syncthreads();  // q/k buffers become the score tile; sVd and sS are free
+    if constexpr (kStateOnly) continue;
     if constexpr (Fusion::kEpilogue) {
       tile.t0 = t0;
       tile.L = L;
@@ -135,9 +168,61 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const typen
       store_tile<BT, BV, kThreads>(bthd_ptr<T>(p.o, b, t, h, v0), p.o.stride_t, sO, LDV, L, nv);
     }
   }
-  if constexpr (Fusion::kEpilogue) Fusion::template epilogue_end<Tr>(p, tile);
+  if constexpr (Fusion::kEpilogue && !kStateOnly) Fusion::template epilogue_end<Tr>(p, tile);
+  if constexpr (kSplit) {
+    if (leaving != nullptr) store_state<Tr>(leaving, S, dk, dv, v0);
+  } else if (p.final_state != nullptr) {
+    store_state<Tr>(p.final_state + state_off, S, dk, dv, v0);
+  }
+}
 
-  if (p.final_state != nullptr) store_state<Tr>(p.final_state + state_off, S, dk, dv, v0);
+// Pass (b) of the split: in place over split.states, for every (sequence, head) and state
+// element, S_in(g + 1) = gamma^len(g) S_in(g) + local(g) for g = 1 .. count - 2 (slice 0 already
+// holds S_in(1): segment 0 started from the initial state).  fp32, one fixed order.
+template <class Fusion>
+__global__ void __launch_bounds__(256) segment_scan_kernel(const typename Fusion::ForwardParams p,
+                                                           const SegmentSplit split) {
+  const Shape& n = p.shape;
+  const std::int64_t per_row = n.dk * n.dv;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < split.state_stride;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t row = i / per_row;
+    const float log2g = p.log_decay[row % n.H] * kLog2e;
+    const SeqSpan seq = Fusion::sequence(p, static_cast<int>(row / n.H));
+    float x = split.states[i];
+    for (int g = 1; g + 1 < split.count; ++g) {
+      const int len = static_cast<int>(segment_of(seq, split.length, g).length);
+      float* const y = split.states + g * split.state_stride + i;
+      x = fmaf(decay_pow(len, log2g), x, *y);
+      *y = x;
+    }
+  }
+}
+
+// Segment plan of the split from the CTAs of the unsplit grid: split < 0 (automatic) cuts T
+// when those CTAs are under two waves (2 * num_sms), into enough segments to fill two waves but
+// never shorter than kSplitMinChunks chunks of bt tokens (shorter segments would spend more on
+// passes (a) and (b) than they save); split > 0 forces that many segments of ceil(T / split)
+// tokens.  count <= 1 (length 0) means no split.  num_sms <= 0: the current device's SMs (132
+// if the query fails).
+inline constexpr int kSplitMinChunks = 4;
+inline SegmentSplit plan_split(int split, int num_sms, std::int64_t ctas, std::int64_t T, int bt) {
+  SegmentSplit s;
+  if (split < 0 && num_sms <= 0 && (gpu::multiprocessor_count(&num_sms) != gpu::kSuccess || num_sms <= 0))
+    num_sms = 132;
+  std::int64_t count = split > 0 ? split : 1;
+  if (split < 0 && ctas > 0 && ctas < 2 * static_cast<std::int64_t>(num_sms)) {
+    const std::int64_t want = (2 * static_cast<std::int64_t>(num_sms) + ctas - 1) / ctas;
+    const std::int64_t most = (T + bt - 1) / bt / kSplitMinChunks;
+    count = want < most ? want : most;
+  }
+  if (count <= 1 || T <= 1) return s;
+  std::int64_t length = (T + count - 1) / count;
+  if (split < 0) length = (length + bt - 1) / bt * bt;  // whole chunks
+  s.length = length;
+  s.count = static_cast<int>((T + length - 1) / length);
+  if (s.count <= 1) s = SegmentSplit{};
+  return s;
 }
 
 }  // namespace retention::kernels

@@ -120,6 +120,9 @@ inline error_t synchronize() { return kSuccess; }
 inline error_t last_error() { return emu::take_last_error(); }
 inline const char* error_string(error_t e) { return emu::error_string(e); }
 inline error_t check_warp_size() { return kSuccess; }
+// A fixed, deterministic count (an H100's), so launchers that plan from it (the sequence split
+// of chunk_fwd.cu) choose the same launches on every host.
+inline error_t multiprocessor_count(int* n) { *n = 132; return kSuccess; }
 template <class Kernel>
 inline error_t set_max_dynamic_smem(Kernel* kernel, int bytes) {
   return emu::set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes);
@@ -160,6 +163,18 @@ inline error_t check_warp_size() {
   if (e == kSuccess && ws != kWarpSize) return cudaErrorInvalidDeviceFunction;
 #endif
   return e;
+}
+
+// Number of SMs (CUs on AMD) of the current device.
+inline error_t multiprocessor_count(int* n) {
+  int dev = 0;
+  error_t e = RT_API(GetDevice)(&dev);
+  if (e != kSuccess) return e;
+#if RETENTION_HIP
+  return hipDeviceGetAttribute(n, hipDeviceAttributeMultiprocessorCount, dev);
+#else
+  return cudaDeviceGetAttribute(n, cudaDevAttrMultiProcessorCount, dev);
+#endif
 }
 
 // cudaFuncSetAttribute(MaxDynamicSharedMemorySize) shim.  On CDNA the LDS limit is a fixed

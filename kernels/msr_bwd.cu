@@ -27,11 +27,10 @@ struct MsrSweeps {
       using TrDq = ChunkTraits<T, kMaxDk, 64, MsrSweepFusion>;
       using TrDkv = ChunkTraits<T, kMaxDk, 32, MsrSweepFusion>;
       const std::int64_t rows = p.seq.num_sequences * p.shape.H;
-      const dim3 grid_dq(static_cast<unsigned>(rows), static_cast<unsigned>(dv_partials(
-                                                          static_cast<int>((p.shape.dv + TrDq::BV - 1) / TrDq::BV), rows)));
-      const dim3 grid_dkv(static_cast<unsigned>(rows), static_cast<unsigned>(dv_partials(
-                                                           static_cast<int>((p.shape.dv + TrDkv::BV - 1) / TrDkv::BV), rows)));
-      if (grid_dq.y != static_cast<unsigned>(dq_parts) || grid_dkv.y != static_cast<unsigned>(dk_parts))
+      const auto groups = [&](int bv) { return dv_partials(static_cast<int>((p.shape.dv + bv - 1) / bv), rows); };
+      dim3 grid_dq, grid_dkv;
+      if (groups(TrDq::BV) != dq_parts || groups(TrDkv::BV) != dk_parts || !chunk_grid(rows, dq_parts, grid_dq) ||
+          !chunk_grid(rows, dk_parts, grid_dkv))
         return gpu::kErrorInvalidValue;  // the workspace was sized for other tile widths
       float* const dq_partials = p.workspace;
       float* const dk_partials = p.workspace + dq_parts * (p.shape.B * p.shape.H * p.shape.T * p.shape.dk);
@@ -45,12 +44,12 @@ struct MsrSweeps {
       // dv_tiles_per_cta launches of each sweep (chunk_bwd.cuh).
       const int dq_passes = dv_tiles_per_cta(static_cast<int>((p.shape.dv + TrDq::BV - 1) / TrDq::BV), rows);
       for (int pass = 0; pass < dq_passes; ++pass)
-        if ((e = gpu::launch(dq_kernel, grid_dq, TrDq::kThreads, kSmemDq, p.stream, p, dq_partials, pass,
+        if ((e = gpu::launch(dq_kernel, grid_dq, TrDq::kThreads, kSmemDq, p.stream, p, dq_partials, dq_parts, pass,
                              dq_passes)) != gpu::kSuccess)
           return e;
       const int dkv_passes = dv_tiles_per_cta(static_cast<int>((p.shape.dv + TrDkv::BV - 1) / TrDkv::BV), rows);
       for (int pass = 0; pass < dkv_passes; ++pass)
-        if ((e = gpu::launch(dkv_kernel, grid_dkv, TrDkv::kThreads, kSmemDkv, p.stream, p, dk_partials, pass,
+        if ((e = gpu::launch(dkv_kernel, grid_dkv, TrDkv::kThreads, kSmemDkv, p.stream, p, dk_partials, dk_parts, pass,
                              dkv_passes)) != gpu::kSuccess)
           return e;
       return gpu::kSuccess;

@@ -242,7 +242,7 @@ struct MsrFusion {
   static constexpr int forward_extra_smem(int warps, int bv) { return warps * bv * static_cast<int>(sizeof(float)); }
 
   template <class P>
-  static std::int64_t num_sequences(const P& p) {
+  RT_HOST_DEVICE static std::int64_t num_sequences(const P& p) {
     return p.seq.num_sequences;
   }
   template <class P>
@@ -328,7 +328,7 @@ struct MsrFusion {
 #pragma unroll
     for (int i = 0; i < E; ++i) sum_u2[i] = sum_dzwu[i] = 0.f;
     const bool stats_pass = p.pass == MsrPass::kForwardStats || p.pass == MsrPass::kBackwardStats;
-    const bool single_tile = gridDim.y == 1;
+    const bool single_tile = gridDim.x == 1;  // never split: blockIdx.x is the dv tile
     if (stats_pass || (p.opt.norm && single_tile)) {
       float part_u2[E], part_dzwu[E];
 #pragma unroll
@@ -352,7 +352,7 @@ struct MsrFusion {
       for (int i = 0; i < E; ++i) {
         const int row = tile.r0 + L::c(lane, i).row;
         if (row < tile.L && first_in_row<Mma>(lane, i)) {
-          float* out = p.stats + (blockIdx.y * rows + stats_row(row)) * 2;
+          float* out = p.stats + (blockIdx.x * rows + stats_row(row)) * 2;
           out[0] = sum_u2[i];
           out[1] = sum_dzwu[i];
         }
@@ -366,7 +366,7 @@ struct MsrFusion {
         const int row = tile.r0 + L::c(lane, i).row;
         if (row < tile.L) {
           const float* in = p.stats + stats_row(row) * 2;
-          for (unsigned y = 0; y < gridDim.y; ++y) {
+          for (unsigned y = 0; y < gridDim.x; ++y) {
             sum_u2[i] += in[y * rows * 2];
             sum_dzwu[i] += in[y * rows * 2 + 1];
           }

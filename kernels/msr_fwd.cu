@@ -36,9 +36,11 @@ struct MsrForward {
       auto* kernel = &chunk_forward_kernel<Tr>;
       gpu::error_t e = gpu::set_max_dynamic_smem(kernel, kSmem);
       if (e != gpu::kSuccess) return e;
-      const dim3 grid(static_cast<unsigned>(p.seq.num_sequences * p.shape.H),
-                      static_cast<unsigned>((p.shape.dv + Tr::BV - 1) / Tr::BV));
-      return gpu::launch(kernel, grid, Tr::kThreads, kSmem, p.stream, p);
+      dim3 grid;
+      if (!chunk_grid(p.seq.num_sequences * p.shape.H, (p.shape.dv + Tr::BV - 1) / Tr::BV, grid))
+        return gpu::kErrorInvalidValue;
+      // The fused forward is not split yet (docs/gpu.md): its segment pass spilled on sm_80.
+      return gpu::launch(kernel, grid, Tr::kThreads, kSmem, p.stream, p, SegmentSplit{});
     }
   };
 };

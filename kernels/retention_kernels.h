@@ -42,6 +42,14 @@ struct ChunkForwardParams {
   std::int64_t chunk_size = 64;
   const float* initial_state = nullptr;  // optional
   float* final_state = nullptr;          // optional
+  // Sequence split (chunk_fwd.cu): when the grid of (batch, head, dv tile) CTAs is under two
+  // waves, T is cut into segments run by separate CTAs.  -1: chosen from the shape and the SM
+  // count; 0: off; n > 0: n segments of ceil(T / n) tokens (tests).
+  int split = -1;
+  int num_sms = 0;  // SMs the automatic choice plans for; 0: the current device's
+  // fp32 scratch of chunk_forward_workspace_bytes() bytes (the segments' states); may be null
+  // when that size is 0.
+  float* workspace = nullptr;
   gpu::stream_t stream = nullptr;
 };
 
@@ -93,6 +101,7 @@ struct RecurrentStepParams {
   gpu::stream_t stream = nullptr;
 };
 
+std::size_t chunk_forward_workspace_bytes(const ChunkForwardParams& p);
 gpu::error_t launch_chunk_forward(const ChunkForwardParams& p);
 std::size_t chunk_backward_workspace_bytes(const ChunkBackwardParams& p);
 gpu::error_t launch_chunk_backward(const ChunkBackwardParams& p);

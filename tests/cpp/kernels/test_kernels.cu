@@ -135,6 +135,14 @@ rk::Bthd bthd(void* base, const Problem& p, int d, int offset_elems, rk::DType t
   return x;
 }
 
+// The forward's workspace (the sequence split's segment states), allocated as the op's glue
+// does; the split is automatic unless prm.split says otherwise.
+DeviceBuffer forward_workspace(rk::ChunkForwardParams& prm) {
+  DeviceBuffer ws(rk::chunk_forward_workspace_bytes(prm));
+  prm.workspace = ws.as<float>();
+  return ws;
+}
+
 // ------------------------------------------------------------------------------------------
 // Parameterised over (dtype, shape)
 // ------------------------------------------------------------------------------------------
@@ -193,6 +201,7 @@ TEST_P(RetentionKernels, ChunkForwardMatchesReference) {
   prm.scale = static_cast<float>(p.scale);
   prm.initial_state = c.with_state ? s0.as<float>() : nullptr;
   prm.final_state = sT.as<float>();
+  const DeviceBuffer ws = forward_workspace(prm);
   GPU_OK(rk::launch_chunk_forward(prm));
   GPU_OK(gpu::synchronize());
 
@@ -418,6 +427,7 @@ TEST(RetentionKernelsNumerics, Fp16FiniteOnSlowestHead) {
   prm.log_decay = decay.as<float>();
   prm.scale = 0.125f;
   prm.final_state = sT.as<float>();
+  const DeviceBuffer ws = forward_workspace(prm);
   GPU_OK(rk::launch_chunk_forward(prm));
   GPU_OK(gpu::synchronize());
   const auto o = decode(rk::DType::kF16, dO.download());
@@ -432,9 +442,11 @@ TEST(RetentionKernelsNumerics, Fp16FiniteOnSlowestHead) {
 // ------------------------------------------------------------------------------------------
 struct ForwardOut {
   std::vector<double> o, sT;
+  std::size_t workspace_bytes;  // non-zero: the sequence split ran
 };
 
-ForwardOut run_chunk_forward(Problem& p, rk::DType t) {
+// split: ChunkForwardParams::split (-1 automatic, 0 off, n segments).
+ForwardOut run_chunk_forward(Problem& p, rk::DType t, int split = -1) {
   const auto qb = encode(t, p.q), kb = encode(t, p.k), vb = encode(t, p.v);
   DeviceBuffer dq(qb.size()), dk(kb.size()), dv(vb.size()), dO(vb.size()), sT(p.s0.size() * 4);
   dq.upload(qb.data());
@@ -455,9 +467,74 @@ ForwardOut run_chunk_forward(Problem& p, rk::DType t) {
   prm.scale = static_cast<float>(p.scale);
   prm.initial_state = p.with_state ? s0.as<float>() : nullptr;
   prm.final_state = sT.as<float>();
+  prm.split = split;
+  const DeviceBuffer ws = forward_workspace(prm);
   EXPECT_EQ(rk::launch_chunk_forward(prm), gpu::kSuccess);
   EXPECT_EQ(gpu::synchronize(), gpu::kSuccess);
-  return {decode(t, dO.download()), sT.download_f32()};
+  return {decode(t, dO.download()), sT.download_f32(), ws.bytes};
+}
+
+// The sequence split forced on (segments of ceil(T / n) tokens, so neither T nor the segments
+// are whole chunks of the kernel: 64 tokens for f16 / bf16, 32 for fp32) against the float64
+// reference and against the unsplit forward.  Tolerance: the split changes which sums are
+// rounded - the state entering a segment is summed in another fp32 order and, for f16 / bf16,
+// rounded to the input type as an MMA operand at other chunk boundaries (they move with the
+// segment start) - so the split result meets the same dtype bound against the reference as the
+// unsplit kernel (ChunkForwardMatchesReference), and split vs unsplit differ by rounding of
+// that order: the same relative RMS bound is asserted (the triangle inequality gives 2x; no
+// slack is taken).  Bit-identity is not expected.
+class ChunkForwardSplit : public testing::TestWithParam<rk::DType> {};
+
+TEST_P(ChunkForwardSplit, MatchesUnsplitAndReference) {
+  SKIP_WITHOUT_DEVICE();
+  const rk::DType t = GetParam();
+  struct Config {
+    int T, H, dk, dv, segments;
+    bool with_state;
+  };
+  // dv = 100 is two or more dv tiles; 5 segments of 41 tokens; 24 segments of 4 tokens (many
+  // scan steps, every segment a partial chunk).
+  for (const Config& cfg : {Config{201, 2, 60, 100, 2, true}, Config{201, 2, 60, 100, 3, false},
+                            Config{201, 1, 128, 40, 5, true}, Config{93, 2, 64, 64, 24, false}}) {
+    SCOPED_TRACE("T=" + std::to_string(cfg.T) + " segments=" + std::to_string(cfg.segments) +
+                 (cfg.with_state ? " with initial state" : ""));
+    Problem p = make_problem(1, cfg.T, cfg.H, cfg.dk, cfg.dv, cfg.with_state, 555 + cfg.segments);
+    const ForwardOut off = run_chunk_forward(p, t, 0);
+    const ForwardOut on = run_chunk_forward(p, t, cfg.segments);
+    EXPECT_EQ(off.workspace_bytes, 0u);
+    EXPECT_EQ(on.workspace_bytes, std::size_t(cfg.segments - 1) * cfg.H * cfg.dk * cfg.dv * 4);
+    const Reference ref = reference(p);
+    expect_close(on.o, ref.o, tolerance(t), "o (split)");
+    expect_close(on.sT, ref.sT, tolerance(t), "final_state (split)");
+    expect_close(on.o, off.o, tolerance(t), "o (split vs unsplit)");
+    expect_close(on.sT, off.sT, tolerance(t), "final_state (split vs unsplit)");
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(DTypes, ChunkForwardSplit, testing::Values(rk::DType::kF16, rk::DType::kBF16, rk::DType::kF32),
+                         [](const testing::TestParamInfo<rk::DType>& i) { return std::string(name(i.param)); });
+
+// The automatic choice (host only): split when the unsplit grid is under two waves of the
+// SMs, into segments of whole chunks, at least 4 chunks each; no split when told so.
+TEST(Launchers, ForwardSplitPlan) {
+  const float decay = -0.1f;
+  rk::ChunkForwardParams f;
+  f.dtype = rk::DType::kF16;  // 64-token chunks; dk = dv = 64: one dv tile, 2 CTAs unsplit
+  f.shape = {1, 1000, 2, 64, 64};
+  f.log_decay = &decay;
+  f.num_sms = 132;  // 2 CTAs, two waves are 264: as many segments as 4-chunk minimum allows
+  const std::size_t state = 2 * 64 * 64 * 4;
+  EXPECT_EQ(rk::chunk_forward_workspace_bytes(f), 3 * state);  // 16 chunks -> 4 segments of 256
+  f.num_sms = 1;                                               // the grid already fills two waves
+  EXPECT_EQ(rk::chunk_forward_workspace_bytes(f), 0u);
+  f.num_sms = 132;
+  f.shape.T = 255;  // under 2 x 4 chunks: too short to split
+  EXPECT_EQ(rk::chunk_forward_workspace_bytes(f), 0u);
+  f.split = 0;
+  f.shape.T = 1000;
+  EXPECT_EQ(rk::chunk_forward_workspace_bytes(f), 0u);
+  f.split = 3;  // forced: ceil(1000 / 3) = 334 tokens
+  EXPECT_EQ(rk::chunk_forward_workspace_bytes(f), 2 * state);
 }
 
 struct BackwardOut {

@@ -375,13 +375,14 @@ struct DeviceMsr {
 
 class MsrKernels : public testing::TestWithParam<Config> {};
 
-TEST_P(MsrKernels, ForwardMatchesReference) {
-  SKIP_WITHOUT_DEVICE();
-  Msr m = make_msr(GetParam(), 11);
-  DeviceMsr d(m);  // rounds m's inputs to the element type
-  const Ref ref = reference(m);
+struct MsrForwardOut {
+  std::vector<double> y, sT;
+};
+
+// One msr_forward launch on m (inputs already rounded by DeviceMsr d).
+MsrForwardOut run_msr_forward(const Msr& m, const DeviceMsr& d) {
   const Config& c = m.c;
-  DeviceBuffer y(m.v.size() * elem_size(c.dtype)), sT(ref.sT.size() * 4);
+  DeviceBuffer y(m.v.size() * elem_size(c.dtype)), sT(std::size_t(m.N) * c.H * c.dk * c.dv * 4);
   y.poison();
   sT.poison();
 
@@ -401,11 +402,19 @@ TEST_P(MsrKernels, ForwardMatchesReference) {
   p.final_state = sT.as<float>();
   DeviceBuffer ws(rk::msr_forward_workspace_bytes(p));
   p.workspace = ws.ptr;
-  GPU_OK(rk::launch_msr_forward(p));
-  GPU_OK(gpu::synchronize());
+  EXPECT_EQ(rk::launch_msr_forward(p), gpu::kSuccess);
+  EXPECT_EQ(gpu::synchronize(), gpu::kSuccess);
+  return {decode(c.dtype, y.download()), sT.download_f32()};
+}
 
-  expect_close(decode(c.dtype, y.download()), ref.y, tolerance(c.dtype), "y");
-  expect_close(sT.download_f32(), ref.sT, tolerance(c.dtype), "final_state");
+TEST_P(MsrKernels, ForwardMatchesReference) {
+  SKIP_WITHOUT_DEVICE();
+  Msr m = make_msr(GetParam(), 11);
+  DeviceMsr d(m);  // rounds m's inputs to the element type
+  const Ref ref = reference(m);
+  const MsrForwardOut out = run_msr_forward(m, d);
+  expect_close(out.y, ref.y, tolerance(m.c.dtype), "y");
+  expect_close(out.sT, ref.sT, tolerance(m.c.dtype), "final_state");
 }
 
 // Device outputs of one msr_backward launch (raw bytes, for bit-exact comparisons).
