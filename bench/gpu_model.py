@@ -344,12 +344,12 @@ def split_segments(B, H, dk, dv, T, kind, ptx, qk_reuse=True):
 
 def launcher_segments(B, T, H, dk, dv, sms=132):
     """The forward launcher's automatic split (plan_split in kernels/chunk_fwd.cuh): when the
-    unsplit grid is under two waves, enough segments for two waves, each at least
+    unsplit grid has fewer CTAs than SMs, enough segments for two waves, each at least
     split_min_chunks whole chunks."""
     tr = chunk_traits(bucket(dk), STATE_REGS["chunk_forward"])
     bt = tr["BT"]
     ctas = B * H * -(-dv // tr["BV"])
-    if ctas >= 2 * sms:
+    if ctas >= sms:
         return 1
     count = min(-(-2 * sms // ctas), -(-T // bt) // ASSUMPTIONS["split_min_chunks"])
     if count <= 1:
@@ -640,7 +640,7 @@ def markdown(rows, ptx_dir, ptx, measured_path, info):
     L += ["## Launch order and sequence split", "",
           "* **Sequence split** (`split S` gives S per sweep: forward / dq / dk-dv). Forward: done and "
           "automatic, so `now` includes it (kernels/chunk_fwd.cuh, plan_split: when the unsplit grid is "
-          "under two waves, enough segments for two waves, each at least "
+          "with fewer CTAs than SMs, enough segments for two waves, each at least "
           f"{ASSUMPTIONS['split_min_chunks']} whole chunks). Backward sweeps: planned, the `split` columns "
           "add it with S a power of two chosen for the shortest predicted time. Either way: a pass computing each segment's local state (reads the "
           "state-update operands again), a scan over segments (fp32 states read and written), then the sweep "

@@ -200,7 +200,9 @@ __global__ void __launch_bounds__(256) segment_scan_kernel(const typename Fusion
 }
 
 // Segment plan of the split from the CTAs of the unsplit grid: split < 0 (automatic) cuts T
-// when those CTAs are under two waves (2 * num_sms), into enough segments to fill two waves but
+// when there are fewer of those CTAs than SMs (some SMs would idle for the whole walk; between
+// one and two waves the performance model predicts the extra passes cost more than the shorter
+// chain saves, e.g. 192 CTAs at B1 H96 dv128), into enough segments to fill two waves but
 // never shorter than kSplitMinChunks chunks of bt tokens (shorter segments would spend more on
 // passes (a) and (b) than they save); split > 0 forces that many segments of ceil(T / split)
 // tokens.  count <= 1 (length 0) means no split.  num_sms <= 0: the current device's SMs (132
@@ -211,7 +213,7 @@ inline SegmentSplit plan_split(int split, int num_sms, std::int64_t ctas, std::i
   if (split < 0 && num_sms <= 0 && (gpu::multiprocessor_count(&num_sms) != gpu::kSuccess || num_sms <= 0))
     num_sms = 132;
   std::int64_t count = split > 0 ? split : 1;
-  if (split < 0 && ctas > 0 && ctas < 2 * static_cast<std::int64_t>(num_sms)) {
+  if (split < 0 && ctas > 0 && ctas < static_cast<std::int64_t>(num_sms)) {
     const std::int64_t want = (2 * static_cast<std::int64_t>(num_sms) + ctas - 1) / ctas;
     const std::int64_t most = (T + bt - 1) / bt / kSplitMinChunks;
     count = want < most ? want : most;

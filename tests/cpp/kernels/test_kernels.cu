@@ -514,7 +514,7 @@ TEST_P(ChunkForwardSplit, MatchesUnsplitAndReference) {
 INSTANTIATE_TEST_SUITE_P(DTypes, ChunkForwardSplit, testing::Values(rk::DType::kF16, rk::DType::kBF16, rk::DType::kF32),
                          [](const testing::TestParamInfo<rk::DType>& i) { return std::string(name(i.param)); });
 
-// The automatic choice (host only): split when the unsplit grid is under two waves of the
+// The automatic choice (host only): split when the unsplit grid has fewer CTAs than the
 // SMs, into segments of whole chunks, at least 4 chunks each; no split when told so.
 TEST(Launchers, ForwardSplitPlan) {
   const float decay = -0.1f;
@@ -525,7 +525,7 @@ TEST(Launchers, ForwardSplitPlan) {
   f.num_sms = 132;  // 2 CTAs, two waves are 264: as many segments as 4-chunk minimum allows
   const std::size_t state = 2 * 64 * 64 * 4;
   EXPECT_EQ(rk::chunk_forward_workspace_bytes(f), 3 * state);  // 16 chunks -> 4 segments of 256
-  f.num_sms = 1;                                               // the grid already fills two waves
+  f.num_sms = 2;                                               // the grid already has a CTA per SM
   EXPECT_EQ(rk::chunk_forward_workspace_bytes(f), 0u);
   f.num_sms = 132;
   f.shape.T = 255;  // under 2 x 4 chunks: too short to split
