@@ -121,7 +121,7 @@ def chunk_traits(max_dk, state_regs, elem=ELEM):
 # with the default 64, the dk/dv sweep with 32).
 STATE_REGS = {"chunk_forward": 64, "chunk_backward_dq": 64, "chunk_backward_dkv": 32}
 SMEM_KEY = {"chunk_forward": "smem_fwd", "chunk_backward_dq": "smem_dq", "chunk_backward_dkv": "smem_dkv"}
-STEP_COLS, STEP_GROUPS = 64, 4  # recurrent.cu / msr_step.cu
+STEP_COLS, STEP_GROUPS, STEP_ROWS_IN_FLIGHT = 64, 4, 8  # msr_step.cu
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,20 +268,21 @@ def elementwise_kernel(name, nbytes, ctas=None):
 
 
 def decode_kernel(kind, B, H, dk, dv, ptx):
-    rec = ptx.get((kind, "bf16"), {}) if ptx else {}
+    # One kernel serves both steps (msr_step.cu; the raw step is it without prologue/epilogue).
+    rec = ptx.get(("msr_step", "bf16"), {}) if ptx else {}
     regs = rec.get("regs")
     smem = rec.get("smem_static", 0)
     threads = STEP_COLS * STEP_GROUPS
     col_blocks = -(-dv // STEP_COLS)
     rows_per_group = -(-dk // STEP_GROUPS)
-    # Each thread walks its rows with one state load in flight: the sm_90 SASS of the loop
-    # alternates LDG and STG (the compiler cannot move the next row's load above the store, which
-    # may alias it), so a 64-column block costs dk / 4 dependent round trips, plus the barrier
-    # of the q S reduction
-    trips_block = rows_per_group + 1
-    if kind == "recurrent_step":
+    # Each thread issues STEP_ROWS_IN_FLIGHT state loads before its first store (the compiler
+    # cannot hoist a load above a store that may alias it, so the kernel batches them by hand):
+    # a 64-column block costs ceil(dk / 4 / 8) dependent round trips, plus the barrier of the
+    # q S reduction
+    trips_block = -(-rows_per_group // STEP_ROWS_IN_FLIGHT) + 1
+    if kind == "recurrent_step":  # no norm: a CTA per (b, h, column block)
         ctas, trips = B * H * col_blocks, 1 + trips_block  # q / k / v loads, then the rows
-    else:  # msr_step: one CTA per head walks all column blocks; rotary angles first
+    else:  # msr_step with RMSNorm: one CTA per head walks all column blocks; rotary angles first
         ctas, trips = B * H, 3 + col_blocks * trips_block  # angles, q / k / v, rows, epilogue
     per_sm, limiter = occupancy(threads, regs, smem)
     nbytes = B * H * (8 * dk * dv + ELEM * (2 * dk + 2 * dv))
