@@ -17,8 +17,6 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-import retention
-
 _TASK_TIMEOUT_S = 240      # generous: a healthy task takes seconds; the gloo timeout fires first
 _COLLECTIVE_TIMEOUT_S = 90
 
@@ -86,6 +84,10 @@ class WorkerPool:
     def _start(self):
         self._generation += 1
         init_file = os.path.join(self.tmpdir, f"pg_init_{self._generation}")
+        # Imported here, not at module level: a spawned worker imports this module before it
+        # can check which retention it would get (_serve).
+        import retention
+
         ctx = mp.get_context("spawn")
         self.result_q = ctx.Queue()
         self.task_qs = [ctx.Queue() for _ in range(self.world)]
