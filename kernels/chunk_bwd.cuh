@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
 
   const Shape& n = p.shape;
   const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk), dv = static_cast<int>(n.dv);
-  const ChunkCta cta = chunk_cta(groups);
+  const ChunkCta cta = chunk_cta();
   if (cta.row >= Fusion::num_sequences(p) * H) return;  // grid padding (chunk_grid)
   const SeqSpan seq = Fusion::sequence(p, cta.row / H);
   const int b = seq.b, h = cta.row % H;
@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
 
   const Shape& n = p.shape;
   const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk), dv = static_cast<int>(n.dv);
-  const ChunkCta cta = chunk_cta(groups);
+  const ChunkCta cta = chunk_cta();
   if (cta.row >= Fusion::num_sequences(p) * H) return;  // grid padding (chunk_grid)
   const SeqSpan seq = Fusion::sequence(p, cta.row / H);
   const int b = seq.b, h = cta.row % H;

@@ -104,27 +104,29 @@ RT_DEVICE void scale_rows(T* dst, const T* src, int ld, F&& row_factor) {
   }
 }
 
-// With the sequence split (chunk_fwd.cuh) blockIdx.x = tile + tiles * segment: the dv tiles
-// of one segment stay adjacent.
+// The tile is always blockIdx.x and the tile count gridDim.x (an epilogue may read them); the
+// row is blockIdx.y + gridDim.y * (row block), and with the sequence split (chunk_fwd.cuh)
+// blockIdx.z = row block + row blocks * segment, so a segment's CTAs keep the launch order of
+// the unsplit grid.
 struct ChunkCta {
   int row;      // (sequence, head): sequence = row / H, head = row % H
   int tile;     // dv tile (or, in the backward sweeps, dv tile group)
   int segment;  // segment of the sequence (0 without a split)
 };
-// segments == 1 (a constant at every call without a split) reads the tile straight from
-// blockIdx.x.  CTAs past the last row (rows over 65535 fold onto blockIdx.z) must return at once.
-RT_DEVICE ChunkCta chunk_cta(int tiles, int segments = 1) {
-  const int x = static_cast<int>(blockIdx.x);
-  const int row = static_cast<int>(blockIdx.y + blockIdx.z * gridDim.y);
-  return segments == 1 ? ChunkCta{row, x, 0} : ChunkCta{row, x % tiles, x / tiles};
+// CTAs past the last row (grid padding) must return at once.
+RT_DEVICE ChunkCta chunk_cta(int segments = 1) {
+  const int tile = static_cast<int>(blockIdx.x), y = static_cast<int>(blockIdx.y);
+  if (segments == 1) return ChunkCta{y + static_cast<int>(blockIdx.z * gridDim.y), tile, 0};
+  const int row_blocks = static_cast<int>(gridDim.z) / segments, z = static_cast<int>(blockIdx.z);
+  return ChunkCta{y + (z % row_blocks) * static_cast<int>(gridDim.y), tile, z / row_blocks};
 }
 inline constexpr std::int64_t kMaxGridY = 65535;
-// The grid of `rows` x `segments` x `tiles` CTAs in that order; false when it exceeds the
-// grid limits.
+// The grid of `tiles` x `rows` x `segments` CTAs in that order; false when it exceeds the grid
+// limits.
 inline bool chunk_grid(std::int64_t rows, std::int64_t tiles, dim3& grid, std::int64_t segments = 1) {
-  const std::int64_t x = tiles * segments, y = rows < kMaxGridY ? rows : kMaxGridY, z = y > 0 ? (rows + y - 1) / y : 0;
-  grid = dim3(static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(z));
-  return x > 0 && x <= 0x7fffffff && y > 0 && z <= kMaxGridY;
+  const std::int64_t y = rows < kMaxGridY ? rows : kMaxGridY, z = y > 0 ? (rows + y - 1) / y * segments : 0;
+  grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(y), static_cast<unsigned>(z));
+  return tiles > 0 && tiles <= 0x7fffffff && y > 0 && z <= kMaxGridY;
 }
 
 // Where the tokens of one CTA's sequence live.  Without fusion a sequence is a batch row; the

@@ -13,34 +13,13 @@ struct ChunkForward {
   struct Bucket {
     using Tr = ChunkTraits<T, kMaxDk>;
     static gpu::error_t run(const ChunkForwardParams& p, SegmentSplit split) {
-      constexpr int kSmem = gpu::dynamic_smem_bytes(Tr::kSmemForward);
-      const std::int64_t rows = p.shape.B * p.shape.H, tiles = (p.shape.dv + Tr::BV - 1) / Tr::BV;
-      gpu::error_t e = gpu::kSuccess;
-      dim3 grid;
-      if (split.count <= 1) {
-        auto* kernel = &chunk_forward_kernel<Tr>;
-        if ((e = gpu::set_max_dynamic_smem(kernel, kSmem)) != gpu::kSuccess) return e;
-        if (!chunk_grid(rows, tiles, grid)) return gpu::kErrorInvalidValue;
-        return gpu::launch(kernel, grid, Tr::kThreads, kSmem, p.stream, p, split);
+      const std::int64_t rows = p.shape.B * p.shape.H;
+      if (split.count > 1) {
+        split.states = p.workspace;
+        split.state_stride = rows * p.shape.dk * p.shape.dv;
+        if (gpu::error_t e = launch_segment_states<Tr>(p, rows, split); e != gpu::kSuccess) return e;
       }
-      if (p.workspace == nullptr) return gpu::kErrorInvalidValue;
-      split.states = p.workspace;
-      split.state_stride = rows * p.shape.dk * p.shape.dv;
-      auto* state_kernel = &chunk_forward_kernel<Tr, ForwardSplitPass::kStateOnly>;
-      auto* kernel = &chunk_forward_kernel<Tr, ForwardSplitPass::kSegments>;
-      if ((e = gpu::set_max_dynamic_smem(state_kernel, kSmem)) != gpu::kSuccess ||
-          (e = gpu::set_max_dynamic_smem(kernel, kSmem)) != gpu::kSuccess)
-        return e;
-      if (!chunk_grid(rows, tiles, grid, split.count - 1)) return gpu::kErrorInvalidValue;
-      if ((e = gpu::launch(state_kernel, grid, Tr::kThreads, kSmem, p.stream, p, split)) != gpu::kSuccess) return e;
-      if (split.count > 2) {
-        const std::int64_t blocks = (split.state_stride + 255) / 256;
-        if ((e = gpu::launch(&segment_scan_kernel<NoFusion>, static_cast<unsigned>(blocks < 1024 ? blocks : 1024), 256,
-                             0, p.stream, p, split)) != gpu::kSuccess)
-          return e;
-      }
-      if (!chunk_grid(rows, tiles, grid, split.count)) return gpu::kErrorInvalidValue;
-      return gpu::launch(kernel, grid, Tr::kThreads, kSmem, p.stream, p, split);
+      return launch_forward_outputs<Tr>(p, rows, split);
     }
   };
   template <int kMaxDk>

@@ -80,8 +80,8 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const typen
   const Shape& n = p.shape;
   const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk), dv = static_cast<int>(n.dv);
   constexpr bool kStateOnly = kPass == ForwardSplitPass::kStateOnly, kSplit = kPass != ForwardSplitPass::kNoSplit;
-  const int tiles = (dv + BV - 1) / BV;
-  const ChunkCta cta = chunk_cta(tiles, kSplit ? (kStateOnly ? split.count - 1 : split.count) : 1);
+  const int segments = kSplit ? (kStateOnly ? split.count - 1 : split.count) : 1;
+  const ChunkCta cta = chunk_cta(segments);
   if (cta.row >= Fusion::num_sequences(p) * H) return;  // grid padding (chunk_grid)
   const int seq_index = cta.row / H, h = cta.row % H;
   SeqSpan seq = Fusion::sequence(p, seq_index);
@@ -90,25 +90,20 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const typen
   const int v0 = cta.tile * BV, nv = min(BV, dv - v0);
   const int r0 = 16 * gpu::warp_id();
   const float log2g = p.log_decay[h] * kLog2e;
-  const std::int64_t state_off = (seq.state * H + h) * dk * dv;
   ForwardTile<T> tile{seq, seq_index, h, 0, 0, v0, nv, r0, sVd, sS, sO, sV, sExtra};
   if constexpr (Fusion::kEpilogue && !kStateOnly) Fusion::template epilogue_begin<Tr>(p, tile);
 
   const SmemTile<T> q = row_major(sQ, LDK), k = row_major(sK, LDK), a = row_major(sA, LDK);
   const SmemTile<T> v = row_major(sV, LDV), vd = row_major(sVd, LDV), s = row_major(sS, LDV);
 
-  // The state entering this CTA's tokens and (split) where the state leaving them goes, both
-  // decided here so that nothing about the segment stays live across the chunk loop.
-  const float* entering = p.initial_state ? p.initial_state + state_off : nullptr;
-  float* leaving = nullptr;
-  if constexpr (kSplit) {
-    if (cta.segment > 0) entering = kStateOnly ? nullptr : split.states + (cta.segment - 1) * split.state_stride + state_off;
-    leaving = kStateOnly ? split.states + cta.segment * split.state_stride + state_off
-                         : (p.final_state != nullptr && cta.segment == split.count - 1 ? p.final_state + state_off
-                                                                                       : nullptr);
-  }
+  // The state entering this CTA's tokens (split: segment 0 the initial state, the others start
+  // from zero in pass (a) and from the scanned state in pass (c)).
+  // The state block of (sequence, head) row r is block r of the [N, H, dk, dv] states.
+  const float* entering = p.initial_state;
+  if constexpr (kSplit)
+    if (cta.segment > 0) entering = kStateOnly ? nullptr : split.states + (cta.segment - 1) * split.state_stride;
   FragC S[KT][NV];
-  load_state<Tr>(S, entering, dk, dv, v0);
+  load_state<Tr>(S, entering ? entering + static_cast<std::int64_t>(cta.row) * dk * dv : nullptr, dk, dv, v0);
 
   for (std::int64_t t0 = 0; t0 < seq.length; t0 += BT) {
     const int L = seq.length - t0 < BT ? static_cast<int>(seq.length - t0) : BT;
@@ -169,11 +164,15 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const typen
     }
   }
   if constexpr (Fusion::kEpilogue && !kStateOnly) Fusion::template epilogue_end<Tr>(p, tile);
+  // Where the state leaving this CTA's tokens goes, from the block index again: nothing about
+  // it stays live across the chunk loop (the kernels sit at 230-255 registers).
+  const ChunkCta done = chunk_cta(segments);
+  float* leaving = p.final_state;
   if constexpr (kSplit) {
-    if (leaving != nullptr) store_state<Tr>(leaving, S, dk, dv, v0);
-  } else if (p.final_state != nullptr) {
-    store_state<Tr>(p.final_state + state_off, S, dk, dv, v0);
+    if (kStateOnly) leaving = split.states + done.segment * split.state_stride;
+    else if (done.segment != split.count - 1) leaving = nullptr;
   }
+  if (leaving != nullptr) store_state<Tr>(leaving + static_cast<std::int64_t>(done.row) * dk * dv, S, dk, dv, v0);
 }
 
 // Pass (b) of the split: in place over split.states, for every (sequence, head) and state
@@ -225,6 +224,39 @@ inline SegmentSplit plan_split(int split, int num_sms, std::int64_t ctas, std::i
   s.count = static_cast<int>((T + length - 1) / length);
   if (s.count <= 1) s = SegmentSplit{};
   return s;
+}
+
+// Launchers shared by the raw (chunk_fwd.cu) and fused (msr_fwd.cu) forward, for `rows`
+// (sequence, head) CTA rows.  launch_segment_states runs passes (a) and (b) of a split
+// (split.count > 1, split.states set); launch_forward_outputs runs the unsplit kernel or
+// pass (c).
+template <class Tr, ForwardSplitPass kPass>
+gpu::error_t launch_forward_kernel(const typename Tr::Fusion::ForwardParams& p, std::int64_t rows,
+                                   const SegmentSplit& split, int segments) {
+  constexpr int kSmem = gpu::dynamic_smem_bytes(Tr::kSmemForward);
+  auto* kernel = &chunk_forward_kernel<Tr, kPass>;
+  if (gpu::error_t e = gpu::set_max_dynamic_smem(kernel, kSmem); e != gpu::kSuccess) return e;
+  dim3 grid;
+  if (!chunk_grid(rows, (p.shape.dv + Tr::BV - 1) / Tr::BV, grid, segments)) return gpu::kErrorInvalidValue;
+  return gpu::launch(kernel, grid, Tr::kThreads, kSmem, p.stream, p, split);
+}
+
+template <class Tr>
+gpu::error_t launch_segment_states(const typename Tr::Fusion::ForwardParams& p, std::int64_t rows,
+                                   const SegmentSplit& split) {
+  if (split.states == nullptr) return gpu::kErrorInvalidValue;
+  gpu::error_t e = launch_forward_kernel<Tr, ForwardSplitPass::kStateOnly>(p, rows, split, split.count - 1);
+  if (e != gpu::kSuccess || split.count <= 2) return e;
+  const std::int64_t blocks = (split.state_stride + 255) / 256;
+  return gpu::launch(&segment_scan_kernel<typename Tr::Fusion>, static_cast<unsigned>(blocks < 1024 ? blocks : 1024),
+                     256, 0, p.stream, p, split);
+}
+
+template <class Tr>
+gpu::error_t launch_forward_outputs(const typename Tr::Fusion::ForwardParams& p, std::int64_t rows,
+                                    const SegmentSplit& split) {
+  return split.count > 1 ? launch_forward_kernel<Tr, ForwardSplitPass::kSegments>(p, rows, split, split.count)
+                         : launch_forward_kernel<Tr, ForwardSplitPass::kNoSplit>(p, rows, split, 1);
 }
 
 }  // namespace retention::kernels

@@ -62,6 +62,7 @@ enum class MsrPass : int {
   kForwardOutput = 1,  // y and the final state
   kBackwardStats = 2,  // partial sum_j u_j^2 and sum_j dz_j w_j u_j per (dv tile, row)
   kBackwardGrad = 3,   // du (into the workspace), dg, per-CTA column sums of dz n^
+  kSegmentStates = 4,  // sequence split, forward: the states entering the segments (chunk_fwd.cuh)
 };
 
 // Parameters of the MSR instantiations of the chunk kernels: the raw kernels' parameters plus
@@ -77,6 +78,7 @@ struct MsrChunkForward : ChunkForwardParams {
   Bthd grad_g;               // kBackwardGrad, when g is given
   float* stats = nullptr;    // [tiles, B*T*H, 2]; written by the stats passes, read when tiles > 1
   float* dw_partial = nullptr;  // kBackwardGrad with norm_weight: [N*H, dv]
+  SegmentSplit segments;        // forward passes; the backward passes are never split
 };
 
 struct MsrChunkBackward : ChunkBackwardParams {
@@ -328,7 +330,7 @@ struct MsrFusion {
 #pragma unroll
     for (int i = 0; i < E; ++i) sum_u2[i] = sum_dzwu[i] = 0.f;
     const bool stats_pass = p.pass == MsrPass::kForwardStats || p.pass == MsrPass::kBackwardStats;
-    const bool single_tile = gridDim.x == 1;  // never split: blockIdx.x is the dv tile
+    const bool single_tile = gridDim.x == 1;  // blockIdx.x is the dv tile, split or not (chunk_grid)
     if (stats_pass || (p.opt.norm && single_tile)) {
       float part_u2[E], part_dzwu[E];
 #pragma unroll

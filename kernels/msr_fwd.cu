@@ -32,15 +32,16 @@ struct MsrForward {
     template <int kBucket>
     static gpu::error_t launch(const MsrChunkForward& p) {
       using Tr = MsrForwardTraits<T, kBucket, kBackwardPasses>;
-      constexpr int kSmem = gpu::dynamic_smem_bytes(Tr::kSmemForward);
-      auto* kernel = &chunk_forward_kernel<Tr>;
-      gpu::error_t e = gpu::set_max_dynamic_smem(kernel, kSmem);
-      if (e != gpu::kSuccess) return e;
-      dim3 grid;
-      if (!chunk_grid(p.seq.num_sequences * p.shape.H, (p.shape.dv + Tr::BV - 1) / Tr::BV, grid))
-        return gpu::kErrorInvalidValue;
-      // The fused forward is not split yet (docs/gpu.md): its segment pass spilled on sm_80.
-      return gpu::launch(kernel, grid, Tr::kThreads, kSmem, p.stream, p, SegmentSplit{});
+      const std::int64_t rows = p.seq.num_sequences * p.shape.H;
+      if constexpr (kBackwardPasses) {  // never split (dw_partial has one row per (sequence, head))
+        return launch_forward_kernel<Tr, ForwardSplitPass::kNoSplit>(p, rows, SegmentSplit{}, 1);
+      } else {
+        // The state pass has no epilogue and reads no q: the raw forward's state budget fits
+        // (wider dv tiles, fewer re-reads of k; with half of it ptxas spilled fp32 dk = 128).
+        using TrStates = ChunkTraits<T, kBucket, ChunkTraits<T, kBucket>::kStateRegs, MsrFusion<false>>;
+        if (p.pass == MsrPass::kSegmentStates) return launch_segment_states<TrStates>(p, rows, p.segments);
+        return launch_forward_outputs<Tr>(p, rows, p.segments);
+      }
     }
   };
 };
@@ -65,6 +66,22 @@ struct TileWidth {
 std::int64_t dv_tiles(DType dtype, const Shape& n) {
   const int bv = msr_forward_tile_width(dtype, n.dk, false);
   return bv > 0 ? (n.dv + bv - 1) / bv : 0;
+}
+
+// The segment plan (chunk_fwd.cuh: plan_split) over the CTAs of the unsplit grid; chunks of
+// 64 tokens for 16-bit inputs, 32 for fp32 (ChunkTraits::BT).
+SegmentSplit forward_split(const MsrForwardParams& p) {
+  const Shape& n = p.shape;
+  const std::int64_t tiles = dv_tiles(p.dtype, n);
+  if (p.split == 0 || tiles == 0 || n.T <= 1 || p.seq.num_sequences * n.H <= 0) return SegmentSplit{};
+  const int bt = p.dtype == DType::kF32 ? ChunkTraits<float, 128>::BT : ChunkTraits<f16_t, 128>::BT;
+  return plan_split(p.split, p.num_sms, p.seq.num_sequences * n.H * tiles, n.T, bt);
+}
+
+std::size_t segment_states_bytes(const MsrForwardParams& p, const SegmentSplit& s) {
+  return s.count > 1 ? static_cast<std::size_t>((s.count - 1) * p.seq.num_sequences * p.shape.H * p.shape.dk *
+                                                p.shape.dv) * sizeof(float)
+                     : 0;
 }
 
 // The statistics pass is needed when the norm is on and dv spans more than one tile.
@@ -117,13 +134,17 @@ gpu::error_t launch_msr_chunk_pass(const MsrChunkForward& p) {
   return gpu::kErrorInvalidValue;
 }
 
-// Workspace: [rotary theta table (kThetaTableBytes) | statistics (tiles x B*T*H x 2 fp32)].
-std::size_t msr_forward_workspace_bytes(const MsrForwardParams& p) {
+// Workspace: [rotary theta table (kThetaTableBytes) | statistics (tiles x B*T*H x 2 fp32) |
+// segment states of a split ((count - 1) x N*H x dk x dv fp32)].
+static std::size_t msr_stats_bytes(const MsrForwardParams& p) {
   const Shape& n = p.shape;
-  std::size_t bytes = kThetaTableBytes;
-  if (n.B > 0 && n.T > 0 && n.H > 0 && n.dv > 0 && needs_stats_pass(p.dtype, n, p.opt))
-    bytes += static_cast<std::size_t>(dv_tiles(p.dtype, n) * msr_stats_rows(n) * 2) * sizeof(float);
-  return bytes;
+  return n.B > 0 && n.T > 0 && n.H > 0 && n.dv > 0 && needs_stats_pass(p.dtype, n, p.opt)
+             ? static_cast<std::size_t>(dv_tiles(p.dtype, n) * msr_stats_rows(n) * 2) * sizeof(float)
+             : 0;
+}
+
+std::size_t msr_forward_workspace_bytes(const MsrForwardParams& p) {
+  return kThetaTableBytes + msr_stats_bytes(p) + segment_states_bytes(p, forward_split(p));
 }
 
 // Shared argument validation of the MSR launchers.
@@ -165,6 +186,13 @@ gpu::error_t launch_msr_forward(const MsrForwardParams& p) {
   if (gpu::error_t e = launch_rotary_theta(p.opt.rotary, n.dk, reinterpret_cast<double*>(ws), p.stream);
       e != gpu::kSuccess)
     return e;
+  c.segments = forward_split(p);
+  if (c.segments.count > 1) {
+    c.segments.states = reinterpret_cast<float*>(ws + kThetaTableBytes + msr_stats_bytes(p));
+    c.segments.state_stride = p.seq.num_sequences * n.H * n.dk * n.dv;
+    c.pass = MsrPass::kSegmentStates;
+    if (gpu::error_t e = launch_msr_chunk_pass(c); e != gpu::kSuccess) return e;
+  }
   if (needs_stats_pass(p.dtype, n, p.opt)) {
     c.stats = reinterpret_cast<float*>(ws + kThetaTableBytes);
     c.pass = MsrPass::kForwardStats;

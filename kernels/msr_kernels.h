@@ -64,6 +64,10 @@ struct MsrForwardParams {
   MsrOptions opt;
   const float* initial_state = nullptr;  // optional [N, H, dk, dv]
   float* final_state = nullptr;          // optional [N, H, dk, dv]
+  // Sequence split, as ChunkForwardParams::split / num_sms (segments cut every ceil(T / n)
+  // tokens of each sequence; packed sequences shorter than that have fewer).
+  int split = -1;
+  int num_sms = 0;
   void* workspace = nullptr;             // msr_forward_workspace_bytes() bytes (16-byte aligned)
   gpu::stream_t stream = nullptr;
 };

@@ -56,6 +56,10 @@ inline void check_launch(cudaError_t e, const char* op) {
   TORCH_CHECK(e == cudaSuccess, op, ": CUDA kernel failed: ", cudaGetErrorString(e));
 }
 
+// The SMs the forward's sequence split plans for.  torch caches the device properties, so the
+// plan (made once for the workspace size, once by the launcher) needs no device query per call.
+inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
 // q, k, v with a unit inner stride and log_decay in fp32, kept alive for the launch.
 struct Inputs {
   at::Tensor q, k, v, log_decay;

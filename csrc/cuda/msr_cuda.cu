@@ -98,6 +98,7 @@ Pair msr_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   p.opt = L.opt;
   p.initial_state = ptr_or_null(h0);
   p.final_state = state.data_ptr<float>();
+  p.num_sms = num_sms();
   const at::Tensor ws = workspace(rk::msr_forward_workspace_bytes(p), q);
   p.workspace = ws.data_ptr();
   check_launch(rk::launch_msr_forward(p), op);

@@ -36,9 +36,7 @@ Pair chunked_forward(const char* op, const Dims& d, const at::Tensor& q, const a
   p.chunk_size = chunk_size;
   p.initial_state = ptr_or_null(h0);
   p.final_state = state.data_ptr<float>();
-  // torch caches the device properties: the split plan, made here for the workspace size and
-  // again by the launcher, then needs no device query per call.
-  p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  p.num_sms = num_sms();
   // Segment states of the sequence split (kernels/chunk_fwd.cuh), when the launcher splits.
   const at::Tensor ws = workspace(rk::chunk_forward_workspace_bytes(p), q);
   p.workspace = static_cast<float*>(ws.data_ptr());

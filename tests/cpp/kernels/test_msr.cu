@@ -377,10 +377,12 @@ class MsrKernels : public testing::TestWithParam<Config> {};
 
 struct MsrForwardOut {
   std::vector<double> y, sT;
+  std::size_t workspace_bytes;
 };
 
-// One msr_forward launch on m (inputs already rounded by DeviceMsr d).
-MsrForwardOut run_msr_forward(const Msr& m, const DeviceMsr& d) {
+// One msr_forward launch on m (inputs already rounded by DeviceMsr d); split as
+// MsrForwardParams::split (-1 automatic, 0 off, n segments).
+MsrForwardOut run_msr_forward(const Msr& m, const DeviceMsr& d, int split = -1) {
   const Config& c = m.c;
   DeviceBuffer y(m.v.size() * elem_size(c.dtype)), sT(std::size_t(m.N) * c.H * c.dk * c.dv * 4);
   y.poison();
@@ -400,11 +402,12 @@ MsrForwardOut run_msr_forward(const Msr& m, const DeviceMsr& d) {
   p.opt = d.opt(m);
   p.initial_state = c.state ? d.s0.as<float>() : nullptr;
   p.final_state = sT.as<float>();
+  p.split = split;
   DeviceBuffer ws(rk::msr_forward_workspace_bytes(p));
   p.workspace = ws.ptr;
   EXPECT_EQ(rk::launch_msr_forward(p), gpu::kSuccess);
   EXPECT_EQ(gpu::synchronize(), gpu::kSuccess);
-  return {decode(c.dtype, y.download()), sT.download_f32()};
+  return {decode(c.dtype, y.download()), sT.download_f32(), ws.bytes};
 }
 
 TEST_P(MsrKernels, ForwardMatchesReference) {
@@ -415,6 +418,40 @@ TEST_P(MsrKernels, ForwardMatchesReference) {
   const MsrForwardOut out = run_msr_forward(m, d);
   expect_close(out.y, ref.y, tolerance(m.c.dtype), "y");
   expect_close(out.sT, ref.sT, tolerance(m.c.dtype), "final_state");
+}
+
+// The sequence split forced on in the fused forward, against the float64 reference and the
+// unsplit launch (the same bounds and reasoning as ChunkForwardSplit in test_kernels.cu): packed
+// sequences of different lengths (segments of ceil(T / n) tokens of each sequence: the short
+// ones end in empty segments, the empty one has none), positions offset (the rotary angle and
+// the decay normaliser of a segment start where it starts), dv over several tiles (statistics
+// pass, split too) and a single tile (norm in registers).
+TEST(MsrForwardSplit, MatchesUnsplitAndReference) {
+  SKIP_WITHOUT_DEVICE();
+  using D = rk::DType;
+  const std::vector<std::int64_t> cu = {0, 0, 1, 5, 70, 70, 150};
+  struct Case {
+    Config c;
+    int segments;
+  };
+  for (const Case& k : {Case{{D::kF32, 1, 150, 2, 60, 432, cu, 1, true, true, true, true, true, 1000}, 3},
+                        Case{{D::kBF16, 1, 150, 2, 128, 100, cu, 2, true, false, true, false, false, 7}, 4},
+                        Case{{D::kF16, 2, 137, 3, 60, 48, {}, 1, true, true, false, true, true, 0}, 5},
+                        Case{{D::kF32, 2, 70, 2, 64, 40, {}, 0, false, false, true, false, true, 0}, 2}}) {
+    const Config& c = k.c;
+    SCOPED_TRACE(std::string(dtype_name(c.dtype)) + " T=" + std::to_string(c.T) + " dv=" + std::to_string(c.dv) +
+                 " segments=" + std::to_string(k.segments));
+    Msr m = make_msr(c, 15);
+    DeviceMsr d(m);
+    const Ref ref = reference(m);
+    const MsrForwardOut off = run_msr_forward(m, d, 0);
+    const MsrForwardOut on = run_msr_forward(m, d, k.segments);
+    EXPECT_EQ(on.workspace_bytes - off.workspace_bytes, std::size_t(k.segments - 1) * m.N * c.H * c.dk * c.dv * 4);
+    expect_close(on.y, ref.y, tolerance(c.dtype), "y (split)");
+    expect_close(on.sT, ref.sT, tolerance(c.dtype), "final_state (split)");
+    expect_close(on.y, off.y, tolerance(c.dtype), "y (split vs unsplit)");
+    expect_close(on.sT, off.sT, tolerance(c.dtype), "final_state (split vs unsplit)");
+  }
 }
 
 // Device outputs of one msr_backward launch (raw bytes, for bit-exact comparisons).
