@@ -145,7 +145,8 @@ def demangle(names):
 def parse_ptxas(log_dir):
     """{kernel key: {"regs", "smem_static", "spill"}} from nvcc -Xptxas -v logs of sm_90.
 
-    Keys: ("chunk_forward", T, max_dk, state_regs) for the NoFusion chunk kernels, and
+    Keys: ("chunk_forward", T, max_dk, state_regs) for the raw forward (NoFusion) and the
+    backward sweeps (MsrFusion<true>: the raw backward runs the fused layer's sweeps), and
     ("recurrent_step", T) / ("msr_step", T) for the decode steps."""
     entries = []
     for path in sorted(glob.glob(os.path.join(log_dir, "nvcc_*_sm90.log"))):
@@ -169,8 +170,8 @@ def parse_ptxas(log_dir):
         t = re.search(r"(?:ChunkTraits|_kernel)<(?:retention::kernels::)?(f16_t|bf16_t|float)\b", pretty)
         dtype = {"f16_t": "f16", "bf16_t": "bf16", "float": "f32"}[t.group(1)] if t else None
         m = re.search(r"(chunk_forward|chunk_backward_dq|chunk_backward_dkv)_kernel<retention::kernels::"
-                      r"ChunkTraits<[^,]+, (\d+), (\d+), retention::kernels::NoFusion>", pretty)
-        if m:
+                      r"ChunkTraits<[^,]+, (\d+), (\d+), retention::kernels::(NoFusion|MsrFusion<true> ?)>", pretty)
+        if m and (m.group(4) == "NoFusion") == (m.group(1) == "chunk_forward"):
             # chunk_forward_kernel<Tr, ForwardSplitPass>: 1 = the split's state-only pass, 2 = its
             # segment pass (kernels/chunk_fwd.cuh); 0 (or none: the sweeps) = no split
             p = re.match(r", \(retention::kernels::ForwardSplitPass\)(\d)>", pretty[m.end():])

@@ -1,6 +1,6 @@
-// chunk_bwd.cuh - the two backward sweeps of chunkwise retention, shared by the raw op
-// (chunk_bwd.cu, NoFusion) and the fused MSR layer core (msr_bwd.cu, MsrFusion: rotary
-// prologue on q / k, packed sequences).
+// chunk_bwd.cuh - the two backward sweeps of chunkwise retention.  One instantiation
+// (MsrFusion<true>: packed sequences; q / k arrive rotated) serves the fused MSR layer core
+// and the raw op, which is that backward with batch rows as sequences (msr_bwd.cu, chunk_bwd.cu).
 //
 //
 // With M_ij = g^(i-j)[i >= j] inside a chunk of L tokens, S the state entering the chunk and
@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
   const int r0 = 16 * gpu::warp_id();
   const float log2g = p.log_decay[h] * kLog2e;
   const std::int64_t bh = static_cast<std::int64_t>(b) * H + h;  // batch row: workspace rows
-  const std::int64_t sh = seq.state * H + h;                      // state block
+  const std::int64_t sh = cta.row;                                // state block (SeqSpan)
   float* const dq_acc = partials + (cta.tile * n.B * n.H + bh) * n.T * dk;
 
   const SmemTile<T> k = row_major(sK, LDK), d = row_major(sD, LDK);
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
   const int r0 = 16 * gpu::warp_id();
   const float log2g = p.log_decay[h] * kLog2e;
   const std::int64_t bh = static_cast<std::int64_t>(b) * H + h;  // batch row: workspace rows
-  const std::int64_t sh = seq.state * H + h;                      // state block
+  const std::int64_t sh = cta.row;                                // state block (SeqSpan)
   float* const dk_acc = partials + (cta.tile * n.B * n.H + bh) * n.T * dk;
 
   const SmemTile<T> q = row_major(sQ, LDK), k = row_major(sK, LDK), d = row_major(sD, LDK),
@@ -333,6 +333,36 @@ __global__ void __launch_bounds__(Tr::kThreads)
   }
 
   store_state<Tr>(p.grad_initial_state + sh * dk * dv, dH, dk, dv, v0);
+}
+
+// The two sweeps over `rows` (sequence, head) CTA rows, dv_tiles_per_cta launches each
+// (sweep_tile); p.workspace holds the dq, then the dk partial slices (dq_parts and dk_parts of
+// them, as sweep_partials sized them).
+template <class TrDq, class TrDkv>
+gpu::error_t launch_backward_sweeps(const typename TrDq::Fusion::BackwardParams& p, std::int64_t rows, int dq_parts,
+                                    int dk_parts) {
+  const Shape& n = p.shape;
+  const auto groups = [&](int bv) { return dv_partials(static_cast<int>((n.dv + bv - 1) / bv), rows); };
+  dim3 grid_dq, grid_dkv;
+  if (groups(TrDq::BV) != dq_parts || groups(TrDkv::BV) != dk_parts || !chunk_grid(rows, dq_parts, grid_dq) ||
+      !chunk_grid(rows, dk_parts, grid_dkv))
+    return gpu::kErrorInvalidValue;  // the workspace was sized for other tile widths
+  float* const dq_partials = p.workspace;
+  float* const dk_partials = p.workspace + dq_parts * (n.B * n.H * n.T * n.dk);
+  constexpr int kSmemDq = gpu::dynamic_smem_bytes(TrDq::kSmemDq);
+  constexpr int kSmemDkv = gpu::dynamic_smem_bytes(TrDkv::kSmemDkv);
+  auto* dq_kernel = &chunk_backward_dq_kernel<TrDq>;
+  auto* dkv_kernel = &chunk_backward_dkv_kernel<TrDkv>;
+  gpu::error_t e = gpu::set_max_dynamic_smem(dq_kernel, kSmemDq);
+  if (e == gpu::kSuccess) e = gpu::set_max_dynamic_smem(dkv_kernel, kSmemDkv);
+  const int dq_passes = dv_tiles_per_cta(static_cast<int>((n.dv + TrDq::BV - 1) / TrDq::BV), rows);
+  for (int pass = 0; pass < dq_passes && e == gpu::kSuccess; ++pass)
+    e = gpu::launch(dq_kernel, grid_dq, TrDq::kThreads, kSmemDq, p.stream, p, dq_partials, dq_parts, pass, dq_passes);
+  const int dkv_passes = dv_tiles_per_cta(static_cast<int>((n.dv + TrDkv::BV - 1) / TrDkv::BV), rows);
+  for (int pass = 0; pass < dkv_passes && e == gpu::kSuccess; ++pass)
+    e = gpu::launch(dkv_kernel, grid_dkv, TrDkv::kThreads, kSmemDkv, p.stream, p, dk_partials, dk_parts, pass,
+                    dkv_passes);
+  return e;
 }
 
 }  // namespace retention::kernels

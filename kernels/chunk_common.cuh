@@ -129,13 +129,13 @@ inline bool chunk_grid(std::int64_t rows, std::int64_t tiles, dim3& grid, std::i
   return tiles > 0 && tiles <= 0x7fffffff && y > 0 && z <= kMaxGridY;
 }
 
-// Where the tokens of one CTA's sequence live.  Without fusion a sequence is a batch row; the
+// Where the tokens of one CTA's sequence live.  (Its state is block `row` = sequence * H + head
+// of the [N, H, dk, dv] initial / final states.)  Without fusion a sequence is a batch row; the
 // fused MSR kernels (msr_common.cuh) also map packed sequences (cu_seqlens) of batch row 0.
 struct SeqSpan {
   int b;                 // batch row of q / k / v / o
   std::int64_t t_begin;  // first token of the sequence in that row
   std::int64_t length;   // number of tokens (0 allowed: the state passes through)
-  std::int64_t state;    // index of its [H, dk, dv] block in the initial / final states
   std::int64_t pos0;     // absolute position of its first token (rotary angle, decay normaliser)
 };
 
@@ -164,12 +164,12 @@ RT_HOST_DEVICE inline SeqSpan segment_of(SeqSpan s, std::int64_t length, int g) 
 //                    place for a rotary embedding; it gets the row base and the dk offset, so
 //                    it can read rotation partners outside the tile)
 //   epilogue hooks   forward only, when kEpilogue (see chunk_fwd.cuh)
-// NoFusion is the raw op: batch rows, plain copies, o stored as is.  MsrFusion lives in
+// NoFusion is the raw forward: batch rows, plain copies, o stored as is (the raw backward runs
+// the fused one's sweeps, chunk_bwd.cu).  MsrFusion lives in
 // msr_common.cuh.
 struct NoFusion {
   static constexpr bool kEpilogue = false;
   using ForwardParams = ChunkForwardParams;
-  using BackwardParams = ChunkBackwardParams;
   static constexpr int forward_extra_smem(int /*warps*/, int /*bv*/) { return 0; }
 
   template <class P>
@@ -178,7 +178,7 @@ struct NoFusion {
   }
   template <class P>
   RT_DEVICE static SeqSpan sequence(const P& p, int n) {
-    return {n, 0, p.shape.T, n, 0};
+    return {n, 0, p.shape.T, 0};
   }
   // Rows [0, rows_valid) of the dk tile [k0, k0 + C) of q and k; q_row / k_row point at
   // column 0 of the first row.  dst_q may be null (the dq sweep only needs k).

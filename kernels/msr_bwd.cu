@@ -21,38 +21,11 @@ template <class T>
 struct MsrSweeps {
   template <int kMaxDk>
   struct Bucket {
+    // The raw sweeps' state budgets: without a prologue (q~ / k~ come pre-rotated) the sweeps
+    // differ from the raw ones only by the sequence map.
     static gpu::error_t run(const MsrChunkBackward& p, int dq_parts, int dk_parts) {
-      // The raw sweeps' state budgets: without a prologue (q~ / k~ come pre-rotated) the
-      // sweeps differ from the raw ones only by the sequence map.
-      using TrDq = ChunkTraits<T, kMaxDk, 64, MsrSweepFusion>;
-      using TrDkv = ChunkTraits<T, kMaxDk, 32, MsrSweepFusion>;
-      const std::int64_t rows = p.seq.num_sequences * p.shape.H;
-      const auto groups = [&](int bv) { return dv_partials(static_cast<int>((p.shape.dv + bv - 1) / bv), rows); };
-      dim3 grid_dq, grid_dkv;
-      if (groups(TrDq::BV) != dq_parts || groups(TrDkv::BV) != dk_parts || !chunk_grid(rows, dq_parts, grid_dq) ||
-          !chunk_grid(rows, dk_parts, grid_dkv))
-        return gpu::kErrorInvalidValue;  // the workspace was sized for other tile widths
-      float* const dq_partials = p.workspace;
-      float* const dk_partials = p.workspace + dq_parts * (p.shape.B * p.shape.H * p.shape.T * p.shape.dk);
-      constexpr int kSmemDq = gpu::dynamic_smem_bytes(TrDq::kSmemDq);
-      constexpr int kSmemDkv = gpu::dynamic_smem_bytes(TrDkv::kSmemDkv);
-      auto* dq_kernel = &chunk_backward_dq_kernel<TrDq>;
-      auto* dkv_kernel = &chunk_backward_dkv_kernel<TrDkv>;
-      gpu::error_t e = gpu::set_max_dynamic_smem(dq_kernel, kSmemDq);
-      if (e == gpu::kSuccess) e = gpu::set_max_dynamic_smem(dkv_kernel, kSmemDkv);
-      if (e != gpu::kSuccess) return e;
-      // dv_tiles_per_cta launches of each sweep (chunk_bwd.cuh).
-      const int dq_passes = dv_tiles_per_cta(static_cast<int>((p.shape.dv + TrDq::BV - 1) / TrDq::BV), rows);
-      for (int pass = 0; pass < dq_passes; ++pass)
-        if ((e = gpu::launch(dq_kernel, grid_dq, TrDq::kThreads, kSmemDq, p.stream, p, dq_partials, dq_parts, pass,
-                             dq_passes)) != gpu::kSuccess)
-          return e;
-      const int dkv_passes = dv_tiles_per_cta(static_cast<int>((p.shape.dv + TrDkv::BV - 1) / TrDkv::BV), rows);
-      for (int pass = 0; pass < dkv_passes; ++pass)
-        if ((e = gpu::launch(dkv_kernel, grid_dkv, TrDkv::kThreads, kSmemDkv, p.stream, p, dk_partials, dk_parts, pass,
-                             dkv_passes)) != gpu::kSuccess)
-          return e;
-      return gpu::kSuccess;
+      return launch_backward_sweeps<ChunkTraits<T, kMaxDk, 64, MsrSweepFusion>, ChunkTraits<T, kMaxDk, 32, MsrSweepFusion>>(
+          p, p.seq.num_sequences * p.shape.H, dq_parts, dk_parts);
     }
   };
 };
@@ -145,9 +118,14 @@ dim3 row_grid(const MsrChunkBackward& p) {
               static_cast<unsigned>(y < 1 ? 1 : y > 1024 ? 1024 : y));
 }
 
+// Steps 3 and 4 for one dtype (launch_backward_core).
 template <class T>
-gpu::error_t launch_cast(const MsrChunkBackward& p, int dq_parts, int dk_parts) {
-  return gpu::launch(&msr_cast_grads_kernel<T>, row_grid(p), kCastColumns * kCastRows, 0, p.stream, p, dq_parts,
+gpu::error_t sweeps_and_cast(MsrChunkBackward b, RotaryMode rotary, int dq_parts, int dk_parts) {
+  b.rotary = RotaryMode::kNone;  // the sweeps read q / k as given
+  gpu::error_t e = dispatch_dk<MsrSweeps<T>::template Bucket>(b.shape.dk, b, dq_parts, dk_parts);
+  if (e != gpu::kSuccess || b.shape.T == 0 || b.shape.dk == 0) return e;
+  b.rotary = rotary;
+  return gpu::launch(&msr_cast_grads_kernel<T>, row_grid(b), kCastColumns * kCastRows, 0, b.stream, b, dq_parts,
                      dk_parts);
 }
 
@@ -191,6 +169,18 @@ Layout workspace_layout(const MsrBackwardParams& p) {
 }
 
 }  // namespace
+
+gpu::error_t launch_backward_core(const MsrChunkBackward& b, RotaryMode rotary, int dq_parts, int dk_parts) {
+  switch (b.dtype) {
+    case DType::kF16:
+      return sweeps_and_cast<f16_t>(b, rotary, dq_parts, dk_parts);
+    case DType::kBF16:
+      return sweeps_and_cast<bf16_t>(b, rotary, dq_parts, dk_parts);
+    case DType::kF32:
+      return sweeps_and_cast<float>(b, rotary, dq_parts, dk_parts);
+  }
+  return gpu::kErrorInvalidValue;
+}
 
 std::size_t msr_backward_workspace_bytes(const MsrBackwardParams& p) { return workspace_layout(p).total; }
 
@@ -291,7 +281,7 @@ gpu::error_t launch_msr_backward(const MsrBackwardParams& p) {
     if ((e = zero_dw()) != gpu::kSuccess) return e;
   }
 
-  // 3. The retention sweeps with du as grad_o.
+  // 3-4. The retention sweeps with du as grad_o; dq, dk un-rotated.
   MsrChunkBackward b;
   b.dtype = p.dtype;
   b.shape = n;
@@ -311,37 +301,8 @@ gpu::error_t launch_msr_backward(const MsrBackwardParams& p) {
   b.workspace = reinterpret_cast<float*>(ws + l.acc);
   b.stream = p.stream;
   b.seq = p.seq;
-  b.rotary = RotaryMode::kNone;  // q~ / k~ already rotated; the cast below applies R^T
-  b.theta = theta;
-  switch (p.dtype) {
-    case DType::kF16:
-      e = dispatch_dk<MsrSweeps<f16_t>::template Bucket>(n.dk, b, l.dq_parts, l.dk_parts);
-      break;
-    case DType::kBF16:
-      e = dispatch_dk<MsrSweeps<bf16_t>::template Bucket>(n.dk, b, l.dq_parts, l.dk_parts);
-      break;
-    case DType::kF32:
-      e = dispatch_dk<MsrSweeps<float>::template Bucket>(n.dk, b, l.dq_parts, l.dk_parts);
-      break;
-  }
-  if (e != gpu::kSuccess) return e;
-
-  // 4. dq, dk (un-rotated).
-  b.rotary = p.opt.rotary;
-  if (n.T > 0 && n.dk > 0) {
-    switch (p.dtype) {
-      case DType::kF16:
-        e = launch_cast<f16_t>(b, l.dq_parts, l.dk_parts);
-        break;
-      case DType::kBF16:
-        e = launch_cast<bf16_t>(b, l.dq_parts, l.dk_parts);
-        break;
-      case DType::kF32:
-        e = launch_cast<float>(b, l.dq_parts, l.dk_parts);
-        break;
-    }
-    if (e != gpu::kSuccess) return e;
-  }
+  b.theta = theta;  // q~ / k~ already rotated; the cast applies R^T
+  if ((e = launch_backward_core(b, p.opt.rotary, l.dq_parts, l.dk_parts)) != gpu::kSuccess) return e;
 
   // 5. d_norm_weight.
   if (want_dw && n.T > 0) {

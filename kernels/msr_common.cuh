@@ -91,6 +91,12 @@ struct MsrChunkBackward : ChunkBackwardParams {
 // tile width it uses (forward or backward epilogue passes), which sizes the statistics buffer.
 gpu::error_t launch_msr_chunk_pass(const MsrChunkForward& p);
 int msr_forward_tile_width(DType dtype, std::int64_t dk, bool backward_passes);
+// Steps 3-4 of the MSR backward (msr_bwd.cu): both sweeps of chunk_bwd.cuh on q / k as given,
+// with b.grad_o as the output cotangent and b.workspace as the dq / dk partial slices
+// (sweep_partials), then their fixed-order sum cast to the input dtype, applying R(p)^T when
+// `rotary` is set.  The raw backward (chunk_bwd.cu) is exactly this with batch rows as
+// sequences and no rotation.
+gpu::error_t launch_backward_core(const MsrChunkBackward& b, RotaryMode rotary, int dq_parts, int dk_parts);
 // Argument validation shared by the MSR launchers (msr_fwd.cu).
 bool msr_shape_ok(const Shape& n, const MsrSequences& seq, const MsrOptions& opt, const float* log_decay);
 
@@ -203,7 +209,7 @@ RT_DEVICE void load_rotated_qk(RotaryMode mode, const double* theta_table, T* ds
 template <class P>
 RT_DEVICE SeqSpan msr_sequence(const P& p, int n) {
   const MsrSequences& s = p.seq;
-  SeqSpan span{n, 0, p.shape.T, n, 0};
+  SeqSpan span{n, 0, p.shape.T, 0};
   if (s.cu_seqlens != nullptr) {
     std::int64_t begin, end;
     if (s.cu_seqlens_int64) {
