@@ -12,7 +12,8 @@ kernels/chunk_common.cuh and the launch grids of kernels/*.cu, mirrored below):
   * CTAs, threads, registers (from the ptxas report), shared memory, CTAs per SM and the limiter,
     waves on 132 SMs;
   * predicted time on H100 and H200 (model below), for the kernels as they are and after each of
-    the two planned changes: the sequence split for small grids and q / k reuse across dv tiles.
+    the two changes for small grids and memory traffic (both in place): the sequence split, and q / k
+    reuse across dv tiles (with the old launch order, and the model's own best backward split, beside).
 
 Time model (per kernel; every constant is in DEVICES / ASSUMPTIONS and printed with the table):
 a wave is the CTAs that are resident together (c per SM); each CTA walks its chunks one after
@@ -70,7 +71,7 @@ ASSUMPTIONS = {
     "sm_bandwidth_share_max": 4.0,
     # Gap between back-to-back kernels of one op on the stream (not the host's op overhead).
     "launch_gap_us": 1.5,
-    # Sequence split: segments are at least this many chunks long (kSplitMinChunks, kernels/chunk_fwd.cuh).
+    # Sequence split: segments are at least this many chunks long (kSplitMinChunks, kernels/chunk_common.cuh).
     "split_min_chunks": 4,
 }
 # Hopper SM limits used for occupancy (compute capability 9.0).
@@ -172,10 +173,12 @@ def parse_ptxas(log_dir):
         m = re.search(r"(chunk_forward|chunk_backward_dq|chunk_backward_dkv)_kernel<retention::kernels::"
                       r"ChunkTraits<[^,]+, (\d+), (\d+), retention::kernels::(NoFusion|MsrFusion<true> ?)>", pretty)
         if m and (m.group(4) == "NoFusion") == (m.group(1) == "chunk_forward"):
-            # chunk_forward_kernel<Tr, ForwardSplitPass>: 1 = the split's state-only pass, 2 = its
-            # segment pass (kernels/chunk_fwd.cuh); 0 (or none: the sweeps) = no split
-            p = re.match(r", \(retention::kernels::ForwardSplitPass\)(\d)>", pretty[m.end():])
-            kind = m.group(1) + {"1": "_state", "2": "_segments"}.get(p.group(1) if p else "0", "")
+            # <Tr, SplitPass> (forward, dk/dv sweep): 1 = the split's state-only pass, 2 = its
+            # segment pass; <Tr, bool> (dq sweep): true = segment pass; 0 / false = no split
+            # (kernels/chunk_common.cuh)
+            p = re.match(r", (?:\(retention::kernels::SplitPass\)(\d)|(true|false))>", pretty[m.end():])
+            code = (p.group(1) or {"true": "2", "false": "0"}[p.group(2)]) if p else "0"
+            kind = m.group(1) + {"1": "_state", "2": "_segments"}.get(code, "")
             out[(kind, dtype, int(m.group(2)), int(m.group(3)))] = {"regs": regs, "smem_static": smem,
                                                                    "spill": spill}
             continue
@@ -344,13 +347,21 @@ def split_segments(B, H, dk, dv, T, kind, ptx, qk_reuse=True):
     return best
 
 
-def launcher_segments(B, T, H, dk, dv, sms=132):
-    """The forward launcher's automatic split (plan_split in kernels/chunk_fwd.cuh): when the
+def dv_partials(nvt, rows, target=256, most=8):
+    """dv-tile groups of a backward sweep (dv_partials in kernels/chunk_bwd.cuh)."""
+    parts = max(1, min(-(-target // rows) if rows > 0 else 1, nvt, most))
+    return -(-nvt // -(-nvt // parts))
+
+
+def launcher_segments(B, T, H, dk, dv, sms=132, kind="chunk_forward"):
+    """The launchers' automatic split (plan_split in kernels/chunk_common.cuh): when the
     unsplit grid has fewer CTAs than SMs, enough segments for two waves, each at least
-    split_min_chunks whole chunks."""
-    tr = chunk_traits(bucket(dk), STATE_REGS["chunk_forward"])
+    split_min_chunks whole chunks.  The forward plans on its grid, the backward
+    (plan_backward in kernels/chunk_bwd.cuh) on its dk/dv sweep's: B*H rows x dv groups."""
+    tr = chunk_traits(bucket(dk), STATE_REGS[kind])
     bt = tr["BT"]
-    ctas = B * H * -(-dv // tr["BV"])
+    n_vt = -(-dv // tr["BV"])
+    ctas = B * H * (n_vt if kind == "chunk_forward" else dv_partials(n_vt, B * H))
     if ctas >= sms:
         return 1
     count = min(-(-2 * sms // ctas), -(-T // bt) // ASSUMPTIONS["split_min_chunks"])
@@ -363,8 +374,8 @@ def launcher_segments(B, T, H, dk, dv, sms=132):
 def split_kernel(kind, B, T, H, dk, dv, ptx, qk_reuse, S):
     k = chunk_kernel(kind, B, T, H, dk, dv, ptx, qk_reuse=qk_reuse, segments=S)
     k["segments"] = S
-    if kind == "chunk_forward" and S > 1:  # the segment pass is its own instantiation
-        rec = ptx.get(("chunk_forward_segments", "bf16", bucket(dk), STATE_REGS[kind]), {}) if ptx else {}
+    if S > 1:  # the segment pass is its own instantiation
+        rec = ptx.get((kind + "_segments", "bf16", bucket(dk), STATE_REGS[kind]), {}) if ptx else {}
         k["regs"] = rec.get("regs")
         k["per_sm"], k["limiter"] = occupancy(k["threads"], k["regs"], k["smem"])
     if S > 1:
@@ -383,10 +394,12 @@ def split_extras(kind, B, T, H, dk, dv, S, ptx, qk_reuse):
     kt = -(-dk // tr["BK"])
     local = dict(base)
     local["kernel"] = kind + "/local_state"
-    if kind == "chunk_forward":  # its own instantiation (state-only): registers from ptxas
-        rec = ptx.get(("chunk_forward_state", "bf16", bucket(dk), STATE_REGS[kind]), {}) if ptx else {}
-        local["regs"] = rec.get("regs")
-        local["per_sm"], local["limiter"] = occupancy(local["threads"], local["regs"], local["smem"])
+    # its own instantiation (state-only): registers from ptxas.  The dq sweep's is the forward's
+    # (the raw forward's tiling; the backward launches the fused layer's instantiation of it).
+    state_kind = "chunk_backward_dkv_state" if kind == "chunk_backward_dkv" else "chunk_forward_state"
+    rec = ptx.get((state_kind, "bf16", bucket(dk), STATE_REGS[kind]), {}) if ptx else {}
+    local["regs"] = rec.get("regs")
+    local["per_sm"], local["limiter"] = occupancy(local["threads"], local["regs"], local["smem"])
     local["trips"] = 1 + kt
     local["cta_flops"] = 2 * tr["BT"] * kt * tr["BK"] * tr["BV"]
     tokens = B * H * T
@@ -406,12 +419,15 @@ def op_kernels(op, shape, ptx, *, split=False, qk_reuse=True):
     kinds = ["chunk_forward"] if op == "chunk_fwd" else ["chunk_forward", "chunk_backward_dq", "chunk_backward_dkv"]
     ks = []
     for kind in kinds:
-        # As launched: the forward splits automatically; split=True adds the planned split of the
-        # backward sweeps (S chosen by the model).
-        if kind == "chunk_forward":
-            S = launcher_segments(B, T, H, dk, dv) if qk_reuse else 1
+        # As launched: both directions split automatically (the backward on its dk/dv sweep's
+        # grid); split=True puts the model's best S for each backward sweep in its place.
+        if not qk_reuse:
+            S = 1
+        elif kind != "chunk_forward" and split:
+            S = split_segments(B, H, dk, dv, T, kind, ptx, qk_reuse)
         else:
-            S = split_segments(B, H, dk, dv, T, kind, ptx, qk_reuse) if split else 1
+            S = launcher_segments(B, T, H, dk, dv, kind="chunk_forward" if kind == "chunk_forward" else
+                                  "chunk_backward_dkv")
         ks += split_extras(kind, B, T, H, dk, dv, S, ptx, qk_reuse)
         ks.append(split_kernel(kind, B, T, H, dk, dv, ptx, qk_reuse, S))
         if kind == "chunk_backward_dq":  # the workspace memset precedes the sweeps
@@ -640,12 +656,14 @@ def markdown(rows, ptx_dir, ptx, measured_path, info):
                      f"| {k['bytes'] / 1e6:.0f} | {k['bound']['H200']} | {t:.1f} |")
     L.append("")
     L += ["## Launch order and sequence split", "",
-          "* **Sequence split** (`split S` gives S per sweep: forward / dq / dk-dv). Forward: done and "
-          "automatic, so `now` includes it (kernels/chunk_fwd.cuh, plan_split: when the unsplit grid is "
-          "with fewer CTAs than SMs, enough segments for two waves, each at least "
-          f"{ASSUMPTIONS['split_min_chunks']} whole chunks). Backward sweeps: planned, the `split` columns "
-          "add it with S a power of two chosen for the shortest predicted time. Either way: a pass computing each segment's local state (reads the "
-          "state-update operands again), a scan over segments (fp32 states read and written), then the sweep "
+          "* **Sequence split** (done in both directions and automatic, so `now` includes it: "
+          "kernels/chunk_common.cuh, plan_split: when the unsplit grid has fewer CTAs than SMs, enough "
+          f"segments for two waves, each at least {ASSUMPTIONS['split_min_chunks']} whole chunks; the backward "
+          "plans on its dk/dv sweep's grid, plan_backward in kernels/chunk_bwd.cuh). The `split` columns "
+          "(`split S` per sweep: forward / dq / dk-dv) put the model's own best S for each backward sweep (a "
+          "power of two, shortest predicted time) in place of the launcher's rule, to check that rule. Either "
+          "way: a pass computing each segment's local state (reads the state-update operands again; for the "
+          "dk/dv sweep in reverse), a scan over segments (fp32 states read and written), then the sweep "
           "with S times the CTAs, each walking T/S tokens from its incoming state. It trades extra bytes for "
           "a shorter chain; it pays where the chain (latency) bounds the kernel, i.e. small B·H and long T.",
           "* **q/k reuse across dv tiles** (done; `old order` columns: the launch order before it): the "

@@ -6,14 +6,30 @@
 
 namespace retention::kernels {
 
-// The dq and dk partial-sum slices over dv tiles (chunk_bwd.cuh: the cost of determinism).
-std::size_t chunk_backward_workspace_bytes(const ChunkBackwardParams& p) {
+namespace {
+// What the launch does (chunk_bwd.cuh: plan_backward) and where its workspace parts go:
+// [dq partials | dk partials | forward segment states | reverse segment states], fp32.
+BackwardPlan plan(const ChunkBackwardParams& p, std::size_t* bytes) {
   const Shape& n = p.shape;
-  if (n.B <= 0 || n.T <= 0 || n.H <= 0 || n.dk <= 0 || n.dv <= 0 || n.dk > kMaxHeadDimK) return 0;
-  int dq_parts = 0, dk_parts = 0;
-  sweep_partials(p.dtype, n, n.B * n.H, dq_parts, dk_parts);
-  return static_cast<std::size_t>(dq_parts + dk_parts) * static_cast<std::size_t>(n.B * n.H * n.T * n.dk) *
-         sizeof(float);
+  *bytes = 0;
+  if (n.B <= 0 || n.T <= 0 || n.H <= 0 || n.dk <= 0 || n.dv <= 0 || n.dk > kMaxHeadDimK) return BackwardPlan{};
+  BackwardPlan b = plan_backward(p.dtype, n, n.B * n.H, p.split, p.num_sms);
+  const std::size_t partials = static_cast<std::size_t>((b.dq_parts + b.dk_parts) * n.B * n.H * n.T * n.dk);
+  const std::size_t states = split_states_bytes(b, n.B * n.H, n) / sizeof(float);
+  if (p.workspace != nullptr && states > 0) {
+    b.fwd.states = p.workspace + partials;
+    b.rev.states = b.fwd.states + states;
+    b.fwd.state_stride = b.rev.state_stride = n.B * n.H * n.dk * n.dv;
+  }
+  *bytes = (partials + 2 * states) * sizeof(float);
+  return b;
+}
+}  // namespace
+
+std::size_t chunk_backward_workspace_bytes(const ChunkBackwardParams& p) {
+  std::size_t bytes = 0;
+  plan(p, &bytes);
+  return bytes;
 }
 
 gpu::error_t launch_chunk_backward(const ChunkBackwardParams& p) {
@@ -25,13 +41,14 @@ gpu::error_t launch_chunk_backward(const ChunkBackwardParams& p) {
   // dv == 0 makes every gradient zero; the kernels tile over dv, so the caller zero-fills.
   if (n.dv == 0) return n.T * n.dk == 0 ? gpu::kSuccess : gpu::kErrorInvalidValue;
   if (gpu::error_t e = gpu::check_warp_size(); e != gpu::kSuccess) return e;
-  if (n.T * n.dk > 0 && p.workspace == nullptr) return gpu::kErrorInvalidValue;
-  MsrChunkBackward b;
-  static_cast<ChunkBackwardParams&>(b) = p;
-  b.seq.num_sequences = n.B;  // no cu_seqlens, no offsets
-  int dq_parts = 0, dk_parts = 0;
-  sweep_partials(p.dtype, n, n.B * n.H, dq_parts, dk_parts);
-  return launch_backward_core(b, RotaryMode::kNone, dq_parts, dk_parts);
+  std::size_t bytes = 0;
+  BackwardPlan b = plan(p, &bytes);
+  if (bytes > 0 && p.workspace == nullptr) return gpu::kErrorInvalidValue;
+  if (bytes == 0) sweep_partials(p.dtype, n, n.B * n.H, b.dq_parts, b.dk_parts);  // T or dk is 0
+  MsrChunkBackward c;
+  static_cast<ChunkBackwardParams&>(c) = p;
+  c.seq.num_sequences = n.B;  // no cu_seqlens, no offsets
+  return launch_backward_core(c, RotaryMode::kNone, b);
 }
 
 }  // namespace retention::kernels

@@ -123,10 +123,13 @@ RT_DEVICE int sweep_tile(int group, int dv, int pass, int passes) {
 }
 
 // dq partials: `partials` is the [groups, B*H, T, dk] fp32 slice array of the dq sweep.
-template <class Tr>
-__global__ void __launch_bounds__(Tr::kThreads)
-    chunk_backward_dq_kernel(const typename Tr::Fusion::BackwardParams p, float* partials, int groups, int pass,
-                             int passes) {
+// kSplit: pass (c) of the sequence split (chunk_common.cuh), from the forward's segment states.
+// One resident CTA per SM is enough here (minimum 1): without saying so ptxas capped the fp32
+// dk = 128 sweep at 168 registers and spilled once the split added its segment handling.
+template <class Tr, bool kSplit = false>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    chunk_backward_dq_kernel(const typename Tr::Fusion::BackwardParams p, float* partials, int pass, int passes,
+                             const SegmentSplit split) {
   using Fusion = typename Tr::Fusion;
   using T = typename Tr::T;
   using Mma = typename Tr::Mma;
@@ -146,14 +149,14 @@ __global__ void __launch_bounds__(Tr::kThreads)
 
   const Shape& n = p.shape;
   const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk), dv = static_cast<int>(n.dv);
-  const ChunkCta cta = chunk_cta();
+  const ChunkCta cta = chunk_cta(kSplit ? split.count : 1);
   if (cta.row >= Fusion::num_sequences(p) * H) return;  // grid padding (chunk_grid)
-  const SeqSpan seq = Fusion::sequence(p, cta.row / H);
+  SeqSpan seq = Fusion::sequence(p, cta.row / H);
+  if constexpr (kSplit) seq = segment_of(seq, split.length, cta.segment);
   const int b = seq.b, h = cta.row % H;
   const int r0 = 16 * gpu::warp_id();
   const float log2g = p.log_decay[h] * kLog2e;
   const std::int64_t bh = static_cast<std::int64_t>(b) * H + h;  // batch row: workspace rows
-  const std::int64_t sh = cta.row;                                // state block (SeqSpan)
   float* const dq_acc = partials + (cta.tile * n.B * n.H + bh) * n.T * dk;
 
   const SmemTile<T> k = row_major(sK, LDK), d = row_major(sD, LDK);
@@ -165,8 +168,11 @@ __global__ void __launch_bounds__(Tr::kThreads)
   const int v0 = tile * BV, nv = min(BV, dv - v0);
   const bool add = pass > 0;
 
+  const float* entering = p.initial_state;  // state block cta.row (SeqSpan)
+  if constexpr (kSplit)
+    if (cta.segment > 0) entering = split.states + (cta.segment - 1) * split.state_stride;
   FragC S[KT][NV];
-  load_state<Tr>(S, p.initial_state ? p.initial_state + sh * dk * dv : nullptr, dk, dv, v0);
+  load_state<Tr>(S, entering ? entering + static_cast<std::int64_t>(cta.row) * dk * dv : nullptr, dk, dv, v0);
 
   for (std::int64_t t0 = 0; t0 < seq.length; t0 += BT) {
     const int L = seq.length - t0 < BT ? static_cast<int>(seq.length - t0) : BT;
@@ -214,10 +220,13 @@ __global__ void __launch_bounds__(Tr::kThreads)
 }
 
 // dk partials: `partials` is the [groups, B*H, T, dk] fp32 slice array of this sweep.
-template <class Tr>
+// Sequence split (chunk_common.cuh), passes in reverse: kStateOnly is pass (a), the local dH of
+// segments 1 .. G-1 into split.states (slice g - 1 for segment g: reads only q and dO);
+// kSegments is pass (c), every segment from the scanned dH leaving it.
+template <class Tr, SplitPass kPass = SplitPass::kNoSplit>
 __global__ void __launch_bounds__(Tr::kThreads)
-    chunk_backward_dkv_kernel(const typename Tr::Fusion::BackwardParams p, float* partials, int groups, int pass,
-                             int passes) {
+    chunk_backward_dkv_kernel(const typename Tr::Fusion::BackwardParams p, float* partials, int pass, int passes,
+                              const SegmentSplit split) {
   using Fusion = typename Tr::Fusion;
   using T = typename Tr::T;
   using Mma = typename Tr::Mma;
@@ -241,14 +250,16 @@ __global__ void __launch_bounds__(Tr::kThreads)
 
   const Shape& n = p.shape;
   const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk), dv = static_cast<int>(n.dv);
-  const ChunkCta cta = chunk_cta();
+  constexpr bool kStateOnly = kPass == SplitPass::kStateOnly, kSplit = kPass != SplitPass::kNoSplit;
+  const int segments = kSplit ? (kStateOnly ? split.count - 1 : split.count) : 1;
+  const ChunkCta cta = chunk_cta(segments);
   if (cta.row >= Fusion::num_sequences(p) * H) return;  // grid padding (chunk_grid)
-  const SeqSpan seq = Fusion::sequence(p, cta.row / H);
+  SeqSpan seq = Fusion::sequence(p, cta.row / H);
+  if constexpr (kSplit) seq = segment_of(seq, split.length, kStateOnly ? cta.segment + 1 : cta.segment);
   const int b = seq.b, h = cta.row % H;
   const int r0 = 16 * gpu::warp_id();
   const float log2g = p.log_decay[h] * kLog2e;
   const std::int64_t bh = static_cast<std::int64_t>(b) * H + h;  // batch row: workspace rows
-  const std::int64_t sh = cta.row;                                // state block (SeqSpan)
   float* const dk_acc = partials + (cta.tile * n.B * n.H + bh) * n.T * dk;
 
   const SmemTile<T> q = row_major(sQ, LDK), k = row_major(sK, LDK), d = row_major(sD, LDK),
@@ -261,8 +272,16 @@ __global__ void __launch_bounds__(Tr::kThreads)
   const int v0 = tile * BV, nv = min(BV, dv - v0);
   const bool add = pass > 0;
 
+  // dH leaving the CTA's last token: grad_final_state for the sequence's last segment; in pass
+  // (a) zero for the others, in pass (c) the scanned slice of the segment.
+  const float* entering = p.grad_final_state;  // state block cta.row (SeqSpan)
+  if constexpr (kStateOnly) {
+    if (cta.segment + 2 != split.count) entering = nullptr;
+  } else if constexpr (kSplit) {
+    if (cta.segment + 1 != split.count) entering = split.states + cta.segment * split.state_stride;
+  }
   FragC dH[KT][NV];
-  load_state<Tr>(dH, p.grad_final_state ? p.grad_final_state + sh * dk * dv : nullptr, dk, dv, v0);
+  load_state<Tr>(dH, entering ? entering + static_cast<std::int64_t>(cta.row) * dk * dv : nullptr, dk, dv, v0);
 
   const std::int64_t num_chunks = (seq.length + BT - 1) / BT;
   for (std::int64_t c = num_chunks - 1; c >= 0; --c) {
@@ -271,22 +290,24 @@ __global__ void __launch_bounds__(Tr::kThreads)
     const std::int64_t t = seq.t_begin + t0;  // row of the chunk's first token in batch row b
     const float gL = decay_pow(L, log2g);
     const auto tail_decay = [&](int j) { return j < L ? decay_pow(L - 1 - j, log2g) : 0.f; };
-    const float h_factor = state_operand_factor<Tr>(dH, sScratch);
+    const float h_factor = kStateOnly ? 1.f : state_operand_factor<Tr>(dH, sScratch);
 
     __syncthreads();
-    load_tile<BT, BV, kThreads>(sV, LDV, bthd_ptr<T>(p.v, b, t, h, v0), p.v.stride_t, L, nv);
+    if constexpr (!kStateOnly) load_tile<BT, BV, kThreads>(sV, LDV, bthd_ptr<T>(p.v, b, t, h, v0), p.v.stride_t, L, nv);
     load_tile<BT, BV, kThreads>(sDO, LDV, bthd_ptr<T>(p.grad_o, b, t, h, v0), p.grad_o.stride_t, L, nv);
     __syncthreads();
     scale_rows<BT, BV, kThreads>(sDOd, sDO, LDV, [&](int i) { return p.scale * decay_pow(i + 1, log2g); });
 
-    FragC D[NT];
-    fill<Mma>(D, 0.f);
-    warp_mma<Mma, NT, NV>(D, dO.block(r0, 0), v.t());  // D = dO V^T
-    for_each<Mma, NT>(D, [&](int r, int j, float& x) {
-      const int i = r0 + r;
-      x = i >= j ? x * p.scale * decay_pow(i - j, log2g) : 0.f;
-    });
-    store<Mma, NT>(d.block(r0, 0), D);
+    if constexpr (!kStateOnly) {
+      FragC D[NT];
+      fill<Mma>(D, 0.f);
+      warp_mma<Mma, NT, NV>(D, dO.block(r0, 0), v.t());  // D = dO V^T
+      for_each<Mma, NT>(D, [&](int r, int j, float& x) {
+        const int i = r0 + r;
+        x = i >= j ? x * p.scale * decay_pow(i - j, log2g) : 0.f;
+      });
+      store<Mma, NT>(d.block(r0, 0), D);
+    }
 
     FragC At[NT], dV[NV];
     fill<Mma>(At, 0.f);
@@ -296,25 +317,34 @@ __global__ void __launch_bounds__(Tr::kThreads)
       const int k0 = kt * BK;
       if (k0 >= dk) break;
       __syncthreads();
-      Fusion::template load_qk<BT, BK, kThreads>(p, sQ, bthd_ptr<T>(p.q, b, t, h, 0), p.q.stride_t, sK,
-                                                 bthd_ptr<T>(p.k, b, t, h, 0), p.k.stride_t, LDK, L, k0, dk,
-                                                 seq.pos0 + t0);
-      store_state_operand<Tr>(hh.block(r0, 0), dH[kt], 1.f / h_factor);
+      if constexpr (kStateOnly) {  // q only (the loader's optional operand is the first)
+        Fusion::template load_qk<BT, BK, kThreads>(p, static_cast<T*>(nullptr), static_cast<const T*>(nullptr), 0, sQ,
+                                                   bthd_ptr<T>(p.q, b, t, h, 0), p.q.stride_t, LDK, L, k0, dk,
+                                                   seq.pos0 + t0);
+      } else {
+        Fusion::template load_qk<BT, BK, kThreads>(p, sQ, bthd_ptr<T>(p.q, b, t, h, 0), p.q.stride_t, sK,
+                                                   bthd_ptr<T>(p.k, b, t, h, 0), p.k.stride_t, LDK, L, k0, dk,
+                                                   seq.pos0 + t0);
+        store_state_operand<Tr>(hh.block(r0, 0), dH[kt], 1.f / h_factor);
+      }
       __syncthreads();
 
-      warp_mma<Mma, NT, NK>(At, k.block(r0, 0), q.t());  // At += K Q^T
-      warp_mma<Mma, NV, NK>(dV, k.block(r0, 0), hh);     // dV += K (2^-e dH)
+      if constexpr (!kStateOnly) {
+        warp_mma<Mma, NT, NK>(At, k.block(r0, 0), q.t());  // At += K Q^T
+        warp_mma<Mma, NV, NK>(dV, k.block(r0, 0), hh);     // dV += K (2^-e dH)
 
-      FragC G[NK];
-      fill<Mma>(G, 0.f);
-      warp_mma<Mma, NK, NV>(G, v.block(r0, 0), hh.t());  // V (2^-e dH)^T
-      for_each<Mma, NK>(G, [&](int r, int, float& x) { x *= tail_decay(r0 + r) * h_factor; });
-      warp_mma<Mma, NK, NT>(G, d.t().block(r0, 0), q);  // + D^T Q
-      store_or_add_rows<Mma, NK>(dk_acc + t * dk + k0, dk, r0, L, dk - k0, add, G);
+        FragC G[NK];
+        fill<Mma>(G, 0.f);
+        warp_mma<Mma, NK, NV>(G, v.block(r0, 0), hh.t());  // V (2^-e dH)^T
+        for_each<Mma, NK>(G, [&](int r, int, float& x) { x *= tail_decay(r0 + r) * h_factor; });
+        warp_mma<Mma, NK, NT>(G, d.t().block(r0, 0), q);  // + D^T Q
+        store_or_add_rows<Mma, NK>(dk_acc + t * dk + k0, dk, r0, L, dk - k0, add, G);
+      }
 
       scale_acc<Mma>(dH[kt], gL);  // dH = g^L dH + Q^T dOd
       warp_mma<Mma, NV, NT>(dH[kt], q.t().block(r0, 0), dOd);
     }
+    if constexpr (kStateOnly) continue;
     __syncthreads();  // q/k buffers become the transposed score tile
 
     for_each<Mma, NT>(At, [&](int r, int i, float& x) {
@@ -332,36 +362,83 @@ __global__ void __launch_bounds__(Tr::kThreads)
     store_tile<BT, BV, kThreads>(bthd_ptr<T>(p.grad_v, b, t, h, v0), p.grad_v.stride_t, sO, LDV, L, nv);
   }
 
-  store_state<Tr>(p.grad_initial_state + sh * dk * dv, dH, dk, dv, v0);
+  // Where the dH entering the CTA's first token goes, from the block index again (nothing about
+  // it stays live across the chunk loop): grad_initial_state from segment 0, the slice of
+  // segment g in pass (a).
+  const ChunkCta done = chunk_cta(segments);
+  float* leaving = p.grad_initial_state;
+  if constexpr (kStateOnly) {
+    leaving = split.states + done.segment * split.state_stride;
+  } else if constexpr (kSplit) {
+    if (done.segment != 0) leaving = nullptr;
+  }
+  if (leaving != nullptr) store_state<Tr>(leaving + static_cast<std::int64_t>(done.row) * dk * dv, dH, dk, dv, v0);
+}
+
+// What a backward launches: the dv partial slices of each sweep and the sequence split
+// (count 1: none).  fwd_states (the forward's segment states, for the dq sweep) and rev_states
+// (the dk / dv sweep's) are each [count - 1, rows, dk, dv] fp32.
+struct BackwardPlan {
+  int dq_parts = 0, dk_parts = 0;
+  SegmentSplit fwd, rev;  // same segments; states set by the launcher
+};
+
+// The split is planned on the dk / dv sweep's grid (its heavier kernel).
+inline BackwardPlan plan_backward(DType dtype, const Shape& n, std::int64_t rows, int split, int num_sms) {
+  BackwardPlan b;
+  sweep_partials(dtype, n, rows, b.dq_parts, b.dk_parts);
+  if (split != 0 && rows > 0 && n.dk > 0 && n.dv > 0 && n.T > 1)
+    b.fwd = b.rev = plan_split(split, num_sms, rows * b.dk_parts, n.T, dtype == DType::kF32 ? 32 : 64);
+  return b;
+}
+inline std::size_t split_states_bytes(const BackwardPlan& b, std::int64_t rows, const Shape& n) {
+  return b.fwd.count > 1 ? static_cast<std::size_t>((b.fwd.count - 1) * rows * n.dk * n.dv) * sizeof(float) : 0;
 }
 
 // The two sweeps over `rows` (sequence, head) CTA rows, dv_tiles_per_cta launches each
-// (sweep_tile); p.workspace holds the dq, then the dk partial slices (dq_parts and dk_parts of
-// them, as sweep_partials sized them).
+// (sweep_tile); p.workspace holds the dq, then the dk partial slices.  With a split,
+// plan.fwd.states must already hold the forward's scanned segment states (chunk_fwd.cuh), and
+// plan.rev.states is filled here.
 template <class TrDq, class TrDkv>
-gpu::error_t launch_backward_sweeps(const typename TrDq::Fusion::BackwardParams& p, std::int64_t rows, int dq_parts,
-                                    int dk_parts) {
+gpu::error_t launch_backward_sweeps(const typename TrDq::Fusion::BackwardParams& p, std::int64_t rows,
+                                    const BackwardPlan& plan) {
   const Shape& n = p.shape;
   const auto groups = [&](int bv) { return dv_partials(static_cast<int>((n.dv + bv - 1) / bv), rows); };
-  dim3 grid_dq, grid_dkv;
-  if (groups(TrDq::BV) != dq_parts || groups(TrDkv::BV) != dk_parts || !chunk_grid(rows, dq_parts, grid_dq) ||
-      !chunk_grid(rows, dk_parts, grid_dkv))
-    return gpu::kErrorInvalidValue;  // the workspace was sized for other tile widths
+  if (groups(TrDq::BV) != plan.dq_parts || groups(TrDkv::BV) != plan.dk_parts) return gpu::kErrorInvalidValue;
+  const bool split = plan.fwd.count > 1;
+  if (split && (plan.fwd.states == nullptr || plan.rev.states == nullptr)) return gpu::kErrorInvalidValue;
+  gpu::error_t e = gpu::kSuccess;
+  // dv_tiles_per_cta launches of one sweep kernel over `segments` segments.
+  const auto sweep = [&](auto* kernel, int bv, int threads, int smem, float* partials, int parts, int segments,
+                         const SegmentSplit& s) {
+    dim3 grid;
+    if (e == gpu::kSuccess) e = gpu::set_max_dynamic_smem(kernel, smem);
+    if (e == gpu::kSuccess && !chunk_grid(rows, parts, grid, segments)) e = gpu::kErrorInvalidValue;
+    const int passes = dv_tiles_per_cta(static_cast<int>((n.dv + bv - 1) / bv), rows);
+    for (int pass = 0; pass < passes && e == gpu::kSuccess; ++pass)
+      e = gpu::launch(kernel, grid, threads, smem, p.stream, p, partials, pass, passes, s);
+  };
   float* const dq_partials = p.workspace;
-  float* const dk_partials = p.workspace + dq_parts * (n.B * n.H * n.T * n.dk);
-  constexpr int kSmemDq = gpu::dynamic_smem_bytes(TrDq::kSmemDq);
-  constexpr int kSmemDkv = gpu::dynamic_smem_bytes(TrDkv::kSmemDkv);
-  auto* dq_kernel = &chunk_backward_dq_kernel<TrDq>;
-  auto* dkv_kernel = &chunk_backward_dkv_kernel<TrDkv>;
-  gpu::error_t e = gpu::set_max_dynamic_smem(dq_kernel, kSmemDq);
-  if (e == gpu::kSuccess) e = gpu::set_max_dynamic_smem(dkv_kernel, kSmemDkv);
-  const int dq_passes = dv_tiles_per_cta(static_cast<int>((n.dv + TrDq::BV - 1) / TrDq::BV), rows);
-  for (int pass = 0; pass < dq_passes && e == gpu::kSuccess; ++pass)
-    e = gpu::launch(dq_kernel, grid_dq, TrDq::kThreads, kSmemDq, p.stream, p, dq_partials, dq_parts, pass, dq_passes);
-  const int dkv_passes = dv_tiles_per_cta(static_cast<int>((n.dv + TrDkv::BV - 1) / TrDkv::BV), rows);
-  for (int pass = 0; pass < dkv_passes && e == gpu::kSuccess; ++pass)
-    e = gpu::launch(dkv_kernel, grid_dkv, TrDkv::kThreads, kSmemDkv, p.stream, p, dk_partials, dk_parts, pass,
-                    dkv_passes);
+  float* const dk_partials = p.workspace + plan.dq_parts * (n.B * n.H * n.T * n.dk);
+  constexpr int kSmemDq = gpu::dynamic_smem_bytes(TrDq::kSmemDq), kSmemDkv = gpu::dynamic_smem_bytes(TrDkv::kSmemDkv);
+  if (!split) {
+    sweep(&chunk_backward_dq_kernel<TrDq>, TrDq::BV, TrDq::kThreads, kSmemDq, dq_partials, plan.dq_parts, 1, plan.fwd);
+    sweep(&chunk_backward_dkv_kernel<TrDkv>, TrDkv::BV, TrDkv::kThreads, kSmemDkv, dk_partials, plan.dk_parts, 1,
+          plan.rev);
+    return e;
+  }
+  const int count = plan.fwd.count;
+  sweep(&chunk_backward_dq_kernel<TrDq, true>, TrDq::BV, TrDq::kThreads, kSmemDq, dq_partials, plan.dq_parts, count,
+        plan.fwd);
+  sweep(&chunk_backward_dkv_kernel<TrDkv, SplitPass::kStateOnly>, TrDkv::BV, TrDkv::kThreads, kSmemDkv, dk_partials,
+        plan.dk_parts, count - 1, plan.rev);
+  if (e == gpu::kSuccess && count > 2) {
+    const std::int64_t blocks = (plan.rev.state_stride + 255) / 256;
+    e = gpu::launch(&segment_scan_kernel<typename TrDkv::Fusion, typename TrDkv::Fusion::BackwardParams, true>,
+                    static_cast<unsigned>(blocks < 1024 ? blocks : 1024), 256, 0, p.stream, p, plan.rev);
+  }
+  sweep(&chunk_backward_dkv_kernel<TrDkv, SplitPass::kSegments>, TrDkv::BV, TrDkv::kThreads, kSmemDkv, dk_partials,
+        plan.dk_parts, count, plan.rev);
   return e;
 }
 

@@ -158,6 +158,24 @@ RT_HOST_DEVICE inline SeqSpan segment_of(SeqSpan s, std::int64_t length, int g) 
   return s;
 }
 
+// Sequence split (the launchers decide: plan_split): with split.count = G > 1 segments per
+// sequence the forward (chunk_fwd.cuh) runs as
+//   (a) kStateOnly: segments 0 .. G-2 each compute their local final state (segment 0 from the
+//       initial state, the others from zero) into split.states; no output, q is not read;
+//   (b) segment_scan_kernel: S_in(g + 1) = gamma^len(g) S_in(g) + local(g), in place;
+//   (c) this kernel: every segment g from its incoming state (g = 0: the initial state),
+//       writing its outputs; the last segment writes the final state.
+// All other CTAs of (c) see the same per-chunk math as without the split; only the state
+// entering a segment is summed in another order (fp32, deterministic).
+// The backward (chunk_bwd.cuh) mirrors this in reverse for the dk / dv sweep: (a) segments
+// 1 .. G-1 compute their local dH (the last from grad_final_state, the others from zero),
+// (b) a reverse scan gives the dH leaving every segment, (c) each segment sweeps from it and
+// segment 0 writes grad_initial_state; the dq sweep runs (c) on the forward's segment states.
+// The pass is a template argument, kNoSplit being exactly the unsplit kernel: the kernels sit
+// at 230-255 registers, and even one more value live across the chunk loop makes ptxas spill
+// (measured: a runtime segment index did, for the dk = 256 buckets).
+enum class SplitPass : int { kNoSplit = 0, kStateOnly = 1, kSegments = 2 };
+
 // Compile-time fusion policy of the chunk kernels.  The kernels call it at three points:
 //   sequence(p, n)   which tokens / state sequence n (chunk_cta row / H) covers
 //   load_qk(...)     the prologue: global -> shared copy of the q / k tiles of one dk tile (the
@@ -316,6 +334,59 @@ RT_DEVICE void store_state_operand(SmemTile<typename Tr::T> dst, typename Tr::Fr
   } else {
     store<typename Tr::Mma, N>(dst, acc);
   }
+}
+
+// Pass (b) of the split: in place over split.states, for every (sequence, head) and state
+// element, S_in(g + 1) = gamma^len(g) S_in(g) + local(g) for g = 1 .. count - 2 (slice 0 already
+// holds S_in(1): segment 0 started from the initial state).  kReverse, the backward's:
+// dH_out(g) = gamma^len(g + 1) dH_out(g + 1) + local(g + 1) for g = count - 3 .. 0 (slice
+// count - 2 already holds dH_out(count - 2)).  fp32, one fixed order.
+template <class Fusion, class Params, bool kReverse = false>
+__global__ void __launch_bounds__(256) segment_scan_kernel(const Params p, const SegmentSplit split) {
+  const Shape& n = p.shape;
+  const std::int64_t per_row = n.dk * n.dv;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < split.state_stride;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t row = i / per_row;
+    const float log2g = p.log_decay[row % n.H] * kLog2e;
+    const SeqSpan seq = Fusion::sequence(p, static_cast<int>(row / n.H));
+    float x = split.states[(kReverse ? split.count - 2 : 0) * split.state_stride + i];
+    for (int step = 1; step + 1 < split.count; ++step) {
+      const int g = kReverse ? split.count - 2 - step : step;  // slice updated
+      const int len = static_cast<int>(segment_of(seq, split.length, kReverse ? g + 1 : g).length);
+      float* const y = split.states + g * split.state_stride + i;
+      x = fmaf(decay_pow(len, log2g), x, *y);
+      *y = x;
+    }
+  }
+}
+
+// Segment plan of the split from the CTAs of the unsplit grid: split < 0 (automatic) cuts T
+// when there are fewer of those CTAs than SMs (some SMs would idle for the whole walk; between
+// one and two waves the performance model predicts the extra passes cost more than the shorter
+// chain saves, e.g. 192 CTAs at B1 H96 dv128), into enough segments to fill two waves but
+// never shorter than kSplitMinChunks chunks of bt tokens (shorter segments would spend more on
+// passes (a) and (b) than they save); split > 0 forces that many segments of ceil(T / split)
+// tokens.  count <= 1 (length 0) means no split.  num_sms <= 0: the current device's SMs (132
+// if the query fails).
+inline constexpr int kSplitMinChunks = 4;
+inline SegmentSplit plan_split(int split, int num_sms, std::int64_t ctas, std::int64_t T, int bt) {
+  SegmentSplit s;
+  if (split < 0 && num_sms <= 0 && (gpu::multiprocessor_count(&num_sms) != gpu::kSuccess || num_sms <= 0))
+    num_sms = 132;
+  std::int64_t count = split > 0 ? split : 1;
+  if (split < 0 && ctas > 0 && ctas < static_cast<std::int64_t>(num_sms)) {
+    const std::int64_t want = (2 * static_cast<std::int64_t>(num_sms) + ctas - 1) / ctas;
+    const std::int64_t most = (T + bt - 1) / bt / kSplitMinChunks;
+    count = want < most ? want : most;
+  }
+  if (count <= 1 || T <= 1) return s;
+  std::int64_t length = (T + count - 1) / count;
+  if (split < 0) length = (length + bt - 1) / bt * bt;  // whole chunks
+  s.length = length;
+  s.count = static_cast<int>((T + length - 1) / length);
+  if (s.count <= 1) s = SegmentSplit{};
+  return s;
 }
 
 // Dispatch a runtime dk to the register-tiling bucket (64 / 128 / 256):

@@ -33,7 +33,7 @@ struct ChunkForward {
   };
 };
 
-// The segment plan of a forward (chunk_fwd.cuh: plan_split).
+// The segment plan of a forward (chunk_common.cuh: plan_split).
 SegmentSplit forward_split(const ChunkForwardParams& p) {
   SegmentSplit s;
   const Shape& n = p.shape;

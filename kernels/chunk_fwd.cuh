@@ -40,21 +40,10 @@ struct ForwardTile {
   float* extra;      // Fusion::forward_extra_smem(kWarps, BV) bytes, kept across chunks
 };
 
-// Sequence split (the launchers decide; chunk_fwd.cu): with split.count = G > 1 segments per
-// sequence the forward runs as
-//   (a) kStateOnly: segments 0 .. G-2 each compute their local final state (segment 0 from the
-//       initial state, the others from zero) into split.states; no output, q is not read;
-//   (b) segment_scan_kernel: S_in(g + 1) = gamma^len(g) S_in(g) + local(g), in place;
-//   (c) this kernel: every segment g from its incoming state (g = 0: the initial state),
-//       writing its outputs; the last segment writes the final state.
-// All other CTAs of (c) see the same per-chunk math as without the split; only the state
-// entering a segment is summed in another order (fp32, deterministic).
-// The pass is a template argument, kNoSplit being exactly the unsplit kernel: the kernels sit
-// at 230-255 registers, and even one more value live across the chunk loop makes ptxas spill
-// (measured: a runtime segment index did, for the dk = 256 buckets).
-enum class ForwardSplitPass : int { kNoSplit = 0, kStateOnly = 1, kSegments = 2 };
 
-template <class Tr, ForwardSplitPass kPass = ForwardSplitPass::kNoSplit>
+// The sequence split (chunk_common.cuh: SegmentSplit, SplitPass) runs this kernel as pass (a)
+// (kStateOnly) and pass (c) (kSegments).
+template <class Tr, SplitPass kPass = SplitPass::kNoSplit>
 __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const typename Tr::Fusion::ForwardParams p,
                                                                       const SegmentSplit split) {
   using Fusion = typename Tr::Fusion;
@@ -79,7 +68,7 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const typen
 
   const Shape& n = p.shape;
   const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk), dv = static_cast<int>(n.dv);
-  constexpr bool kStateOnly = kPass == ForwardSplitPass::kStateOnly, kSplit = kPass != ForwardSplitPass::kNoSplit;
+  constexpr bool kStateOnly = kPass == SplitPass::kStateOnly, kSplit = kPass != SplitPass::kNoSplit;
   const int segments = kSplit ? (kStateOnly ? split.count - 1 : split.count) : 1;
   const ChunkCta cta = chunk_cta(segments);
   if (cta.row >= Fusion::num_sequences(p) * H) return;  // grid padding (chunk_grid)
@@ -175,62 +164,11 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const typen
   if (leaving != nullptr) store_state<Tr>(leaving + static_cast<std::int64_t>(done.row) * dk * dv, S, dk, dv, v0);
 }
 
-// Pass (b) of the split: in place over split.states, for every (sequence, head) and state
-// element, S_in(g + 1) = gamma^len(g) S_in(g) + local(g) for g = 1 .. count - 2 (slice 0 already
-// holds S_in(1): segment 0 started from the initial state).  fp32, one fixed order.
-template <class Fusion>
-__global__ void __launch_bounds__(256) segment_scan_kernel(const typename Fusion::ForwardParams p,
-                                                           const SegmentSplit split) {
-  const Shape& n = p.shape;
-  const std::int64_t per_row = n.dk * n.dv;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < split.state_stride;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const std::int64_t row = i / per_row;
-    const float log2g = p.log_decay[row % n.H] * kLog2e;
-    const SeqSpan seq = Fusion::sequence(p, static_cast<int>(row / n.H));
-    float x = split.states[i];
-    for (int g = 1; g + 1 < split.count; ++g) {
-      const int len = static_cast<int>(segment_of(seq, split.length, g).length);
-      float* const y = split.states + g * split.state_stride + i;
-      x = fmaf(decay_pow(len, log2g), x, *y);
-      *y = x;
-    }
-  }
-}
-
-// Segment plan of the split from the CTAs of the unsplit grid: split < 0 (automatic) cuts T
-// when there are fewer of those CTAs than SMs (some SMs would idle for the whole walk; between
-// one and two waves the performance model predicts the extra passes cost more than the shorter
-// chain saves, e.g. 192 CTAs at B1 H96 dv128), into enough segments to fill two waves but
-// never shorter than kSplitMinChunks chunks of bt tokens (shorter segments would spend more on
-// passes (a) and (b) than they save); split > 0 forces that many segments of ceil(T / split)
-// tokens.  count <= 1 (length 0) means no split.  num_sms <= 0: the current device's SMs (132
-// if the query fails).
-inline constexpr int kSplitMinChunks = 4;
-inline SegmentSplit plan_split(int split, int num_sms, std::int64_t ctas, std::int64_t T, int bt) {
-  SegmentSplit s;
-  if (split < 0 && num_sms <= 0 && (gpu::multiprocessor_count(&num_sms) != gpu::kSuccess || num_sms <= 0))
-    num_sms = 132;
-  std::int64_t count = split > 0 ? split : 1;
-  if (split < 0 && ctas > 0 && ctas < static_cast<std::int64_t>(num_sms)) {
-    const std::int64_t want = (2 * static_cast<std::int64_t>(num_sms) + ctas - 1) / ctas;
-    const std::int64_t most = (T + bt - 1) / bt / kSplitMinChunks;
-    count = want < most ? want : most;
-  }
-  if (count <= 1 || T <= 1) return s;
-  std::int64_t length = (T + count - 1) / count;
-  if (split < 0) length = (length + bt - 1) / bt * bt;  // whole chunks
-  s.length = length;
-  s.count = static_cast<int>((T + length - 1) / length);
-  if (s.count <= 1) s = SegmentSplit{};
-  return s;
-}
-
 // Launchers shared by the raw (chunk_fwd.cu) and fused (msr_fwd.cu) forward, for `rows`
 // (sequence, head) CTA rows.  launch_segment_states runs passes (a) and (b) of a split
 // (split.count > 1, split.states set); launch_forward_outputs runs the unsplit kernel or
 // pass (c).
-template <class Tr, ForwardSplitPass kPass>
+template <class Tr, SplitPass kPass>
 gpu::error_t launch_forward_kernel(const typename Tr::Fusion::ForwardParams& p, std::int64_t rows,
                                    const SegmentSplit& split, int segments) {
   constexpr int kSmem = gpu::dynamic_smem_bytes(Tr::kSmemForward);
@@ -245,18 +183,18 @@ template <class Tr>
 gpu::error_t launch_segment_states(const typename Tr::Fusion::ForwardParams& p, std::int64_t rows,
                                    const SegmentSplit& split) {
   if (split.states == nullptr) return gpu::kErrorInvalidValue;
-  gpu::error_t e = launch_forward_kernel<Tr, ForwardSplitPass::kStateOnly>(p, rows, split, split.count - 1);
+  gpu::error_t e = launch_forward_kernel<Tr, SplitPass::kStateOnly>(p, rows, split, split.count - 1);
   if (e != gpu::kSuccess || split.count <= 2) return e;
   const std::int64_t blocks = (split.state_stride + 255) / 256;
-  return gpu::launch(&segment_scan_kernel<typename Tr::Fusion>, static_cast<unsigned>(blocks < 1024 ? blocks : 1024),
+  return gpu::launch(&segment_scan_kernel<typename Tr::Fusion, typename Tr::Fusion::ForwardParams>, static_cast<unsigned>(blocks < 1024 ? blocks : 1024),
                      256, 0, p.stream, p, split);
 }
 
 template <class Tr>
 gpu::error_t launch_forward_outputs(const typename Tr::Fusion::ForwardParams& p, std::int64_t rows,
                                     const SegmentSplit& split) {
-  return split.count > 1 ? launch_forward_kernel<Tr, ForwardSplitPass::kSegments>(p, rows, split, split.count)
-                         : launch_forward_kernel<Tr, ForwardSplitPass::kNoSplit>(p, rows, split, 1);
+  return split.count > 1 ? launch_forward_kernel<Tr, SplitPass::kSegments>(p, rows, split, split.count)
+                         : launch_forward_kernel<Tr, SplitPass::kNoSplit>(p, rows, split, 1);
 }
 
 }  // namespace retention::kernels

@@ -23,9 +23,9 @@ struct MsrSweeps {
   struct Bucket {
     // The raw sweeps' state budgets: without a prologue (q~ / k~ come pre-rotated) the sweeps
     // differ from the raw ones only by the sequence map.
-    static gpu::error_t run(const MsrChunkBackward& p, int dq_parts, int dk_parts) {
+    static gpu::error_t run(const MsrChunkBackward& p, const BackwardPlan& plan) {
       return launch_backward_sweeps<ChunkTraits<T, kMaxDk, 64, MsrSweepFusion>, ChunkTraits<T, kMaxDk, 32, MsrSweepFusion>>(
-          p, p.seq.num_sequences * p.shape.H, dq_parts, dk_parts);
+          p, p.seq.num_sequences * p.shape.H, plan);
     }
   };
 };
@@ -120,13 +120,13 @@ dim3 row_grid(const MsrChunkBackward& p) {
 
 // Steps 3 and 4 for one dtype (launch_backward_core).
 template <class T>
-gpu::error_t sweeps_and_cast(MsrChunkBackward b, RotaryMode rotary, int dq_parts, int dk_parts) {
+gpu::error_t sweeps_and_cast(MsrChunkBackward b, RotaryMode rotary, const BackwardPlan& plan) {
   b.rotary = RotaryMode::kNone;  // the sweeps read q / k as given
-  gpu::error_t e = dispatch_dk<MsrSweeps<T>::template Bucket>(b.shape.dk, b, dq_parts, dk_parts);
+  gpu::error_t e = dispatch_dk<MsrSweeps<T>::template Bucket>(b.shape.dk, b, plan);
   if (e != gpu::kSuccess || b.shape.T == 0 || b.shape.dk == 0) return e;
   b.rotary = rotary;
-  return gpu::launch(&msr_cast_grads_kernel<T>, row_grid(b), kCastColumns * kCastRows, 0, b.stream, b, dq_parts,
-                     dk_parts);
+  return gpu::launch(&msr_cast_grads_kernel<T>, row_grid(b), kCastColumns * kCastRows, 0, b.stream, b, plan.dq_parts,
+                     plan.dk_parts);
 }
 
 template <class T>
@@ -135,8 +135,8 @@ gpu::error_t launch_rotate(const MsrChunkBackward& p, const Bthd& q_out, const B
 }
 
 struct Layout {
-  std::size_t theta = 0, acc = 0, stats = 0, dw = 0, du = 0, qk = 0, total = 0;
-  int dq_parts = 0, dk_parts = 0;  // dv-tile partial slices of dq~ / dk~ (chunk_bwd.cuh)
+  std::size_t theta = 0, acc = 0, split = 0, stats = 0, dw = 0, du = 0, qk = 0, total = 0;
+  BackwardPlan plan;  // dv-tile partial slices of dq~ / dk~ and the split (chunk_bwd.cuh)
 };
 
 std::size_t align16(std::size_t x) { return (x + 15) / 16 * 16; }
@@ -148,10 +148,12 @@ Layout workspace_layout(const MsrBackwardParams& p) {
   const bool any = n.B > 0 && n.T > 0 && n.H > 0 && n.dv > 0;
   l.acc = off;
   if (n.dv > 0 && n.dk <= kMaxHeadDimK) {  // zero bytes when T or dk is 0, but the sweeps still run
-    sweep_partials(p.dtype, n, p.seq.num_sequences * n.H, l.dq_parts, l.dk_parts);
-    off += align16(static_cast<std::size_t>(l.dq_parts + l.dk_parts) * static_cast<std::size_t>(n.B * n.H * n.T * n.dk) *
-                   sizeof(float));
+    l.plan = plan_backward(p.dtype, n, p.seq.num_sequences * n.H, p.split, p.num_sms);
+    off += align16(static_cast<std::size_t>(l.plan.dq_parts + l.plan.dk_parts) *
+                   static_cast<std::size_t>(n.B * n.H * n.T * n.dk) * sizeof(float));
   }
+  l.split = off;
+  off += 2 * align16(split_states_bytes(l.plan, p.seq.num_sequences * n.H, n));
   const int bv = msr_forward_tile_width(p.dtype, n.dk, true);
   const std::int64_t tiles = bv > 0 ? (n.dv + bv - 1) / bv : 0;
   l.stats = off;
@@ -170,14 +172,31 @@ Layout workspace_layout(const MsrBackwardParams& p) {
 
 }  // namespace
 
-gpu::error_t launch_backward_core(const MsrChunkBackward& b, RotaryMode rotary, int dq_parts, int dk_parts) {
+gpu::error_t launch_backward_core(const MsrChunkBackward& b, RotaryMode rotary, const BackwardPlan& plan) {
+  if (plan.fwd.count > 1) {  // the states entering the segments, for the dq sweep (msr_fwd.cu)
+    MsrChunkForward f;
+    f.dtype = b.dtype;
+    f.shape = b.shape;
+    f.q = b.q;
+    f.k = b.k;
+    f.v = b.v;
+    f.log_decay = b.log_decay;
+    f.scale = b.scale;
+    f.initial_state = b.initial_state;
+    f.stream = b.stream;
+    f.seq = b.seq;
+    f.opt.rotary = RotaryMode::kNone;  // q / k as given
+    f.pass = MsrPass::kSegmentStates;
+    f.segments = plan.fwd;
+    if (gpu::error_t e = launch_msr_chunk_pass(f); e != gpu::kSuccess) return e;
+  }
   switch (b.dtype) {
     case DType::kF16:
-      return sweeps_and_cast<f16_t>(b, rotary, dq_parts, dk_parts);
+      return sweeps_and_cast<f16_t>(b, rotary, plan);
     case DType::kBF16:
-      return sweeps_and_cast<bf16_t>(b, rotary, dq_parts, dk_parts);
+      return sweeps_and_cast<bf16_t>(b, rotary, plan);
     case DType::kF32:
-      return sweeps_and_cast<float>(b, rotary, dq_parts, dk_parts);
+      return sweeps_and_cast<float>(b, rotary, plan);
   }
   return gpu::kErrorInvalidValue;
 }
@@ -302,7 +321,11 @@ gpu::error_t launch_msr_backward(const MsrBackwardParams& p) {
   b.stream = p.stream;
   b.seq = p.seq;
   b.theta = theta;  // q~ / k~ already rotated; the cast applies R^T
-  if ((e = launch_backward_core(b, p.opt.rotary, l.dq_parts, l.dk_parts)) != gpu::kSuccess) return e;
+  BackwardPlan plan = l.plan;
+  plan.fwd.states = reinterpret_cast<float*>(ws + l.split);
+  plan.rev.states = reinterpret_cast<float*>(ws + l.split + align16(split_states_bytes(plan, N * n.H, n)));
+  plan.fwd.state_stride = plan.rev.state_stride = N * n.H * n.dk * n.dv;
+  if ((e = launch_backward_core(b, p.opt.rotary, plan)) != gpu::kSuccess) return e;
 
   // 5. d_norm_weight.
   if (want_dw && n.T > 0) {

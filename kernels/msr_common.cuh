@@ -49,6 +49,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "chunk_bwd.cuh"
 #include "chunk_common.cuh"
 #include "chunk_fwd.cuh"
 #include "msr_kernels.h"
@@ -96,7 +97,8 @@ int msr_forward_tile_width(DType dtype, std::int64_t dk, bool backward_passes);
 // (sweep_partials), then their fixed-order sum cast to the input dtype, applying R(p)^T when
 // `rotary` is set.  The raw backward (chunk_bwd.cu) is exactly this with batch rows as
 // sequences and no rotation.
-gpu::error_t launch_backward_core(const MsrChunkBackward& b, RotaryMode rotary, int dq_parts, int dk_parts);
+// With a split (plan.fwd.count > 1) it runs the forward's state pass for the dq sweep first.
+gpu::error_t launch_backward_core(const MsrChunkBackward& b, RotaryMode rotary, const BackwardPlan& plan);
 // Argument validation shared by the MSR launchers (msr_fwd.cu).
 bool msr_shape_ok(const Shape& n, const MsrSequences& seq, const MsrOptions& opt, const float* log_decay);
 

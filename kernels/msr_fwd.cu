@@ -34,7 +34,7 @@ struct MsrForward {
       using Tr = MsrForwardTraits<T, kBucket, kBackwardPasses>;
       const std::int64_t rows = p.seq.num_sequences * p.shape.H;
       if constexpr (kBackwardPasses) {  // never split (dw_partial has one row per (sequence, head))
-        return launch_forward_kernel<Tr, ForwardSplitPass::kNoSplit>(p, rows, SegmentSplit{}, 1);
+        return launch_forward_kernel<Tr, SplitPass::kNoSplit>(p, rows, SegmentSplit{}, 1);
       } else {
         // The state pass has no epilogue and reads no q: the raw forward's state budget fits
         // (wider dv tiles, fewer re-reads of k; with half of it ptxas spilled fp32 dk = 128).
@@ -68,7 +68,7 @@ std::int64_t dv_tiles(DType dtype, const Shape& n) {
   return bv > 0 ? (n.dv + bv - 1) / bv : 0;
 }
 
-// The segment plan (chunk_fwd.cuh: plan_split) over the CTAs of the unsplit grid; chunks of
+// The segment plan (chunk_common.cuh: plan_split) over the CTAs of the unsplit grid; chunks of
 // 64 tokens for 16-bit inputs, 32 for fp32 (ChunkTraits::BT).
 SegmentSplit forward_split(const MsrForwardParams& p) {
   const Shape& n = p.shape;

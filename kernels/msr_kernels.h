@@ -88,6 +88,8 @@ struct MsrBackwardParams {
   Bthd grad_q, grad_k, grad_v, grad_g;
   float* grad_initial_state = nullptr;  // required, [N, H, dk, dv]
   float* grad_norm_weight = nullptr;    // fp32 [dv]; required when norm && norm_weight
+  int split = -1;                       // sequence split, as in MsrForwardParams
+  int num_sms = 0;
   void* workspace = nullptr;            // msr_backward_workspace_bytes() bytes (16-byte aligned)
   gpu::stream_t stream = nullptr;
 };

@@ -64,8 +64,11 @@ struct ChunkBackwardParams {
   const float* initial_state = nullptr;     // optional
   const float* grad_final_state = nullptr;  // optional (zero when absent)
   float* grad_initial_state = nullptr;      // required, [B, H, dk, dv]
-  // fp32 scratch of chunk_backward_workspace_bytes() bytes (dq/dk partial sums over dv tiles);
-  // may be null when that size is 0.
+  // Sequence split of both sweeps (chunk_common.cuh), as in ChunkForwardParams.
+  int split = -1;
+  int num_sms = 0;
+  // fp32 scratch of chunk_backward_workspace_bytes() bytes (dq/dk partial sums over dv tiles,
+  // the split's segment states); may be null when that size is 0.
   float* workspace = nullptr;
   gpu::stream_t stream = nullptr;
 };

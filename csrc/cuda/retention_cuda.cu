@@ -112,6 +112,7 @@ Quad chunked_backward(const char* op, const Dims& d, const at::Tensor& grad_o, c
   // fp32 partial sums of dq and dk over dv tiles, reduced in a fixed order by the kernels
   // (kernels/chunk_bwd.cuh): the backward is deterministic, so it needs no
   // alertNotDeterministic under torch.use_deterministic_algorithms.
+  p.num_sms = num_sms();
   const at::Tensor ws = workspace(rk::chunk_backward_workspace_bytes(p), q);
   p.workspace = static_cast<float*>(ws.data_ptr());
   check_launch(rk::launch_chunk_backward(p), op);

@@ -537,12 +537,34 @@ TEST(Launchers, ForwardSplitPlan) {
   EXPECT_EQ(rk::chunk_forward_workspace_bytes(f), 2 * state);
 }
 
+// The backward plans its split on the dk / dv sweep's grid, and its workspace grows by the
+// forward's and the reverse segment states (count - 1 of each).
+TEST(Launchers, BackwardSplitPlan) {
+  const float decay = -0.1f;
+  rk::ChunkBackwardParams b;
+  b.dtype = rk::DType::kF16;  // dk = dv = 64: one dv tile in both sweeps, 2 CTAs each unsplit
+  b.shape = {1, 1000, 2, 64, 64};
+  b.log_decay = &decay;
+  b.num_sms = 132;
+  b.split = 0;
+  const std::size_t unsplit = rk::chunk_backward_workspace_bytes(b), state = 2 * 64 * 64 * 4;
+  EXPECT_EQ(unsplit, 2u * 2 * 1000 * 64 * 4);  // one dq and one dk partial slice
+  b.split = 3;
+  EXPECT_EQ(rk::chunk_backward_workspace_bytes(b), unsplit + 2 * 2 * state);
+  b.split = -1;  // as the forward: 4 segments of 256 tokens
+  EXPECT_EQ(rk::chunk_backward_workspace_bytes(b), unsplit + 2 * 3 * state);
+  b.num_sms = 2;
+  EXPECT_EQ(rk::chunk_backward_workspace_bytes(b), unsplit);
+}
+
 struct BackwardOut {
   std::vector<unsigned char> dq, dk, dv, ds0;  // raw bytes (bit-exact comparisons)
 };
 
-// grad_o is rounded to t in place; grad_sT is fp32 (pass it rounded).
-BackwardOut run_chunk_backward(Problem& p, rk::DType t, std::vector<double>& grad_o, const std::vector<double>& grad_sT) {
+// grad_o is rounded to t in place; grad_sT is fp32 (pass it rounded).  split as
+// ChunkBackwardParams::split (-1 automatic, 0 off, n segments).
+BackwardOut run_chunk_backward(Problem& p, rk::DType t, std::vector<double>& grad_o, const std::vector<double>& grad_sT,
+                               int split = -1) {
   const auto qb = encode(t, p.q), kb = encode(t, p.k), vb = encode(t, p.v), gob = encode(t, grad_o);
   DeviceBuffer dq(qb.size()), dk(kb.size()), dv(vb.size()), dgo(gob.size());
   dq.upload(qb.data());
@@ -568,6 +590,7 @@ BackwardOut run_chunk_backward(Problem& p, rk::DType t, std::vector<double>& gra
   prm.initial_state = p.with_state ? s0.as<float>() : nullptr;
   prm.grad_final_state = gsT.as<float>();
   prm.grad_initial_state = gs0.as<float>();
+  prm.split = split;
   DeviceBuffer ws(rk::chunk_backward_workspace_bytes(prm));
   prm.workspace = ws.as<float>();
   EXPECT_EQ(rk::launch_chunk_backward(prm), gpu::kSuccess);
@@ -703,6 +726,50 @@ TEST_P(DeterministicBackward, BitIdenticalRunsAndMatchesReference) {
   expect_close(decode(c.dtype, a.dv), ref.dv, tol, "grad_v");
   expect_close(decode_f32(a.ds0), ref.ds0, tol, "grad_initial_state");
 }
+
+// The sequence split forced on in both sweeps (configurations and bounds as ChunkForwardSplit:
+// the split only moves where fp32 sums of the states and their gradients are rounded; with a
+// state both ends are live: initial_state into the dq sweep, grad_final_state into the last
+// segment of the dk / dv sweep).  Also bit-identical from run to run.
+class ChunkBackwardSplit : public testing::TestWithParam<rk::DType> {};
+
+TEST_P(ChunkBackwardSplit, MatchesUnsplitAndReference) {
+  SKIP_WITHOUT_DEVICE();
+  const rk::DType t = GetParam();
+  struct Config {
+    int T, H, dk, dv, segments;
+    bool with_state;
+  };
+  for (const Config& cfg : {Config{201, 2, 60, 100, 2, true}, Config{201, 2, 60, 100, 3, false},
+                            Config{201, 1, 128, 40, 5, true}, Config{93, 2, 64, 64, 24, true}}) {
+    SCOPED_TRACE("T=" + std::to_string(cfg.T) + " segments=" + std::to_string(cfg.segments) +
+                 (cfg.with_state ? " with states" : ""));
+    Problem p = make_problem(1, cfg.T, cfg.H, cfg.dk, cfg.dv, cfg.with_state, 777 + cfg.segments);
+    std::mt19937 gen(78 + cfg.segments);
+    std::normal_distribution<double> n01;
+    std::vector<double> grad_o(p.v.size()), grad_sT(p.s0.size());
+    for (auto& x : grad_o) x = n01(gen);
+    for (auto& x : grad_sT) x = cfg.with_state ? static_cast<float>(0.1 * n01(gen)) : 0.0;
+    const BackwardOut off = run_chunk_backward(p, t, grad_o, grad_sT, 0);
+    const BackwardOut on = run_chunk_backward(p, t, grad_o, grad_sT, cfg.segments);
+    const BackwardOut again = run_chunk_backward(p, t, grad_o, grad_sT, cfg.segments);
+    EXPECT_TRUE(on.dq == again.dq && on.dk == again.dk && on.dv == again.dv && on.ds0 == again.ds0)
+        << "split backward differs between two runs";
+    const Reference ref = reference(p, &grad_o, &grad_sT);
+    const double tol = 2 * tolerance(t);
+    expect_close(decode(t, on.dq), ref.dq, tol, "grad_q (split)");
+    expect_close(decode(t, on.dk), ref.dk, tol, "grad_k (split)");
+    expect_close(decode(t, on.dv), ref.dv, tol, "grad_v (split)");
+    expect_close(decode_f32(on.ds0), ref.ds0, tol, "grad_initial_state (split)");
+    expect_close(decode(t, on.dq), decode(t, off.dq), tol, "grad_q (split vs unsplit)");
+    expect_close(decode(t, on.dk), decode(t, off.dk), tol, "grad_k (split vs unsplit)");
+    expect_close(decode(t, on.dv), decode(t, off.dv), tol, "grad_v (split vs unsplit)");
+    expect_close(decode_f32(on.ds0), decode_f32(off.ds0), tol, "grad_initial_state (split vs unsplit)");
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(DTypes, ChunkBackwardSplit, testing::Values(rk::DType::kF16, rk::DType::kBF16, rk::DType::kF32),
+                         [](const testing::TestParamInfo<rk::DType>& i) { return std::string(name(i.param)); });
 
 INSTANTIATE_TEST_SUITE_P(Shapes, DeterministicBackward,
                          testing::Values(Case{rk::DType::kF16, 1, 130, 2, 256, 432, true, 0},   // 2 and 4 tiles per CTA
