@@ -15,7 +15,7 @@ BackwardPlan plan(const ChunkBackwardParams& p, std::size_t* bytes) {
   if (n.B <= 0 || n.T <= 0 || n.H <= 0 || n.dk <= 0 || n.dv <= 0 || n.dk > kMaxHeadDimK) return BackwardPlan{};
   BackwardPlan b = plan_backward(p.dtype, n, n.B * n.H, p.split, p.num_sms);
   const std::size_t partials = static_cast<std::size_t>((b.dq_parts + b.dk_parts) * n.B * n.H * n.T * n.dk);
-  const std::size_t states = split_states_bytes(b, n.B * n.H, n) / sizeof(float);
+  const std::size_t states = segment_states_bytes(b.fwd, n.B * n.H, n) / sizeof(float);
   if (p.workspace != nullptr && states > 0) {
     b.fwd.states = p.workspace + partials;
     b.rev.states = b.fwd.states + states;

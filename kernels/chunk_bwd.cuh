@@ -55,36 +55,10 @@ RT_HOST_DEVICE inline int dv_partials(int nvt, std::int64_t rows) {
   return (nvt + per_cta - 1) / per_cta;
 }
 
-// The dv tile widths of the two sweeps for a dtype and dk (the traits below: state budgets 64
-// and 32), which size the partial-sum workspace on the host.
-template <class T>
-struct SweepTileWidths {
-  template <int kMaxDk>
-  static void of(int& bv_dq, int& bv_dkv) {
-    bv_dq = ChunkTraits<T, kMaxDk>::BV;
-    bv_dkv = ChunkTraits<T, kMaxDk, 32>::BV;
-  }
-  static void run(std::int64_t dk, int& bv_dq, int& bv_dkv) {
-    if (dk <= 64) return of<64>(bv_dq, bv_dkv);
-    if (dk <= 128) return of<128>(bv_dq, bv_dkv);
-    return of<256>(bv_dq, bv_dkv);
-  }
-};
-
-// Number of dq and dk partial slices of a backward over `rows` (sequence, head) CTA rows.
+// Number of dq and dk partial slices of a backward over `rows` (sequence, head) CTA rows (the
+// sweeps' state budgets are 64 and 32 registers: chunk_backward_dq_kernel / _dkv_kernel).
 inline void sweep_partials(DType dtype, const Shape& n, std::int64_t rows, int& dq_parts, int& dk_parts) {
-  int bv_dq = 16, bv_dkv = 16;
-  switch (dtype) {
-    case DType::kF16:
-      SweepTileWidths<f16_t>::run(n.dk, bv_dq, bv_dkv);
-      break;
-    case DType::kBF16:
-      SweepTileWidths<bf16_t>::run(n.dk, bv_dq, bv_dkv);
-      break;
-    case DType::kF32:
-      SweepTileWidths<float>::run(n.dk, bv_dq, bv_dkv);
-      break;
-  }
+  const int bv_dq = tile_width<64>(dtype, n.dk), bv_dkv = tile_width<32>(dtype, n.dk);
   dq_parts = dv_partials(static_cast<int>((n.dv + bv_dq - 1) / bv_dq), rows);
   dk_parts = dv_partials(static_cast<int>((n.dv + bv_dkv - 1) / bv_dkv), rows);
 }
@@ -388,11 +362,8 @@ inline BackwardPlan plan_backward(DType dtype, const Shape& n, std::int64_t rows
   BackwardPlan b;
   sweep_partials(dtype, n, rows, b.dq_parts, b.dk_parts);
   if (split != 0 && rows > 0 && n.dk > 0 && n.dv > 0 && n.T > 1)
-    b.fwd = b.rev = plan_split(split, num_sms, rows * b.dk_parts, n.T, dtype == DType::kF32 ? 32 : 64);
+    b.fwd = b.rev = plan_split(split, num_sms, rows * b.dk_parts, n.T, chunk_rows(dtype));
   return b;
-}
-inline std::size_t split_states_bytes(const BackwardPlan& b, std::int64_t rows, const Shape& n) {
-  return b.fwd.count > 1 ? static_cast<std::size_t>((b.fwd.count - 1) * rows * n.dk * n.dv) * sizeof(float) : 0;
 }
 
 // The two sweeps over `rows` (sequence, head) CTA rows, dv_tiles_per_cta launches each

@@ -176,6 +176,11 @@ RT_HOST_DEVICE inline SeqSpan segment_of(SeqSpan s, std::int64_t length, int g) 
 // (measured: a runtime segment index did, for the dk = 256 buckets).
 enum class SplitPass : int { kNoSplit = 0, kStateOnly = 1, kSegments = 2 };
 
+// Bytes of the states a split keeps between its passes: (count - 1) x rows x dk x dv fp32.
+inline std::size_t segment_states_bytes(const SegmentSplit& s, std::int64_t rows, const Shape& n) {
+  return s.count > 1 ? static_cast<std::size_t>((s.count - 1) * rows * n.dk * n.dv) * sizeof(float) : 0;
+}
+
 // Compile-time fusion policy of the chunk kernels.  The kernels call it at three points:
 //   sequence(p, n)   which tokens / state sequence n (chunk_cta row / H) covers
 //   load_qk(...)     the prologue: global -> shared copy of the q / k tiles of one dk tile (the
@@ -252,6 +257,20 @@ struct ChunkTraits {
   static constexpr int kSmemDkv = (3 * kTileK + 4 * kTileV) * static_cast<int>(sizeof(T)) + kScratch;
   static_assert(kSmemDkv <= 64 * 1024, "must fit the 64 KiB LDS of CDNA");
 };
+
+// Host side of the tiling: the chunk length (BT) and the dv tile width (BV) of
+// ChunkTraits<T, bucket, kStateRegs> for a runtime dtype and dk (bucket: the smallest of
+// 64 / 128 / 256 that holds dk), to size grids and workspaces.
+inline int chunk_rows(DType dtype) { return dtype == DType::kF32 ? ChunkTraits<float, 64>::BT : ChunkTraits<f16_t, 64>::BT; }
+template <int kStateRegs>
+int tile_width(DType dtype, std::int64_t dk) {
+  const auto of = [dk](auto t) {
+    using T = decltype(t);
+    return dk <= 64 ? ChunkTraits<T, 64, kStateRegs>::BV
+                    : dk <= 128 ? ChunkTraits<T, 128, kStateRegs>::BV : ChunkTraits<T, 256, kStateRegs>::BV;
+  };
+  return dtype == DType::kF32 ? of(float{}) : of(f16_t{});  // bf16 tiles as f16
+}
 
 // State slice <-> fp32 [dk, dv] matrix in global memory (initial / final states).  The warp's
 // accumulators cover rows kt*BK + 16w + [0, 16) and columns v0 + [0, BV).

@@ -22,44 +22,21 @@ struct ChunkForward {
       return launch_forward_outputs<Tr>(p, rows, split);
     }
   };
-  template <int kMaxDk>
-  struct Planner {
-    using Tr = ChunkTraits<T, kMaxDk>;
-    static gpu::error_t run(const ChunkForwardParams& p, SegmentSplit& split) {
-      split = plan_split(p.split, p.num_sms, p.shape.B * p.shape.H * ((p.shape.dv + Tr::BV - 1) / Tr::BV), p.shape.T,
-                         Tr::BT);
-      return gpu::kSuccess;
-    }
-  };
 };
 
-// The segment plan of a forward (chunk_common.cuh: plan_split).
+// The segment plan of a forward (chunk_common.cuh: plan_split) over its B*H*ceil(dv / BV) CTAs.
 SegmentSplit forward_split(const ChunkForwardParams& p) {
-  SegmentSplit s;
   const Shape& n = p.shape;
-  if (n.B * n.H <= 0 || n.dv <= 0 || n.dk <= 0 || n.T <= 1 || n.dk > kMaxHeadDimK || p.split == 0) return s;
-  switch (p.dtype) {
-    case DType::kF16:
-      dispatch_dk<ChunkForward<f16_t>::template Planner>(n.dk, p, s);
-      break;
-    case DType::kBF16:
-      dispatch_dk<ChunkForward<bf16_t>::template Planner>(n.dk, p, s);
-      break;
-    case DType::kF32:
-      dispatch_dk<ChunkForward<float>::template Planner>(n.dk, p, s);
-      break;
-  }
-  return s;
+  if (n.B * n.H <= 0 || n.dv <= 0 || n.dk <= 0 || n.T <= 1 || n.dk > kMaxHeadDimK || p.split == 0) return SegmentSplit{};
+  const int bv = tile_width<ChunkTraits<float, 64>::kStateRegs>(p.dtype, n.dk);
+  return plan_split(p.split, p.num_sms, n.B * n.H * ((n.dv + bv - 1) / bv), n.T, chunk_rows(p.dtype));
 }
 
 }  // namespace
 
 // The states of segments 1 .. count - 1 (fp32 [count - 1, B, H, dk, dv]).
 std::size_t chunk_forward_workspace_bytes(const ChunkForwardParams& p) {
-  const SegmentSplit s = forward_split(p);
-  const Shape& n = p.shape;
-  return s.count > 1 ? static_cast<std::size_t>(s.count - 1) * static_cast<std::size_t>(n.B * n.H * n.dk * n.dv) * sizeof(float)
-                     : 0;
+  return segment_states_bytes(forward_split(p), p.shape.B * p.shape.H, p.shape);
 }
 
 gpu::error_t launch_chunk_forward(const ChunkForwardParams& p) {

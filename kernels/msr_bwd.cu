@@ -153,7 +153,7 @@ Layout workspace_layout(const MsrBackwardParams& p) {
                    static_cast<std::size_t>(n.B * n.H * n.T * n.dk) * sizeof(float));
   }
   l.split = off;
-  off += 2 * align16(split_states_bytes(l.plan, p.seq.num_sequences * n.H, n));
+  off += 2 * align16(segment_states_bytes(l.plan.fwd, p.seq.num_sequences * n.H, n));
   const int bv = msr_forward_tile_width(p.dtype, n.dk, true);
   const std::int64_t tiles = bv > 0 ? (n.dv + bv - 1) / bv : 0;
   l.stats = off;
@@ -323,7 +323,7 @@ gpu::error_t launch_msr_backward(const MsrBackwardParams& p) {
   b.theta = theta;  // q~ / k~ already rotated; the cast applies R^T
   BackwardPlan plan = l.plan;
   plan.fwd.states = reinterpret_cast<float*>(ws + l.split);
-  plan.rev.states = reinterpret_cast<float*>(ws + l.split + align16(split_states_bytes(plan, N * n.H, n)));
+  plan.rev.states = reinterpret_cast<float*>(ws + l.split + align16(segment_states_bytes(plan.fwd, N * n.H, n)));
   plan.fwd.state_stride = plan.rev.state_stride = N * n.H * n.dk * n.dv;
   if ((e = launch_backward_core(b, p.opt.rotary, plan)) != gpu::kSuccess) return e;
 

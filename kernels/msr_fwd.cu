@@ -24,7 +24,7 @@ struct MsrForward {
   struct Bucket {
     static gpu::error_t run(const MsrChunkForward& p) {
       if constexpr (sizeof(T) == 4 && kMaxDk == 64) {
-        return gpu::kErrorInvalidValue;  // not used: see use_bucket_64
+        return gpu::kErrorInvalidValue;  // not used: see msr_forward_tile_width
       } else {
         return launch<kMaxDk>(p);
       }
@@ -46,42 +46,17 @@ struct MsrForward {
   };
 };
 
-template <int kMaxDk>
-struct TileWidth {
-  template <bool kBackwardPasses>
-  static int of(DType dtype) {
-    switch (dtype) {
-      case DType::kF16:
-        return MsrForwardTraits<f16_t, kMaxDk, kBackwardPasses>::BV;
-      case DType::kBF16:
-        return MsrForwardTraits<bf16_t, kMaxDk, kBackwardPasses>::BV;
-      case DType::kF32:
-        return MsrForwardTraits<float, kMaxDk == 64 ? 128 : kMaxDk, kBackwardPasses>::BV;
-    }
-    return 0;
-  }
-  static int run(DType dtype, bool backward) { return backward ? of<true>(dtype) : of<false>(dtype); }
-};
-
 std::int64_t dv_tiles(DType dtype, const Shape& n) {
   const int bv = msr_forward_tile_width(dtype, n.dk, false);
   return bv > 0 ? (n.dv + bv - 1) / bv : 0;
 }
 
-// The segment plan (chunk_common.cuh: plan_split) over the CTAs of the unsplit grid; chunks of
-// 64 tokens for 16-bit inputs, 32 for fp32 (ChunkTraits::BT).
+// The segment plan (chunk_common.cuh: plan_split) over the CTAs of the unsplit grid.
 SegmentSplit forward_split(const MsrForwardParams& p) {
   const Shape& n = p.shape;
   const std::int64_t tiles = dv_tiles(p.dtype, n);
   if (p.split == 0 || tiles == 0 || n.T <= 1 || p.seq.num_sequences * n.H <= 0) return SegmentSplit{};
-  const int bt = p.dtype == DType::kF32 ? ChunkTraits<float, 128>::BT : ChunkTraits<f16_t, 128>::BT;
-  return plan_split(p.split, p.num_sms, p.seq.num_sequences * n.H * tiles, n.T, bt);
-}
-
-std::size_t segment_states_bytes(const MsrForwardParams& p, const SegmentSplit& s) {
-  return s.count > 1 ? static_cast<std::size_t>((s.count - 1) * p.seq.num_sequences * p.shape.H * p.shape.dk *
-                                                p.shape.dv) * sizeof(float)
-                     : 0;
+  return plan_split(p.split, p.num_sms, p.seq.num_sequences * n.H * tiles, n.T, chunk_rows(p.dtype));
 }
 
 // The statistics pass is needed when the norm is on and dv spans more than one tile.
@@ -101,17 +76,13 @@ gpu::error_t launch_rotary_theta(RotaryMode mode, std::int64_t dk, double* theta
   return gpu::launch(&rotary_theta_kernel, 1, 128, 0, stream, mode, static_cast<int>(dk), theta);
 }
 
-// fp32 passes with dk <= 64 use the 128 bucket: the 64 one spills on sm_80 (ptxas settles
-// on 168 registers there), and the wider bucket only pads dk.
-bool use_bucket_64(DType dtype, std::int64_t dk, bool /*backward_passes*/) {
-  return dk <= 64 && dtype != DType::kF32;
-}
-
+// fp32 passes with dk <= 64 use the 128 bucket (launch_msr_chunk_pass): the 64 one spills on
+// sm_80 (ptxas settles on 168 registers there), and the wider bucket only pads dk.
 int msr_forward_tile_width(DType dtype, std::int64_t dk, bool backward_passes) {
-  if (use_bucket_64(dtype, dk, backward_passes)) return TileWidth<64>::run(dtype, backward_passes);
-  if (dk <= 128) return TileWidth<128>::run(dtype, backward_passes);
-  if (dk <= kMaxHeadDimK) return TileWidth<256>::run(dtype, backward_passes);
-  return 0;
+  if (dk > kMaxHeadDimK) return 0;
+  const std::int64_t bucket_dk = dtype == DType::kF32 && dk <= 64 ? 128 : dk;
+  return backward_passes ? tile_width<kMsrForwardStateRegs / 2>(dtype, bucket_dk)
+                         : tile_width<kMsrForwardStateRegs>(dtype, bucket_dk);
 }
 
 gpu::error_t launch_msr_chunk_pass(const MsrChunkForward& p) {
@@ -126,7 +97,7 @@ gpu::error_t launch_msr_chunk_pass(const MsrChunkForward& p) {
       return backward ? dispatch_dk<MsrForward<bf16_t, true>::template Bucket>(p.shape.dk, p)
                       : dispatch_dk<MsrForward<bf16_t, false>::template Bucket>(p.shape.dk, p);
     case DType::kF32: {
-      const std::int64_t bucket_dk = p.shape.dk <= 128 ? 128 : p.shape.dk;  // never 64: use_bucket_64
+      const std::int64_t bucket_dk = p.shape.dk <= 128 ? 128 : p.shape.dk;  // never 64: msr_forward_tile_width
       return backward ? dispatch_dk<MsrForward<float, true>::template Bucket>(bucket_dk, p)
                       : dispatch_dk<MsrForward<float, false>::template Bucket>(bucket_dk, p);
     }
@@ -144,7 +115,7 @@ static std::size_t msr_stats_bytes(const MsrForwardParams& p) {
 }
 
 std::size_t msr_forward_workspace_bytes(const MsrForwardParams& p) {
-  return kThetaTableBytes + msr_stats_bytes(p) + segment_states_bytes(p, forward_split(p));
+  return kThetaTableBytes + msr_stats_bytes(p) + segment_states_bytes(forward_split(p), p.seq.num_sequences * p.shape.H, p.shape);
 }
 
 // Shared argument validation of the MSR launchers.

@@ -67,22 +67,19 @@ struct Sm80 {
     float x[8];
   };
 
-  RT_DEVICE static void load_a(FragA& f, SmemTile<T> a) {
+  // Two 16-bit elements per 32-bit register, lower index in the low half.
+  template <bool kA>
+  RT_DEVICE static void load(std::uint32_t (&r)[4], SmemTile<T> t) {
     const int lane = gpu::lane_id();
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const frag::Coord lo = Layout::a(lane, 2 * r), hi = Layout::a(lane, 2 * r + 1);
-      f.r[r] = pack2(a(lo.row, lo.col).bits, a(hi.row, hi.col).bits);
+    for (int i = 0; i < 4; ++i) {
+      const frag::Coord lo = kA ? Layout::a(lane, 2 * i) : Layout::b(lane, 2 * i);
+      const frag::Coord hi = kA ? Layout::a(lane, 2 * i + 1) : Layout::b(lane, 2 * i + 1);
+      r[i] = pack2(t(lo.row, lo.col).bits, t(hi.row, hi.col).bits);
     }
   }
-  RT_DEVICE static void load_b(FragB& f, SmemTile<T> b) {
-    const int lane = gpu::lane_id();
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const frag::Coord lo = Layout::b(lane, 2 * r), hi = Layout::b(lane, 2 * r + 1);
-      f.r[r] = pack2(b(lo.row, lo.col).bits, b(hi.row, hi.col).bits);
-    }
-  }
+  RT_DEVICE static void load_a(FragA& f, SmemTile<T> a) { load<true>(f.r, a); }
+  RT_DEVICE static void load_b(FragB& f, SmemTile<T> b) { load<false>(f.r, b); }
   RT_DEVICE static void mma(FragC& c, const FragA& a, const FragB& b);
 };
 
@@ -187,107 +184,61 @@ typedef float float4_t __attribute__((ext_vector_type(4)));
 #define RT_MFMA_F32_16X16X4F32 __builtin_amdgcn_mfma_f32_16x16x4f32
 #endif
 
+// What differs between the three atoms: the operand vector type, the element as the builtin
+// takes it, and the instruction (fp32: four k = 4 steps).
 template <class T>
-struct Mfma;
-
+struct MfmaOperand;
 template <>
-struct Mfma<f16_t> {
+struct MfmaOperand<f16_t> {
   using Layout = frag::Mfma16;
-  struct FragA {
-    half4_t v;
-  };
-  struct FragB {
-    half4_t v;
-  };
-  struct FragC {
-    float4_t x;
-  };
-  RT_DEVICE static void load_a(FragA& f, SmemTile<f16_t> a) {
-    const int lane = gpu::lane_id();
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const frag::Coord rc = Layout::a(lane, i);
-      f.v[i] = __builtin_bit_cast(_Float16, a(rc.row, rc.col).bits);
-    }
-  }
-  RT_DEVICE static void load_b(FragB& f, SmemTile<f16_t> b) {
-    const int lane = gpu::lane_id();
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const frag::Coord rc = Layout::b(lane, i);
-      f.v[i] = __builtin_bit_cast(_Float16, b(rc.row, rc.col).bits);
-    }
-  }
-  RT_DEVICE static void mma(FragC& c, const FragA& a, const FragB& b) {
-    c.x = RT_MFMA_F32_16X16X16F16(a.v, b.v, c.x, 0, 0, 0);
-  }
+  using V = half4_t;
+  RT_DEVICE static _Float16 item(f16_t x) { return __builtin_bit_cast(_Float16, x.bits); }
+  RT_DEVICE static float4_t mma(V a, V b, float4_t c) { return RT_MFMA_F32_16X16X16F16(a, b, c, 0, 0, 0); }
 };
-
 template <>
-struct Mfma<bf16_t> {
+struct MfmaOperand<bf16_t> {
   using Layout = frag::Mfma16;
-  struct FragA {
-    bf16x4_t v;
-  };
-  struct FragB {
-    bf16x4_t v;
-  };
-  struct FragC {
-    float4_t x;
-  };
-  RT_DEVICE static void load_a(FragA& f, SmemTile<bf16_t> a) {
-    const int lane = gpu::lane_id();
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const frag::Coord rc = Layout::a(lane, i);
-      f.v[i] = static_cast<short>(a(rc.row, rc.col).bits);
-    }
-  }
-  RT_DEVICE static void load_b(FragB& f, SmemTile<bf16_t> b) {
-    const int lane = gpu::lane_id();
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const frag::Coord rc = Layout::b(lane, i);
-      f.v[i] = static_cast<short>(b(rc.row, rc.col).bits);
-    }
-  }
-  RT_DEVICE static void mma(FragC& c, const FragA& a, const FragB& b) {
-    c.x = RT_MFMA_F32_16X16X16BF16_1K(a.v, b.v, c.x, 0, 0, 0);
-  }
+  using V = bf16x4_t;
+  RT_DEVICE static short item(bf16_t x) { return static_cast<short>(x.bits); }
+  RT_DEVICE static float4_t mma(V a, V b, float4_t c) { return RT_MFMA_F32_16X16X16BF16_1K(a, b, c, 0, 0, 0); }
 };
-
 template <>
-struct Mfma<float> {
+struct MfmaOperand<float> {
   using Layout = frag::Mfma16F32;
+  using V = float[4];
+  RT_DEVICE static float item(float x) { return x; }
+  RT_DEVICE static float4_t mma(const V& a, const V& b, float4_t c) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) c = RT_MFMA_F32_16X16X4F32(a[i], b[i], c, 0, 0, 0);
+    return c;
+  }
+};
+
+template <class T>
+struct Mfma {
+  using Op = MfmaOperand<T>;
+  using Layout = typename Op::Layout;
   struct FragA {
-    float v[4];
+    typename Op::V v;
   };
   struct FragB {
-    float v[4];
+    typename Op::V v;
   };
   struct FragC {
     float4_t x;
   };
-  RT_DEVICE static void load_a(FragA& f, SmemTile<float> a) {
+  template <bool kA>
+  RT_DEVICE static void load(typename Op::V& v, SmemTile<T> t) {
     const int lane = gpu::lane_id();
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const frag::Coord rc = Layout::a(lane, i);
-      f.v[i] = a(rc.row, rc.col);
+      const frag::Coord rc = kA ? Layout::a(lane, i) : Layout::b(lane, i);
+      v[i] = Op::item(t(rc.row, rc.col));
     }
   }
-  RT_DEVICE static void load_b(FragB& f, SmemTile<float> b) {
-    const int lane = gpu::lane_id();
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const frag::Coord rc = Layout::b(lane, i);
-      f.v[i] = b(rc.row, rc.col);
-    }
-  }
-  RT_DEVICE static void mma(FragC& c, const FragA& a, const FragB& b) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) c.x = RT_MFMA_F32_16X16X4F32(a.v[i], b.v[i], c.x, 0, 0, 0);
-  }
+  RT_DEVICE static void load_a(FragA& f, SmemTile<T> a) { load<true>(f.v, a); }
+  RT_DEVICE static void load_b(FragB& f, SmemTile<T> b) { load<false>(f.v, b); }
+  RT_DEVICE static void mma(FragC& c, const FragA& a, const FragB& b) { c.x = Op::mma(a.v, b.v, c.x); }
 };
 
 #endif
