@@ -25,6 +25,9 @@ JOBS=${JOBS:-2}
 PY=${PYTHON:-/usr/bin/python3}
 
 KERNEL_TUS=(msr_fwd msr_bwd chunk_bwd chunk_fwd msr_step recurrent)  # longest first
+# Launcher-only TUs (no kernel of their own: the raw backward runs the sweeps instantiated in
+# msr_bwd.cu), so ptxas reports no entry function for them.
+export HOST_ONLY_TUS="chunk_bwd"
 TEST_SOURCES=(tests/cpp/kernels/test_kernels.cu tests/cpp/kernels/test_msr.cu)  # one GoogleTest binary
 HIP_ARCH=gfx90a
 CUDA_ARCHS=(80 90)
@@ -195,7 +198,7 @@ for tu in tus:
             elif stack:
                 flag = "  (stack frame, no spills)"
             print(f"  sm_{arch} {short(pretty):60s} regs {regs:3d} stack {stack:4d} spill {sst}/{sld}{flag}")
-        if not rows:
+        if not rows and tu not in os.environ.get("HOST_ONLY_TUS", "").split():
             failures.append(f"no ptxas report in {log}")
 
 print("\n== hipcc gfx90a (per kernel: v_mfma count, LDS bytes, scratch, VGPR/AGPR, spills) ==")

@@ -485,19 +485,23 @@ ForwardOut run_chunk_forward(Problem& p, rk::DType t, int split = -1) {
 // slack is taken).  Bit-identity is not expected.
 class ChunkForwardSplit : public testing::TestWithParam<rk::DType> {};
 
+// The forced splits of the split tests (B = 1): dv = 100 is two or more dv tiles; 5 segments of
+// 41 tokens; 24 segments of 4 tokens (many scan steps, every segment a partial chunk).
+struct SplitConfig {
+  int T, H, dk, dv, segments;
+  bool with_state;
+  std::string trace() const {
+    return "T=" + std::to_string(T) + " segments=" + std::to_string(segments) + (with_state ? " with states" : "");
+  }
+};
+const SplitConfig kSplitConfigs[] = {{201, 2, 60, 100, 2, true}, {201, 2, 60, 100, 3, false}, {201, 1, 128, 40, 5, true},
+                                     {93, 2, 64, 64, 24, true}};
+
 TEST_P(ChunkForwardSplit, MatchesUnsplitAndReference) {
   SKIP_WITHOUT_DEVICE();
   const rk::DType t = GetParam();
-  struct Config {
-    int T, H, dk, dv, segments;
-    bool with_state;
-  };
-  // dv = 100 is two or more dv tiles; 5 segments of 41 tokens; 24 segments of 4 tokens (many
-  // scan steps, every segment a partial chunk).
-  for (const Config& cfg : {Config{201, 2, 60, 100, 2, true}, Config{201, 2, 60, 100, 3, false},
-                            Config{201, 1, 128, 40, 5, true}, Config{93, 2, 64, 64, 24, false}}) {
-    SCOPED_TRACE("T=" + std::to_string(cfg.T) + " segments=" + std::to_string(cfg.segments) +
-                 (cfg.with_state ? " with initial state" : ""));
+  for (const SplitConfig& cfg : kSplitConfigs) {
+    SCOPED_TRACE(cfg.trace());
     Problem p = make_problem(1, cfg.T, cfg.H, cfg.dk, cfg.dv, cfg.with_state, 555 + cfg.segments);
     const ForwardOut off = run_chunk_forward(p, t, 0);
     const ForwardOut on = run_chunk_forward(p, t, cfg.segments);
@@ -736,14 +740,8 @@ class ChunkBackwardSplit : public testing::TestWithParam<rk::DType> {};
 TEST_P(ChunkBackwardSplit, MatchesUnsplitAndReference) {
   SKIP_WITHOUT_DEVICE();
   const rk::DType t = GetParam();
-  struct Config {
-    int T, H, dk, dv, segments;
-    bool with_state;
-  };
-  for (const Config& cfg : {Config{201, 2, 60, 100, 2, true}, Config{201, 2, 60, 100, 3, false},
-                            Config{201, 1, 128, 40, 5, true}, Config{93, 2, 64, 64, 24, true}}) {
-    SCOPED_TRACE("T=" + std::to_string(cfg.T) + " segments=" + std::to_string(cfg.segments) +
-                 (cfg.with_state ? " with states" : ""));
+  for (const SplitConfig& cfg : kSplitConfigs) {
+    SCOPED_TRACE(cfg.trace());
     Problem p = make_problem(1, cfg.T, cfg.H, cfg.dk, cfg.dv, cfg.with_state, 777 + cfg.segments);
     std::mt19937 gen(78 + cfg.segments);
     std::normal_distribution<double> n01;

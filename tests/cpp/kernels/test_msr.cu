@@ -426,21 +426,26 @@ TEST_P(MsrKernels, ForwardMatchesReference) {
 // ones end in empty segments, the empty one has none), positions offset (the rotary angle and
 // the decay normaliser of a segment start where it starts), dv over several tiles (statistics
 // pass, split too) and a single tile (norm in registers).
+struct SplitCase {
+  Config c;
+  int segments;
+  std::string trace() const {
+    return std::string(dtype_name(c.dtype)) + " T=" + std::to_string(c.T) + " dv=" + std::to_string(c.dv) +
+           " segments=" + std::to_string(segments);
+  }
+};
+
 TEST(MsrForwardSplit, MatchesUnsplitAndReference) {
   SKIP_WITHOUT_DEVICE();
   using D = rk::DType;
+  using Case = SplitCase;
   const std::vector<std::int64_t> cu = {0, 0, 1, 5, 70, 70, 150};
-  struct Case {
-    Config c;
-    int segments;
-  };
   for (const Case& k : {Case{{D::kF32, 1, 150, 2, 60, 432, cu, 1, true, true, true, true, true, 1000}, 3},
                         Case{{D::kBF16, 1, 150, 2, 128, 100, cu, 2, true, false, true, false, false, 7}, 4},
                         Case{{D::kF16, 2, 137, 3, 60, 48, {}, 1, true, true, false, true, true, 0}, 5},
                         Case{{D::kF32, 2, 70, 2, 64, 40, {}, 0, false, false, true, false, true, 0}, 2}}) {
     const Config& c = k.c;
-    SCOPED_TRACE(std::string(dtype_name(c.dtype)) + " T=" + std::to_string(c.T) + " dv=" + std::to_string(c.dv) +
-                 " segments=" + std::to_string(k.segments));
+    SCOPED_TRACE(k.trace());
     Msr m = make_msr(c, 15);
     DeviceMsr d(m);
     const Ref ref = reference(m);
@@ -561,16 +566,12 @@ TEST(MsrDeterminism, BackwardBitIdenticalRuns) {
 TEST(MsrBackwardSplit, MatchesUnsplitAndReference) {
   SKIP_WITHOUT_DEVICE();
   using D = rk::DType;
+  using Case = SplitCase;
   const std::vector<std::int64_t> cu = {0, 0, 1, 5, 70, 70, 150};
-  struct Case {
-    Config c;
-    int segments;
-  };
   for (const Case& k : {Case{{D::kF32, 1, 150, 2, 60, 100, cu, 1, true, true, true, true, true, 1000}, 3},
                         Case{{D::kBF16, 2, 137, 2, 128, 48, {}, 2, true, false, true, false, true, 7}, 4}}) {
     const Config& c = k.c;
-    SCOPED_TRACE(std::string(dtype_name(c.dtype)) + " T=" + std::to_string(c.T) + " segments=" +
-                 std::to_string(k.segments));
+    SCOPED_TRACE(k.trace());
     Msr m = make_msr(c, 16);
     DeviceMsr d(m);
     std::vector<double> dy, dsT;
