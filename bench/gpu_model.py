@@ -355,7 +355,7 @@ def dv_partials(nvt, rows, target=256, most=8):
 
 def launcher_segments(B, T, H, dk, dv, sms=132, kind="chunk_forward"):
     """The launchers' automatic split (plan_split in kernels/chunk_common.cuh): when the
-    unsplit grid has fewer CTAs than SMs, enough segments for two waves, each at least
+    unsplit grid has fewer CTAs than SMs, as many segments as fit in two waves (rounded down), each at least
     split_min_chunks whole chunks.  The forward plans on its grid, the backward
     (plan_backward in kernels/chunk_bwd.cuh) on its dk/dv sweep's: B*H rows x dv groups."""
     tr = chunk_traits(bucket(dk), STATE_REGS[kind])
@@ -364,7 +364,7 @@ def launcher_segments(B, T, H, dk, dv, sms=132, kind="chunk_forward"):
     ctas = B * H * (n_vt if kind == "chunk_forward" else dv_partials(n_vt, B * H))
     if ctas >= sms:
         return 1
-    count = min(-(-2 * sms // ctas), -(-T // bt) // ASSUMPTIONS["split_min_chunks"])
+    count = min(2 * sms // ctas, -(-T // bt) // ASSUMPTIONS["split_min_chunks"])
     if count <= 1:
         return 1
     length = -(-(-(-T // count)) // bt) * bt
@@ -657,8 +657,8 @@ def markdown(rows, ptx_dir, ptx, measured_path, info):
     L.append("")
     L += ["## Launch order and sequence split", "",
           "* **Sequence split** (done in both directions and automatic, so `now` includes it: "
-          "kernels/chunk_common.cuh, plan_split: when the unsplit grid has fewer CTAs than SMs, enough "
-          f"segments for two waves, each at least {ASSUMPTIONS['split_min_chunks']} whole chunks; the backward "
+          "kernels/chunk_common.cuh, plan_split: when the unsplit grid has fewer CTAs than SMs, as many "
+          f"segments as fit in two waves (rounded down), each at least {ASSUMPTIONS['split_min_chunks']} whole chunks; the backward "
           "plans on its dk/dv sweep's grid, plan_backward in kernels/chunk_bwd.cuh). The `split` columns "
           "(`split S` per sweep: forward / dq / dk-dv) put the model's own best S for each backward sweep (a "
           "power of two, shortest predicted time) in place of the launcher's rule, to check that rule. Either "

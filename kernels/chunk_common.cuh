@@ -383,7 +383,9 @@ __global__ void __launch_bounds__(256) segment_scan_kernel(const Params p, const
 // Segment plan of the split from the CTAs of the unsplit grid: split < 0 (automatic) cuts T
 // when there are fewer of those CTAs than SMs (some SMs would idle for the whole walk; between
 // one and two waves the performance model predicts the extra passes cost more than the shorter
-// chain saves, e.g. 192 CTAs at B1 H96 dv128), into enough segments to fill two waves but
+// chain saves, e.g. 192 CTAs at B1 H96 dv128), into as many segments as fit in two waves (two
+// CTAs per SM, rounded down: a partial third wave would cost a whole segment walk; the model
+// predicted B2 T16384 H16's forward at 0.48 ms with 5 segments, 0.38 ms with 4) but
 // never shorter than kSplitMinChunks chunks of bt tokens (shorter segments would spend more on
 // passes (a) and (b) than they save); split > 0 forces that many segments of ceil(T / split)
 // tokens.  count <= 1 (length 0) means no split.  num_sms <= 0: the current device's SMs (132
@@ -395,7 +397,7 @@ inline SegmentSplit plan_split(int split, int num_sms, std::int64_t ctas, std::i
     num_sms = 132;
   std::int64_t count = split > 0 ? split : 1;
   if (split < 0 && ctas > 0 && ctas < static_cast<std::int64_t>(num_sms)) {
-    const std::int64_t want = (2 * static_cast<std::int64_t>(num_sms) + ctas - 1) / ctas;
+    const std::int64_t want = 2 * static_cast<std::int64_t>(num_sms) / ctas;  // no partial third wave
     const std::int64_t most = (T + bt - 1) / bt / kSplitMinChunks;
     count = want < most ? want : most;
   }
