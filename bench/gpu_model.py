@@ -356,8 +356,8 @@ def dv_partials(nvt, rows, target=256, most=8):
 def launcher_segments(B, T, H, dk, dv, sms=132, kind="chunk_forward"):
     """The launchers' automatic split (plan_split in kernels/chunk_common.cuh): when the
     unsplit grid has fewer CTAs than SMs, as many segments as fit in two waves (rounded down), each at least
-    split_min_chunks whole chunks.  The forward plans on its grid, the backward
-    (plan_backward in kernels/chunk_bwd.cuh) on its dk/dv sweep's: B*H rows x dv groups."""
+    split_min_chunks whole chunks.  The forward plans on its grid, each backward sweep
+    (plan_backward in kernels/chunk_bwd.cuh) on its own: B*H rows x its dv groups."""
     tr = chunk_traits(bucket(dk), STATE_REGS[kind])
     bt = tr["BT"]
     n_vt = -(-dv // tr["BV"])
@@ -419,15 +419,14 @@ def op_kernels(op, shape, ptx, *, split=False, qk_reuse=True):
     kinds = ["chunk_forward"] if op == "chunk_fwd" else ["chunk_forward", "chunk_backward_dq", "chunk_backward_dkv"]
     ks = []
     for kind in kinds:
-        # As launched: both directions split automatically (the backward on its dk/dv sweep's
+        # As launched: both directions split automatically (each backward sweep on its own
         # grid); split=True puts the model's best S for each backward sweep in its place.
         if not qk_reuse:
             S = 1
         elif kind != "chunk_forward" and split:
             S = split_segments(B, H, dk, dv, T, kind, ptx, qk_reuse)
         else:
-            S = launcher_segments(B, T, H, dk, dv, kind="chunk_forward" if kind == "chunk_forward" else
-                                  "chunk_backward_dkv")
+            S = launcher_segments(B, T, H, dk, dv, kind=kind)
         ks += split_extras(kind, B, T, H, dk, dv, S, ptx, qk_reuse)
         ks.append(split_kernel(kind, B, T, H, dk, dv, ptx, qk_reuse, S))
         if kind == "chunk_backward_dq":  # the workspace memset precedes the sweeps
@@ -658,8 +657,8 @@ def markdown(rows, ptx_dir, ptx, measured_path, info):
     L += ["## Launch order and sequence split", "",
           "* **Sequence split** (done in both directions and automatic, so `now` includes it: "
           "kernels/chunk_common.cuh, plan_split: when the unsplit grid has fewer CTAs than SMs, as many "
-          f"segments as fit in two waves (rounded down), each at least {ASSUMPTIONS['split_min_chunks']} whole chunks; the backward "
-          "plans on its dk/dv sweep's grid, plan_backward in kernels/chunk_bwd.cuh). The `split` columns "
+          f"segments as fit in two waves (rounded down), each at least {ASSUMPTIONS['split_min_chunks']} whole chunks; each backward "
+          "sweep plans on its own grid, plan_backward in kernels/chunk_bwd.cuh). The `split` columns "
           "(`split S` per sweep: forward / dq / dk-dv) put the model's own best S for each backward sweep (a "
           "power of two, shortest predicted time) in place of the launcher's rule, to check that rule. Either "
           "way: a pass computing each segment's local state (reads the state-update operands again; for the "

@@ -15,13 +15,14 @@ BackwardPlan plan(const ChunkBackwardParams& p, std::size_t* bytes) {
   if (n.B <= 0 || n.T <= 0 || n.H <= 0 || n.dk <= 0 || n.dv <= 0 || n.dk > kMaxHeadDimK) return BackwardPlan{};
   BackwardPlan b = plan_backward(p.dtype, n, n.B * n.H, p.split, p.num_sms);
   const std::size_t partials = static_cast<std::size_t>((b.dq_parts + b.dk_parts) * n.B * n.H * n.T * n.dk);
-  const std::size_t states = segment_states_bytes(b.fwd, n.B * n.H, n) / sizeof(float);
-  if (p.workspace != nullptr && states > 0) {
+  const std::size_t fwd = segment_states_bytes(b.fwd, n.B * n.H, n) / sizeof(float);
+  const std::size_t rev = segment_states_bytes(b.rev, n.B * n.H, n) / sizeof(float);
+  if (p.workspace != nullptr) {
     b.fwd.states = p.workspace + partials;
-    b.rev.states = b.fwd.states + states;
+    b.rev.states = b.fwd.states + fwd;
     b.fwd.state_stride = b.rev.state_stride = n.B * n.H * n.dk * n.dv;
   }
-  *bytes = (partials + 2 * states) * sizeof(float);
+  *bytes = (partials + fwd + rev) * sizeof(float);
   return b;
 }
 }  // namespace

@@ -349,20 +349,23 @@ __global__ void __launch_bounds__(Tr::kThreads)
   if (leaving != nullptr) store_state<Tr>(leaving + static_cast<std::int64_t>(done.row) * dk * dv, dH, dk, dv, v0);
 }
 
-// What a backward launches: the dv partial slices of each sweep and the sequence split
-// (count 1: none).  fwd_states (the forward's segment states, for the dq sweep) and rev_states
-// (the dk / dv sweep's) are each [count - 1, rows, dk, dv] fp32.
+// What a backward launches: the dv partial slices of each sweep and each sweep's sequence
+// split (count 1: none): fwd for the dq sweep (the forward's segment states), rev for the
+// dk / dv sweep, each with its [count - 1, rows, dk, dv] fp32 states (set by the launcher).
 struct BackwardPlan {
   int dq_parts = 0, dk_parts = 0;
-  SegmentSplit fwd, rev;  // same segments; states set by the launcher
+  SegmentSplit fwd, rev;
 };
 
-// The split is planned on the dk / dv sweep's grid (its heavier kernel).
+// Each sweep's split is planned on its own grid (rows x its dv groups): they differ in tile
+// width, so one plan would leave one of them under- or over-split.
 inline BackwardPlan plan_backward(DType dtype, const Shape& n, std::int64_t rows, int split, int num_sms) {
   BackwardPlan b;
   sweep_partials(dtype, n, rows, b.dq_parts, b.dk_parts);
-  if (split != 0 && rows > 0 && n.dk > 0 && n.dv > 0 && n.T > 1)
-    b.fwd = b.rev = plan_split(split, num_sms, rows * b.dk_parts, n.T, chunk_rows(dtype));
+  if (split != 0 && rows > 0 && n.dk > 0 && n.dv > 0 && n.T > 1) {
+    b.fwd = plan_split(split, num_sms, rows * b.dq_parts, n.T, chunk_rows(dtype));
+    b.rev = plan_split(split, num_sms, rows * b.dk_parts, n.T, chunk_rows(dtype));
+  }
   return b;
 }
 
@@ -376,8 +379,8 @@ gpu::error_t launch_backward_sweeps(const typename TrDq::Fusion::BackwardParams&
   const Shape& n = p.shape;
   const auto groups = [&](int bv) { return dv_partials(static_cast<int>((n.dv + bv - 1) / bv), rows); };
   if (groups(TrDq::BV) != plan.dq_parts || groups(TrDkv::BV) != plan.dk_parts) return gpu::kErrorInvalidValue;
-  const bool split = plan.fwd.count > 1;
-  if (split && (plan.fwd.states == nullptr || plan.rev.states == nullptr)) return gpu::kErrorInvalidValue;
+  if ((plan.fwd.count > 1 && plan.fwd.states == nullptr) || (plan.rev.count > 1 && plan.rev.states == nullptr))
+    return gpu::kErrorInvalidValue;
   gpu::error_t e = gpu::kSuccess;
   // dv_tiles_per_cta launches of one sweep kernel over `segments` segments.
   const auto sweep = [&](auto* kernel, int bv, int threads, int smem, float* partials, int parts, int segments,
@@ -392,15 +395,17 @@ gpu::error_t launch_backward_sweeps(const typename TrDq::Fusion::BackwardParams&
   float* const dq_partials = p.workspace;
   float* const dk_partials = p.workspace + plan.dq_parts * (n.B * n.H * n.T * n.dk);
   constexpr int kSmemDq = gpu::dynamic_smem_bytes(TrDq::kSmemDq), kSmemDkv = gpu::dynamic_smem_bytes(TrDkv::kSmemDkv);
-  if (!split) {
+  if (plan.fwd.count > 1)
+    sweep(&chunk_backward_dq_kernel<TrDq, true>, TrDq::BV, TrDq::kThreads, kSmemDq, dq_partials, plan.dq_parts,
+          plan.fwd.count, plan.fwd);
+  else
     sweep(&chunk_backward_dq_kernel<TrDq>, TrDq::BV, TrDq::kThreads, kSmemDq, dq_partials, plan.dq_parts, 1, plan.fwd);
+  const int count = plan.rev.count;
+  if (count <= 1) {
     sweep(&chunk_backward_dkv_kernel<TrDkv>, TrDkv::BV, TrDkv::kThreads, kSmemDkv, dk_partials, plan.dk_parts, 1,
           plan.rev);
     return e;
   }
-  const int count = plan.fwd.count;
-  sweep(&chunk_backward_dq_kernel<TrDq, true>, TrDq::BV, TrDq::kThreads, kSmemDq, dq_partials, plan.dq_parts, count,
-        plan.fwd);
   sweep(&chunk_backward_dkv_kernel<TrDkv, SplitPass::kStateOnly>, TrDkv::BV, TrDkv::kThreads, kSmemDkv, dk_partials,
         plan.dk_parts, count - 1, plan.rev);
   if (e == gpu::kSuccess && count > 2) {

@@ -153,7 +153,8 @@ Layout workspace_layout(const MsrBackwardParams& p) {
                    static_cast<std::size_t>(n.B * n.H * n.T * n.dk) * sizeof(float));
   }
   l.split = off;
-  off += 2 * align16(segment_states_bytes(l.plan.fwd, p.seq.num_sequences * n.H, n));
+  off += align16(segment_states_bytes(l.plan.fwd, p.seq.num_sequences * n.H, n)) +
+         align16(segment_states_bytes(l.plan.rev, p.seq.num_sequences * n.H, n));
   const int bv = msr_forward_tile_width(p.dtype, n.dk, true);
   const std::int64_t tiles = bv > 0 ? (n.dv + bv - 1) / bv : 0;
   l.stats = off;

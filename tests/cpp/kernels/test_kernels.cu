@@ -541,7 +541,7 @@ TEST(Launchers, ForwardSplitPlan) {
   EXPECT_EQ(rk::chunk_forward_workspace_bytes(f), 2 * state);
 }
 
-// The backward plans its split on the dk / dv sweep's grid, and its workspace grows by the
+// Each backward sweep plans its split on its own grid, and the workspace grows by the
 // forward's and the reverse segment states (count - 1 of each).
 TEST(Launchers, BackwardSplitPlan) {
   const float decay = -0.1f;
