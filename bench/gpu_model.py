@@ -8,7 +8,7 @@ kernels/chunk_common.cuh and the launch grids of kernels/*.cu, mirrored below):
     (every dv tile recomputes Q K^T, partial tiles are padded to whole MMA tiles);
   * HBM bytes: the minimum (every input read once, every output written once) and as designed
     (q / k re-read by every dv tile unless the tiles of a head are resident together, the fp32
-    dq / dk workspace of the backward, its memset and cast);
+    dq / dk partial slices of the backward and their cast);
   * CTAs, threads, registers (from the ptxas report), shared memory, CTAs per SM and the limiter,
     waves on 132 SMs;
   * predicted time on H100 and H200 (model below), for the kernels as they are and after each of
@@ -241,8 +241,8 @@ def chunk_kernel(kind, B, T, H, dk, dv, ptx, *, qk_reuse=True, segments=1):
     elif kind == "chunk_backward_dq":
         trips = 1 + kt_used  # v and dO, then k per dk tile
         fl_cta = 2 * bt * bt * bvp + 2 * bt * dkp * bvp * 2 + 2 * bt * bt * dkp  # dO V^T, dO S^T, K^T Vd, D K
-        # reads k (per tile pass), v, dO; dq partials: fp32 atomics into the memset workspace,
-        # whose lines are read and written back in HBM once per pass that does not find them in L2
+        # reads k (per tile pass), v, dO; dq partials: fp32 slices stored by the first dv-tile pass
+        # and read-modify-written by the others, in HBM once per pass that does not find them in L2
         min_b = e * (dk + 2 * dv)
         hbm_b = e * (dk * reads + 2 * dv) + 8 * dk * reads
         alg_fl = 2 * bt * dv + 2 * bt * dk + 4 * dk * dv
@@ -429,8 +429,6 @@ def op_kernels(op, shape, ptx, *, split=False, qk_reuse=True):
             S = launcher_segments(B, T, H, dk, dv, kind=kind)
         ks += split_extras(kind, B, T, H, dk, dv, S, ptx, qk_reuse)
         ks.append(split_kernel(kind, B, T, H, dk, dv, ptx, qk_reuse, S))
-        if kind == "chunk_backward_dq":  # the workspace memset precedes the sweeps
-            ks.insert(len(ks) - 1, elementwise_kernel("memset_workspace", 8 * B * H * T * dk))
     if op == "chunk_fwdbwd":  # cast: read both fp32 workspaces, write dq and dk
         ks.append(elementwise_kernel("cast_grads", (8 + 2 * ELEM) * B * H * T * dk))
     return ks
