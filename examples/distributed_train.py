@@ -109,6 +109,9 @@ def main():
         opt.step()
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
             print(f"[{args.mode}, {world} ranks] step {step:4d}  loss {float(report):.4f}", flush=True)
+    # Tear down together, so that no rank closes its connections while a peer may still be in a
+    # collective: without this barrier a rank sometimes aborted in teardown under torch 2.11 (gloo).
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -115,7 +115,7 @@ def rms(x):
 
 
 def assert_close_rel(actual, expected, tol, name="tensor", max_factor=MAX_FACTOR, seed=None,
-                     term_rms=None):
+                     term_rms=None, amplification=None):
     """RMS(actual-expected)/RMS(expected) <= tol and max|diff| <= max_factor*tol*RMS(expected).
 
     term_rms (optional, same shape): the natural error scale of each element, sqrt(sum of its
@@ -123,6 +123,12 @@ def assert_close_rel(actual, expected, tol, name="tensor", max_factor=MAX_FACTOR
     max(RMS(expected), RMS(term_rms)): identical for random inputs, but a result that cancels to
     nearly zero (a single q.k ~ 0 at T=1 scales every element) is judged against the magnitude
     of what was summed, which is what fp rounding is proportional to.
+
+    amplification (optional, broadcastable to the shape, >= 1): how much more than an ordinary
+    element the computation amplifies the rounding of each element (a normalised row whose terms
+    cancel, see test_msr.msr_norm_amplification).  Each difference is divided by it before both
+    checks, i.e. that element alone is judged against RMS(expected) * amplification; where it is
+    1 the check is unchanged.
     """
     assert tuple(actual.shape) == tuple(expected.shape), (
         f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
@@ -138,6 +144,10 @@ def assert_close_rel(actual, expected, tol, name="tensor", max_factor=MAX_FACTOR
         assert tuple(term_rms.shape) == tuple(expected.shape), f"{name}: term_rms shape"
         ref_rms = max(ref_rms, rms(term_rms))
     diff = a - e
+    if amplification is not None:
+        amp = amplification.detach().to(device="cpu", dtype=torch.float64)
+        assert bool((amp >= 1.0).all()), f"{name}: amplification must be >= 1"
+        diff = diff / amp
     if ref_rms == 0.0:
         assert float(diff.abs().max()) == 0.0, f"{name}: expected exact zeros, got {diff.abs().max()}"
         return

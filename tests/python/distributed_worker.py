@@ -71,6 +71,7 @@ def _serve(rank, world, init_file, task_q, result_q, package):
             result_q.put((rank, "ok", _dumps(res)))
         except BaseException:  # report, keep serving (a broken group times out the next task)
             result_q.put((rank, "error", traceback.format_exc()))
+    dist.barrier()  # tear down together, as examples/distributed_train.py does
     dist.destroy_process_group()
 
 
