@@ -568,7 +568,7 @@ struct BackwardOut {
 // grad_o is rounded to t in place; grad_sT is fp32 (pass it rounded).  split as
 // ChunkBackwardParams::split (-1 automatic, 0 off, n segments).
 BackwardOut run_chunk_backward(Problem& p, rk::DType t, std::vector<double>& grad_o, const std::vector<double>& grad_sT,
-                               int split = -1) {
+                               int split = -1, int num_sms = 0, std::size_t* workspace_bytes = nullptr) {
   const auto qb = encode(t, p.q), kb = encode(t, p.k), vb = encode(t, p.v), gob = encode(t, grad_o);
   DeviceBuffer dq(qb.size()), dk(kb.size()), dv(vb.size()), dgo(gob.size());
   dq.upload(qb.data());
@@ -595,7 +595,9 @@ BackwardOut run_chunk_backward(Problem& p, rk::DType t, std::vector<double>& gra
   prm.grad_final_state = gsT.as<float>();
   prm.grad_initial_state = gs0.as<float>();
   prm.split = split;
+  prm.num_sms = num_sms;
   DeviceBuffer ws(rk::chunk_backward_workspace_bytes(prm));
+  if (workspace_bytes != nullptr) *workspace_bytes = ws.bytes;
   prm.workspace = ws.as<float>();
   EXPECT_EQ(rk::launch_chunk_backward(prm), gpu::kSuccess);
   EXPECT_EQ(gpu::synchronize(), gpu::kSuccess);
@@ -764,6 +766,31 @@ TEST_P(ChunkBackwardSplit, MatchesUnsplitAndReference) {
     expect_close(decode(t, on.dv), decode(t, off.dv), tol, "grad_v (split vs unsplit)");
     expect_close(decode_f32(on.ds0), decode_f32(off.ds0), tol, "grad_initial_state (split vs unsplit)");
   }
+}
+
+// The automatic plan splits each sweep on its own grid.  bf16, dk = dv = 128, H = 2: the dq
+// sweep has 2 dv tiles of 64 (4 CTAs), the dk / dv sweep 4 of 32 (8 CTAs); told the GPU has 6
+// SMs, only the dq sweep splits (into 2 * 6 / 4 = 3 segments of 5 chunks; T = 960 is 15
+// chunks).  Same results as unsplit, and the workspace holds the dq sweep's 2 segment states only.
+TEST(ChunkBackwardSplitPlan, SweepsSplitIndependently) {
+  SKIP_WITHOUT_DEVICE();
+  const rk::DType t = rk::DType::kBF16;
+  Problem p = make_problem(1, 960, 2, 128, 128, true, 901);
+  std::mt19937 gen(902);
+  std::normal_distribution<double> n01;
+  std::vector<double> grad_o(p.v.size()), grad_sT(p.s0.size());
+  for (auto& x : grad_o) x = n01(gen);
+  for (auto& x : grad_sT) x = static_cast<float>(0.1 * n01(gen));
+  std::size_t off_bytes = 0, on_bytes = 0;
+  const BackwardOut off = run_chunk_backward(p, t, grad_o, grad_sT, 0, 6, &off_bytes);
+  const BackwardOut on = run_chunk_backward(p, t, grad_o, grad_sT, -1, 6, &on_bytes);
+  EXPECT_EQ(on_bytes - off_bytes, std::size_t(2) * 2 * 128 * 128 * 4);
+  const Reference ref = reference(p, &grad_o, &grad_sT);
+  const double tol = 2 * tolerance(t);
+  expect_close(decode(t, on.dq), ref.dq, tol, "grad_q (dq sweep split)");
+  expect_close(decode(t, on.dk), ref.dk, tol, "grad_k");
+  expect_close(decode(t, on.dq), decode(t, off.dq), tol, "grad_q (split vs unsplit)");
+  EXPECT_TRUE(on.dk == off.dk && on.dv == off.dv && on.ds0 == off.ds0) << "the unsplit dk / dv sweep changed";
 }
 
 INSTANTIATE_TEST_SUITE_P(DTypes, ChunkBackwardSplit, testing::Values(rk::DType::kF16, rk::DType::kBF16, rk::DType::kF32),
