@@ -12,7 +12,8 @@ namespace {
 BackwardPlan plan(const ChunkBackwardParams& p, std::size_t* bytes) {
   const Shape& n = p.shape;
   *bytes = 0;
-  if (n.B <= 0 || n.T <= 0 || n.H <= 0 || n.dk <= 0 || n.dv <= 0 || n.dk > kMaxHeadDimK) return BackwardPlan{};
+  // T or dk 0: no partial rows (0 bytes), but the parts still size the sweeps' grids.
+  if (n.B <= 0 || n.T < 0 || n.H <= 0 || n.dk < 0 || n.dv <= 0 || n.dk > kMaxHeadDimK) return BackwardPlan{};
   BackwardPlan b = plan_backward(p.dtype, n, n.B * n.H, p.split, p.num_sms);
   const std::size_t partials = static_cast<std::size_t>((b.dq_parts + b.dk_parts) * n.B * n.H * n.T * n.dk);
   const std::size_t fwd = segment_states_bytes(b.fwd, n.B * n.H, n) / sizeof(float);
@@ -45,7 +46,6 @@ gpu::error_t launch_chunk_backward(const ChunkBackwardParams& p) {
   std::size_t bytes = 0;
   BackwardPlan b = plan(p, &bytes);
   if (bytes > 0 && p.workspace == nullptr) return gpu::kErrorInvalidValue;
-  if (bytes == 0) sweep_partials(p.dtype, n, n.B * n.H, b.dq_parts, b.dk_parts);  // T or dk is 0
   MsrChunkBackward c;
   static_cast<ChunkBackwardParams&>(c) = p;
   c.seq.num_sequences = n.B;  // no cu_seqlens, no offsets
