@@ -102,7 +102,7 @@ RT_DEVICE int sweep_tile(int group, int dv, int pass, int passes) {
 // dk = 128 sweep at 168 registers and spilled once the split added its segment handling.
 template <class Tr, bool kSplit = false>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
-    chunk_backward_dq_kernel(const typename Tr::Fusion::BackwardParams p, float* partials, int pass, int passes,
+    chunk_backward_dq_kernel(const MsrChunkBackward p, float* partials, int pass, int passes,
                              const SegmentSplit split) {
   using Fusion = typename Tr::Fusion;
   using T = typename Tr::T;
@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 // kSegments is pass (c), every segment from the scanned dH leaving it.
 template <class Tr, SplitPass kPass = SplitPass::kNoSplit>
 __global__ void __launch_bounds__(Tr::kThreads)
-    chunk_backward_dkv_kernel(const typename Tr::Fusion::BackwardParams p, float* partials, int pass, int passes,
+    chunk_backward_dkv_kernel(const MsrChunkBackward p, float* partials, int pass, int passes,
                               const SegmentSplit split) {
   using Fusion = typename Tr::Fusion;
   using T = typename Tr::T;
@@ -357,6 +357,13 @@ struct BackwardPlan {
   SegmentSplit fwd, rev;
 };
 
+// Bytes of the backward core's workspace (msr_bwd.cu: launch_backward_core), fp32:
+// [dq partials | dk partials | forward segment states | reverse segment states].
+inline std::size_t backward_core_bytes(const BackwardPlan& b, const Shape& n, std::int64_t rows) {
+  return static_cast<std::size_t>((b.dq_parts + b.dk_parts) * n.B * n.H * n.T * n.dk) * sizeof(float) +
+         segment_states_bytes(b.fwd, rows, n) + segment_states_bytes(b.rev, rows, n);
+}
+
 // Each sweep's split is planned on its own grid (rows x its dv groups): they differ in tile
 // width, so one plan would leave one of them under- or over-split.
 inline BackwardPlan plan_backward(DType dtype, const Shape& n, std::int64_t rows, int split, int num_sms) {
@@ -374,7 +381,7 @@ inline BackwardPlan plan_backward(DType dtype, const Shape& n, std::int64_t rows
 // plan.fwd.states must already hold the forward's scanned segment states (chunk_fwd.cuh), and
 // plan.rev.states is filled here.
 template <class TrDq, class TrDkv>
-gpu::error_t launch_backward_sweeps(const typename TrDq::Fusion::BackwardParams& p, std::int64_t rows,
+gpu::error_t launch_backward_sweeps(const MsrChunkBackward& p, std::int64_t rows,
                                     const BackwardPlan& plan) {
   const Shape& n = p.shape;
   const auto groups = [&](int bv) { return dv_partials(static_cast<int>((n.dv + bv - 1) / bv), rows); };
@@ -392,8 +399,8 @@ gpu::error_t launch_backward_sweeps(const typename TrDq::Fusion::BackwardParams&
     for (int pass = 0; pass < passes && e == gpu::kSuccess; ++pass)
       e = gpu::launch(kernel, grid, threads, smem, p.stream, p, partials, pass, passes, s);
   };
-  float* const dq_partials = p.workspace;
-  float* const dk_partials = p.workspace + plan.dq_parts * (n.B * n.H * n.T * n.dk);
+  float* const dq_partials = static_cast<float*>(p.workspace);
+  float* const dk_partials = dq_partials + plan.dq_parts * (n.B * n.H * n.T * n.dk);
   constexpr int kSmemDq = gpu::dynamic_smem_bytes(TrDq::kSmemDq), kSmemDkv = gpu::dynamic_smem_bytes(TrDkv::kSmemDkv);
   if (plan.fwd.count > 1)
     sweep(&chunk_backward_dq_kernel<TrDq, true>, TrDq::BV, TrDq::kThreads, kSmemDq, dq_partials, plan.dq_parts,
@@ -410,7 +417,7 @@ gpu::error_t launch_backward_sweeps(const typename TrDq::Fusion::BackwardParams&
         plan.dk_parts, count - 1, plan.rev);
   if (e == gpu::kSuccess && count > 2) {
     const std::int64_t blocks = (plan.rev.state_stride + 255) / 256;
-    e = gpu::launch(&segment_scan_kernel<typename TrDkv::Fusion, typename TrDkv::Fusion::BackwardParams, true>,
+    e = gpu::launch(&segment_scan_kernel<MsrChunkBackward, true>,
                     static_cast<unsigned>(blocks < 1024 ? blocks : 1024), 256, 0, p.stream, p, plan.rev);
   }
   sweep(&chunk_backward_dkv_kernel<TrDkv, SplitPass::kSegments>, TrDkv::BV, TrDkv::kThreads, kSmemDkv, dk_partials,

@@ -28,6 +28,7 @@
 
 #include "gpu_compat.h"
 #include "numeric.h"
+#include "msr_kernels.h"
 #include "retention_kernels.h"
 #include "tile_mma.h"
 
@@ -181,27 +182,85 @@ inline std::size_t segment_states_bytes(const SegmentSplit& s, std::int64_t rows
   return s.count > 1 ? static_cast<std::size_t>((s.count - 1) * rows * n.dk * n.dv) * sizeof(float) : 0;
 }
 
+// Which job the forward chunk kernel does for the MSR ops (a runtime value: one instantiation
+// per dtype and dk bucket serves all four).
+enum class MsrPass : int {
+  kForwardStats = 0,   // partial sum_j u_j^2 per (dv tile, row)
+  kForwardOutput = 1,  // y and the final state
+  kBackwardStats = 2,  // partial sum_j u_j^2 and sum_j dz_j w_j u_j per (dv tile, row)
+  kBackwardGrad = 3,   // du (into the workspace), dg, per-CTA column sums of dz n^
+  kSegmentStates = 4,  // sequence split, forward: the states entering the segments (chunk_fwd.cuh)
+};
+
+// Parameters of the MSR instantiations of the chunk kernels: the op's parameters plus what the
+// passes add.  For the forward kernel `o` is the output of the pass: y (kForwardOutput) or du
+// (kBackwardGrad).
+struct MsrChunkForward : MsrForwardParams {
+  const double* theta = nullptr;  // [dk/2] rotary table (rotary != kNone)
+  MsrPass pass = MsrPass::kForwardOutput;
+  Bthd grad_y;                    // backward passes
+  Bthd grad_g;                    // kBackwardGrad, when g is given
+  float* stats = nullptr;         // [tiles, B*T*H, 2]; written by the stats passes, read when tiles > 1
+  float* dw_partial = nullptr;    // kBackwardGrad with norm_weight: [N*H, dv]
+  SegmentSplit segments;          // forward passes; the backward passes are never split
+};
+
+// The sweeps read grad_o (du) and q / k as given; theta serves the final cast (R^T).
+struct MsrChunkBackward : MsrBackwardParams {
+  const double* theta = nullptr;
+};
+
+// Where the tokens of sequence n live: batch row n, or tokens [cu[n], cu[n + 1]) of batch row
+// 0 for packed sequences (cu_seqlens); its first position is offsets[n] (0 without offsets).
+template <class P>
+RT_DEVICE SeqSpan msr_sequence(const P& p, int n) {
+  const MsrSequences& s = p.seq;
+  SeqSpan span{n, 0, p.shape.T, 0};
+  if (s.cu_seqlens != nullptr) {
+    std::int64_t begin, end;
+    if (s.cu_seqlens_int64) {
+      begin = static_cast<const std::int64_t*>(s.cu_seqlens)[n];
+      end = static_cast<const std::int64_t*>(s.cu_seqlens)[n + 1];
+    } else {
+      begin = static_cast<const std::int32_t*>(s.cu_seqlens)[n];
+      end = static_cast<const std::int32_t*>(s.cu_seqlens)[n + 1];
+    }
+    // cu_seqlens is validated on the device, asynchronously (the glue does not copy it to the
+    // host: that would synchronise every call and break graph capture), so the kernels may run
+    // on a bad tensor before the error surfaces.  Clamping every sequence into [0, T] keeps all
+    // accesses in bounds whatever the values are; a bad tensor then gives wrong rows (or rows
+    // no sequence writes), never an out-of-bounds access.
+    const std::int64_t T = p.shape.T;
+    begin = begin < 0 ? 0 : begin > T ? T : begin;
+    end = end < begin ? begin : end > T ? T : end;
+    span.b = 0;
+    span.t_begin = begin;
+    span.length = end - begin;
+  }
+  span.pos0 = s.offsets != nullptr ? s.offsets[n] : 0;
+  return span;
+}
+
 // Compile-time fusion policy of the chunk kernels.  The kernels call it at three points:
 //   sequence(p, n)   which tokens / state sequence n (chunk_cta row / H) covers
 //   load_qk(...)     the prologue: global -> shared copy of the q / k tiles of one dk tile (the
 //                    place for a rotary embedding; it gets the row base and the dk offset, so
 //                    it can read rotation partners outside the tile)
 //   epilogue hooks   forward only, when kEpilogue (see chunk_fwd.cuh)
-// NoFusion is the raw forward: batch rows, plain copies, o stored as is (the raw backward runs
-// the fused one's sweeps, chunk_bwd.cu).  MsrFusion lives in
-// msr_common.cuh.
+// NoFusion is the raw ops (batch rows as sequences) and every pass without prologue or
+// epilogue: plain copies, o stored as is.  MsrFusion (msr_common.cuh) adds the rotary
+// prologue and the norm / gate epilogue.
 struct NoFusion {
   static constexpr bool kEpilogue = false;
-  using ForwardParams = ChunkForwardParams;
   static constexpr int forward_extra_smem(int /*warps*/, int /*bv*/) { return 0; }
 
   template <class P>
   RT_HOST_DEVICE static std::int64_t num_sequences(const P& p) {
-    return p.shape.B;
+    return p.seq.num_sequences;
   }
   template <class P>
   RT_DEVICE static SeqSpan sequence(const P& p, int n) {
-    return {n, 0, p.shape.T, 0};
+    return msr_sequence(p, n);
   }
   // Rows [0, rows_valid) of the dk tile [k0, k0 + C) of q and k; q_row / k_row point at
   // column 0 of the first row.  dst_q may be null (the dq sweep only needs k).
@@ -360,7 +419,7 @@ RT_DEVICE void store_state_operand(SmemTile<typename Tr::T> dst, typename Tr::Fr
 // holds S_in(1): segment 0 started from the initial state).  kReverse, the backward's:
 // dH_out(g) = gamma^len(g + 1) dH_out(g + 1) + local(g + 1) for g = count - 3 .. 0 (slice
 // count - 2 already holds dH_out(count - 2)).  fp32, one fixed order.
-template <class Fusion, class Params, bool kReverse = false>
+template <class Params, bool kReverse = false>
 __global__ void __launch_bounds__(256) segment_scan_kernel(const Params p, const SegmentSplit split) {
   const Shape& n = p.shape;
   const std::int64_t per_row = n.dk * n.dv;
@@ -368,7 +427,7 @@ __global__ void __launch_bounds__(256) segment_scan_kernel(const Params p, const
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     const std::int64_t row = i / per_row;
     const float log2g = p.log_decay[row % n.H] * kLog2e;
-    const SeqSpan seq = Fusion::sequence(p, static_cast<int>(row / n.H));
+    const SeqSpan seq = msr_sequence(p, static_cast<int>(row / n.H));
     float x = split.states[(kReverse ? split.count - 2 : 0) * split.state_stride + i];
     for (int step = 1; step + 1 < split.count; ++step) {
       const int g = kReverse ? split.count - 2 - step : step;  // slice updated

@@ -44,7 +44,7 @@ struct ForwardTile {
 // The sequence split (chunk_common.cuh: SegmentSplit, SplitPass) runs this kernel as pass (a)
 // (kStateOnly) and pass (c) (kSegments).
 template <class Tr, SplitPass kPass = SplitPass::kNoSplit>
-__global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const typename Tr::Fusion::ForwardParams p,
+__global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const MsrChunkForward p,
                                                                       const SegmentSplit split) {
   using Fusion = typename Tr::Fusion;
   using T = typename Tr::T;
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const typen
 // (split.count > 1, split.states set); launch_forward_outputs runs the unsplit kernel or
 // pass (c).
 template <class Tr, SplitPass kPass>
-gpu::error_t launch_forward_kernel(const typename Tr::Fusion::ForwardParams& p, std::int64_t rows,
+gpu::error_t launch_forward_kernel(const MsrChunkForward& p, std::int64_t rows,
                                    const SegmentSplit& split, int segments) {
   constexpr int kSmem = gpu::dynamic_smem_bytes(Tr::kSmemForward);
   auto* kernel = &chunk_forward_kernel<Tr, kPass>;
@@ -180,18 +180,18 @@ gpu::error_t launch_forward_kernel(const typename Tr::Fusion::ForwardParams& p, 
 }
 
 template <class Tr>
-gpu::error_t launch_segment_states(const typename Tr::Fusion::ForwardParams& p, std::int64_t rows,
+gpu::error_t launch_segment_states(const MsrChunkForward& p, std::int64_t rows,
                                    const SegmentSplit& split) {
   if (split.states == nullptr) return gpu::kErrorInvalidValue;
   gpu::error_t e = launch_forward_kernel<Tr, SplitPass::kStateOnly>(p, rows, split, split.count - 1);
   if (e != gpu::kSuccess || split.count <= 2) return e;
   const std::int64_t blocks = (split.state_stride + 255) / 256;
-  return gpu::launch(&segment_scan_kernel<typename Tr::Fusion, typename Tr::Fusion::ForwardParams>, static_cast<unsigned>(blocks < 1024 ? blocks : 1024),
+  return gpu::launch(&segment_scan_kernel<MsrChunkForward>, static_cast<unsigned>(blocks < 1024 ? blocks : 1024),
                      256, 0, p.stream, p, split);
 }
 
 template <class Tr>
-gpu::error_t launch_forward_outputs(const typename Tr::Fusion::ForwardParams& p, std::int64_t rows,
+gpu::error_t launch_forward_outputs(const MsrChunkForward& p, std::int64_t rows,
                                     const SegmentSplit& split) {
   return split.count > 1 ? launch_forward_kernel<Tr, SplitPass::kSegments>(p, rows, split, split.count)
                          : launch_forward_kernel<Tr, SplitPass::kNoSplit>(p, rows, split, 1);

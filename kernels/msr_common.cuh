@@ -56,49 +56,17 @@
 
 namespace retention::kernels {
 
-// Which job the forward chunk kernel does for the MSR ops (a runtime value: one instantiation
-// per dtype and dk bucket serves all four).
-enum class MsrPass : int {
-  kForwardStats = 0,   // partial sum_j u_j^2 per (dv tile, row)
-  kForwardOutput = 1,  // y and the final state
-  kBackwardStats = 2,  // partial sum_j u_j^2 and sum_j dz_j w_j u_j per (dv tile, row)
-  kBackwardGrad = 3,   // du (into the workspace), dg, per-CTA column sums of dz n^
-  kSegmentStates = 4,  // sequence split, forward: the states entering the segments (chunk_fwd.cuh)
-};
-
-// Parameters of the MSR instantiations of the chunk kernels: the raw kernels' parameters plus
-// the sequence map, the rotary mode and the epilogue operands.  For the forward kernel `o` is
-// the output of the pass: y (kForwardOutput) or du (kBackwardGrad).
-struct MsrChunkForward : ChunkForwardParams {
-  MsrSequences seq;
-  MsrOptions opt;
-  const double* theta = nullptr;  // [dk/2] rotary table (rotary != kNone)
-  MsrPass pass = MsrPass::kForwardOutput;
-  Bthd g;                    // optional gate
-  Bthd grad_y;               // backward passes
-  Bthd grad_g;               // kBackwardGrad, when g is given
-  float* stats = nullptr;    // [tiles, B*T*H, 2]; written by the stats passes, read when tiles > 1
-  float* dw_partial = nullptr;  // kBackwardGrad with norm_weight: [N*H, dv]
-  SegmentSplit segments;        // forward passes; the backward passes are never split
-};
-
-struct MsrChunkBackward : ChunkBackwardParams {
-  MsrSequences seq;
-  RotaryMode rotary = RotaryMode::kNone;
-  const double* theta = nullptr;
-};
-
 // The forward pass launcher (msr_fwd.cu), also used by the backward (msr_bwd.cu); and the dv
 // tile width it uses (forward or backward epilogue passes), which sizes the statistics buffer.
 gpu::error_t launch_msr_chunk_pass(const MsrChunkForward& p);
 int msr_forward_tile_width(DType dtype, std::int64_t dk, bool backward_passes);
 // Steps 3-4 of the MSR backward (msr_bwd.cu): both sweeps of chunk_bwd.cuh on q / k as given,
-// with b.grad_o as the output cotangent and b.workspace as the dq / dk partial slices
-// (sweep_partials), then their fixed-order sum cast to the input dtype, applying R(p)^T when
-// `rotary` is set.  The raw backward (chunk_bwd.cu) is exactly this with batch rows as
-// sequences and no rotation.
-// With a split (plan.fwd.count > 1) it runs the forward's state pass for the dq sweep first.
-gpu::error_t launch_backward_core(const MsrChunkBackward& b, RotaryMode rotary, const BackwardPlan& plan);
+// with b.grad_o as the output cotangent and b.workspace as the core's fp32 scratch
+// (backward_core_bytes), then the fixed-order sum of the dq / dk partials cast to the input
+// dtype, applying R(p)^T when b.opt.rotary is set.  With a split (plan.fwd.count > 1) it runs
+// the forward's state pass for the dq sweep first.  The raw backward (chunk_bwd.cu) is exactly
+// this with batch rows as sequences and no rotation.
+gpu::error_t launch_backward_core(MsrChunkBackward b, const BackwardPlan& plan);
 // Argument validation shared by the MSR launchers (msr_fwd.cu).
 bool msr_shape_ok(const Shape& n, const MsrSequences& seq, const MsrOptions& opt, const float* log_decay);
 
@@ -208,35 +176,6 @@ RT_DEVICE void load_rotated_qk(RotaryMode mode, const double* theta_table, T* ds
   }
 }
 
-template <class P>
-RT_DEVICE SeqSpan msr_sequence(const P& p, int n) {
-  const MsrSequences& s = p.seq;
-  SeqSpan span{n, 0, p.shape.T, 0};
-  if (s.cu_seqlens != nullptr) {
-    std::int64_t begin, end;
-    if (s.cu_seqlens_int64) {
-      begin = static_cast<const std::int64_t*>(s.cu_seqlens)[n];
-      end = static_cast<const std::int64_t*>(s.cu_seqlens)[n + 1];
-    } else {
-      begin = static_cast<const std::int32_t*>(s.cu_seqlens)[n];
-      end = static_cast<const std::int32_t*>(s.cu_seqlens)[n + 1];
-    }
-    // cu_seqlens is validated on the device, asynchronously (the glue does not copy it to the
-    // host: that would synchronise every call and break graph capture), so the kernels may run
-    // on a bad tensor before the error surfaces.  Clamping every sequence into [0, T] keeps all
-    // accesses in bounds whatever the values are; a bad tensor then gives wrong rows (or rows
-    // no sequence writes), never an out-of-bounds access.
-    const std::int64_t T = p.shape.T;
-    begin = begin < 0 ? 0 : begin > T ? T : begin;
-    end = end < begin ? begin : end > T ? T : end;
-    span.b = 0;
-    span.t_begin = begin;
-    span.length = end - begin;
-  }
-  span.pos0 = s.offsets != nullptr ? s.offsets[n] : 0;
-  return span;
-}
-
 // ------------------------------------------------------------------------------------------
 // The fusion policy
 // ------------------------------------------------------------------------------------------
@@ -244,21 +183,10 @@ RT_DEVICE SeqSpan msr_sequence(const P& p, int n) {
 // backward: statistics with dy / gradients), so each instantiation only carries the registers
 // of its own passes.
 template <bool kBackwardPasses>
-struct MsrFusion {
+struct MsrFusion : NoFusion {
   static constexpr bool kEpilogue = true;
-  using ForwardParams = MsrChunkForward;
-  using BackwardParams = MsrChunkBackward;
   // Per-warp column sums of dz n^ for d_norm_weight (kBackwardGrad), kept across chunks.
   static constexpr int forward_extra_smem(int warps, int bv) { return warps * bv * static_cast<int>(sizeof(float)); }
-
-  template <class P>
-  RT_HOST_DEVICE static std::int64_t num_sequences(const P& p) {
-    return p.seq.num_sequences;
-  }
-  template <class P>
-  RT_DEVICE static SeqSpan sequence(const P& p, int n) {
-    return msr_sequence(p, n);
-  }
 
   template <int R, int C, int kThreads, class T, class P>
   RT_DEVICE static void load_qk(const P& p, T* dst_q, const T* q_row, std::int64_t q_stride, T* dst_k,
@@ -266,7 +194,7 @@ struct MsrFusion {
                                 std::int64_t pos0) {
     // The backward passes get pre-rotated q / k (msr_bwd.cu), so their instantiations carry
     // no rotation code at all.
-    const RotaryMode mode = kBackwardPasses ? RotaryMode::kNone : rotary_of_device(p);
+    const RotaryMode mode = kBackwardPasses ? RotaryMode::kNone : p.opt.rotary;
     if (kBackwardPasses || mode == RotaryMode::kNone) {
       NoFusion::load_qk<R, C, kThreads>(p, dst_q, q_row, q_stride, dst_k, k_row, k_stride, ld, rows_valid, k0, dk,
                                         pos0);
@@ -275,8 +203,6 @@ struct MsrFusion {
                                       dk, pos0);
     }
   }
-  RT_DEVICE static RotaryMode rotary_of_device(const MsrChunkForward& p) { return p.opt.rotary; }
-  RT_DEVICE static RotaryMode rotary_of_device(const MsrChunkBackward& p) { return p.rotary; }
 
   // ---- epilogue hooks of chunk_forward_kernel -------------------------------------------
 

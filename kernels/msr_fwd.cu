@@ -1,68 +1,73 @@
-// msr_fwd.cu - the fused MSR forward: the chunk forward kernel (chunk_fwd.cuh) instantiated
-// with MsrFusion (rotary prologue, packed sequences, decay normaliser / RMSNorm / gate
-// epilogue; see msr_common.cuh for the design), and its launchers.  The same instantiation
-// runs the two epilogue passes of the backward (msr_bwd.cu): the pass is a runtime value.
+// msr_fwd.cu - the chunk forward kernel (chunk_fwd.cuh) for the fused MSR layer and the raw op
+// (chunk_fwd.cu), and its launchers.  Passes with neither prologue nor epilogue (the raw op,
+// the split's state pass without rotation, a layer with every option off) run the kernel
+// without fusion at the raw state budget; the others with MsrFusion (rotary prologue, decay
+// normaliser / RMSNorm / gate epilogue; see msr_common.cuh for the design).  The same
+// MsrFusion instantiation runs the two epilogue passes of the backward (msr_bwd.cu): the pass
+// is a runtime value.
 #include "chunk_fwd.cuh"
 #include "msr_common.cuh"
 
 namespace retention::kernels {
 namespace {
 
-// Half the raw forward's state budget (BV = 64 / 32 / 16 for dk <= 64 / 128 / 256; a quarter,
-// BV = 64 / 16 / 16, for the backward's epilogue passes): the rotary prologue and the
+// MsrFusion's state budget, half the raw one (BV = 64 / 32 / 16 for dk <= 64 / 128 / 256; a
+// quarter, BV = 64 / 16 / 16, for the backward's epilogue passes): the rotary prologue and the
 // epilogue need registers next to the state, and with the raw budget ptxas spills (the raw
 // kernels already sit at 230-255 registers).
 constexpr int kMsrForwardStateRegs = 32;
 
-template <class T, int kMaxDk, bool kBackwardPasses = false>
-using MsrForwardTraits = ChunkTraits<T, kMaxDk, kBackwardPasses ? kMsrForwardStateRegs / 2 : kMsrForwardStateRegs,
-                                     MsrFusion<kBackwardPasses>>;
+// The output pass needs no prologue and no epilogue.
+bool plain(const MsrForwardParams& p) {
+  return p.opt.rotary == RotaryMode::kNone && !p.opt.norm && !p.opt.decay_norm && p.g.ptr == nullptr;
+}
 
 template <class T, bool kBackwardPasses>
 struct MsrForward {
   template <int kMaxDk>
   struct Bucket {
+    // fp32 MsrFusion passes with dk <= 64 use the 128 bucket: the 64 one spills on sm_80 (ptxas
+    // settles on 168 registers there), and the wider bucket only pads dk.
+    static constexpr int kMsrDk = sizeof(T) == 4 && kMaxDk == 64 ? 128 : kMaxDk;
+    using Tr = ChunkTraits<T, kMsrDk, kBackwardPasses ? kMsrForwardStateRegs / 2 : kMsrForwardStateRegs,
+                           MsrFusion<kBackwardPasses>>;
+    using TrRaw = ChunkTraits<T, kMaxDk>;
     static gpu::error_t run(const MsrChunkForward& p) {
-      if constexpr (sizeof(T) == 4 && kMaxDk == 64) {
-        return gpu::kErrorInvalidValue;  // not used: see msr_forward_tile_width
-      } else {
-        return launch<kMaxDk>(p);
-      }
-    }
-    template <int kBucket>
-    static gpu::error_t launch(const MsrChunkForward& p) {
-      using Tr = MsrForwardTraits<T, kBucket, kBackwardPasses>;
       const std::int64_t rows = p.seq.num_sequences * p.shape.H;
       if constexpr (kBackwardPasses) {  // never split (dw_partial has one row per (sequence, head))
         return launch_forward_kernel<Tr, SplitPass::kNoSplit>(p, rows, SegmentSplit{}, 1);
-      } else {
-        // The state pass has no epilogue and reads no q: the raw forward's state budget fits
+      } else if (p.pass == MsrPass::kSegmentStates) {
+        // No epilogue and no q: the raw state budget fits, also with the rotary prologue
         // (wider dv tiles, fewer re-reads of k; with half of it ptxas spilled fp32 dk = 128).
-        using TrStates = ChunkTraits<T, kBucket, ChunkTraits<T, kBucket>::kStateRegs, MsrFusion<false>>;
-        if (p.pass == MsrPass::kSegmentStates) return launch_segment_states<TrStates>(p, rows, p.segments);
-        return launch_forward_outputs<Tr>(p, rows, p.segments);
+        if (p.opt.rotary == RotaryMode::kNone) return launch_segment_states<TrRaw>(p, rows, p.segments);
+        return launch_segment_states<ChunkTraits<T, kMsrDk, TrRaw::kStateRegs, MsrFusion<false>>>(p, rows, p.segments);
+      } else {
+        return p.pass == MsrPass::kForwardOutput && plain(p) ? launch_forward_outputs<TrRaw>(p, rows, p.segments)
+                                                             : launch_forward_outputs<Tr>(p, rows, p.segments);
       }
     }
   };
 };
 
-std::int64_t dv_tiles(DType dtype, const Shape& n) {
-  const int bv = msr_forward_tile_width(dtype, n.dk, false);
-  return bv > 0 ? (n.dv + bv - 1) / bv : 0;
+// dv tiles of the output pass.
+std::int64_t dv_tiles(const MsrForwardParams& p) {
+  const Shape& n = p.shape;
+  if (n.dk > kMaxHeadDimK) return 0;
+  const int bv = plain(p) ? tile_width<ChunkTraits<float, 64>::kStateRegs>(p.dtype, n.dk)
+                          : msr_forward_tile_width(p.dtype, n.dk, false);
+  return (n.dv + bv - 1) / bv;
 }
 
 // The segment plan (chunk_common.cuh: plan_split) over the CTAs of the unsplit grid.
 SegmentSplit forward_split(const MsrForwardParams& p) {
   const Shape& n = p.shape;
-  const std::int64_t tiles = dv_tiles(p.dtype, n);
-  if (p.split == 0 || tiles == 0 || n.T <= 1 || p.seq.num_sequences * n.H <= 0) return SegmentSplit{};
+  const std::int64_t tiles = dv_tiles(p);
+  if (p.split == 0 || tiles <= 0 || n.T <= 1 || p.seq.num_sequences * n.H <= 0) return SegmentSplit{};
   return plan_split(p.split, p.num_sms, p.seq.num_sequences * n.H * tiles, n.T, chunk_rows(p.dtype));
 }
 
 // The statistics pass is needed when the norm is on and dv spans more than one tile.
-bool needs_stats_pass(DType dtype, const Shape& n, const MsrOptions& opt) {
-  return opt.norm && dv_tiles(dtype, n) > 1;
-}
+bool needs_stats_pass(const MsrForwardParams& p) { return p.opt.norm && dv_tiles(p) > 1; }
 
 __global__ void rotary_theta_kernel(RotaryMode mode, int dk, double* theta) {
   for (int i = threadIdx.x; i < dk / 2; i += blockDim.x) theta[i] = rotary_theta(mode, i, dk);
@@ -76,8 +81,7 @@ gpu::error_t launch_rotary_theta(RotaryMode mode, std::int64_t dk, double* theta
   return gpu::launch(&rotary_theta_kernel, 1, 128, 0, stream, mode, static_cast<int>(dk), theta);
 }
 
-// fp32 passes with dk <= 64 use the 128 bucket (launch_msr_chunk_pass): the 64 one spills on
-// sm_80 (ptxas settles on 168 registers there), and the wider bucket only pads dk.
+// The MsrFusion tile width (MsrForward::Bucket: fp32 dk <= 64 uses the 128 bucket).
 int msr_forward_tile_width(DType dtype, std::int64_t dk, bool backward_passes) {
   if (dk > kMaxHeadDimK) return 0;
   const std::int64_t bucket_dk = dtype == DType::kF32 && dk <= 64 ? 128 : dk;
@@ -89,33 +93,28 @@ gpu::error_t launch_msr_chunk_pass(const MsrChunkForward& p) {
   if (p.seq.num_sequences * p.shape.H == 0 || p.shape.dv == 0) return gpu::kSuccess;
   if (gpu::error_t e = gpu::check_warp_size(); e != gpu::kSuccess) return e;
   const bool backward = p.pass == MsrPass::kBackwardStats || p.pass == MsrPass::kBackwardGrad;
-  switch (p.dtype) {
-    case DType::kF16:
-      return backward ? dispatch_dk<MsrForward<f16_t, true>::template Bucket>(p.shape.dk, p)
-                      : dispatch_dk<MsrForward<f16_t, false>::template Bucket>(p.shape.dk, p);
-    case DType::kBF16:
-      return backward ? dispatch_dk<MsrForward<bf16_t, true>::template Bucket>(p.shape.dk, p)
-                      : dispatch_dk<MsrForward<bf16_t, false>::template Bucket>(p.shape.dk, p);
-    case DType::kF32: {
-      const std::int64_t bucket_dk = p.shape.dk <= 128 ? 128 : p.shape.dk;  // never 64: msr_forward_tile_width
-      return backward ? dispatch_dk<MsrForward<float, true>::template Bucket>(bucket_dk, p)
-                      : dispatch_dk<MsrForward<float, false>::template Bucket>(bucket_dk, p);
-    }
-  }
-  return gpu::kErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    return backward ? dispatch_dk<MsrForward<T, true>::template Bucket>(p.shape.dk, p)
+                    : dispatch_dk<MsrForward<T, false>::template Bucket>(p.shape.dk, p);
+  });
 }
 
-// Workspace: [rotary theta table (kThetaTableBytes) | statistics (tiles x B*T*H x 2 fp32) |
+// Workspace: [rotary theta table (with rotation) | statistics (tiles x B*T*H x 2 fp32) |
 // segment states of a split ((count - 1) x N*H x dk x dv fp32)].
+static std::size_t theta_bytes(const MsrForwardParams& p) {
+  return p.opt.rotary != RotaryMode::kNone ? kThetaTableBytes : 0;
+}
 static std::size_t msr_stats_bytes(const MsrForwardParams& p) {
   const Shape& n = p.shape;
-  return n.B > 0 && n.T > 0 && n.H > 0 && n.dv > 0 && needs_stats_pass(p.dtype, n, p.opt)
-             ? static_cast<std::size_t>(dv_tiles(p.dtype, n) * msr_stats_rows(n) * 2) * sizeof(float)
+  return n.B > 0 && n.T > 0 && n.H > 0 && n.dv > 0 && needs_stats_pass(p)
+             ? static_cast<std::size_t>(dv_tiles(p) * msr_stats_rows(n) * 2) * sizeof(float)
              : 0;
 }
 
 std::size_t msr_forward_workspace_bytes(const MsrForwardParams& p) {
-  return kThetaTableBytes + msr_stats_bytes(p) + segment_states_bytes(forward_split(p), p.seq.num_sequences * p.shape.H, p.shape);
+  return theta_bytes(p) + msr_stats_bytes(p) +
+         segment_states_bytes(forward_split(p), p.seq.num_sequences * p.shape.H, p.shape);
 }
 
 // Shared argument validation of the MSR launchers.
@@ -136,36 +135,23 @@ gpu::error_t launch_msr_forward(const MsrForwardParams& p) {
   if (!msr_shape_ok(n, p.seq, p.opt, p.log_decay)) return gpu::kErrorInvalidValue;
   if (p.seq.num_sequences * n.H == 0 || n.dv == 0) return gpu::kSuccess;
 
-  MsrChunkForward c;
-  c.dtype = p.dtype;
-  c.shape = n;
-  c.q = p.q;
-  c.k = p.k;
-  c.v = p.v;
-  c.o = p.y;
-  c.log_decay = p.log_decay;
-  c.scale = p.scale;
-  c.chunk_size = p.chunk_size;
-  c.initial_state = p.initial_state;
-  c.stream = p.stream;
-  c.seq = p.seq;
-  c.opt = p.opt;
-  c.g = p.g;
-  if (p.workspace == nullptr) return gpu::kErrorInvalidValue;
+  if (p.workspace == nullptr && msr_forward_workspace_bytes(p) > 0) return gpu::kErrorInvalidValue;
   unsigned char* const ws = static_cast<unsigned char*>(p.workspace);
+  MsrChunkForward c;
+  static_cast<MsrForwardParams&>(c) = p;
   c.theta = reinterpret_cast<const double*>(ws);
   if (gpu::error_t e = launch_rotary_theta(p.opt.rotary, n.dk, reinterpret_cast<double*>(ws), p.stream);
       e != gpu::kSuccess)
     return e;
   c.segments = forward_split(p);
   if (c.segments.count > 1) {
-    c.segments.states = reinterpret_cast<float*>(ws + kThetaTableBytes + msr_stats_bytes(p));
+    c.segments.states = reinterpret_cast<float*>(ws + theta_bytes(p) + msr_stats_bytes(p));
     c.segments.state_stride = p.seq.num_sequences * n.H * n.dk * n.dv;
     c.pass = MsrPass::kSegmentStates;
     if (gpu::error_t e = launch_msr_chunk_pass(c); e != gpu::kSuccess) return e;
   }
-  if (needs_stats_pass(p.dtype, n, p.opt)) {
-    c.stats = reinterpret_cast<float*>(ws + kThetaTableBytes);
+  if (needs_stats_pass(p)) {
+    c.stats = reinterpret_cast<float*>(ws + theta_bytes(p));
     c.pass = MsrPass::kForwardStats;
     c.final_state = nullptr;
     if (gpu::error_t e = launch_msr_chunk_pass(c); e != gpu::kSuccess) return e;

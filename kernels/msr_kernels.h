@@ -51,47 +51,23 @@ struct MsrOptions {
   bool decay_norm = false;
 };
 
-struct MsrForwardParams {
-  DType dtype = DType::kF32;
-  Shape shape;          // B, T, H, dk, dv of the inputs
-  Bthd q, k, v;
-  Bthd g;               // optional gate (g.ptr == nullptr: no gate)
-  Bthd y;               // output, input dtype
-  const float* log_decay = nullptr;
-  float scale = 1.f;
-  std::int64_t chunk_size = 64;  // informational, as for the raw chunk kernels
+// The raw ops' parameters plus the sequences, the options and the gate; `o` is the output y,
+// grad_o its cotangent.
+struct MsrForwardParams : ChunkForwardParams {
+  Bthd g;  // optional gate (g.ptr == nullptr: no gate)
   MsrSequences seq;
   MsrOptions opt;
-  const float* initial_state = nullptr;  // optional [N, H, dk, dv]
-  float* final_state = nullptr;          // optional [N, H, dk, dv]
-  // Sequence split, as ChunkForwardParams::split / num_sms (segments cut every ceil(T / n)
-  // tokens of each sequence; packed sequences shorter than that have fewer).
-  int split = -1;
-  int num_sms = 0;
-  void* workspace = nullptr;             // msr_forward_workspace_bytes() bytes (16-byte aligned)
-  gpu::stream_t stream = nullptr;
+  // States are [N, H, dk, dv]; the split cuts every ceil(T / n) tokens of each sequence
+  // (packed sequences shorter than that have fewer segments).
 };
 
-struct MsrBackwardParams {
-  DType dtype = DType::kF32;
-  Shape shape;
-  Bthd q, k, v, g;      // g optional as in the forward
-  Bthd grad_y;
-  const float* log_decay = nullptr;
-  float scale = 1.f;
-  std::int64_t chunk_size = 64;
+struct MsrBackwardParams : ChunkBackwardParams {
+  Bthd g;       // optional, as in the forward
+  Bthd grad_g;  // output when g is given
   MsrSequences seq;
   MsrOptions opt;
-  const float* initial_state = nullptr;     // optional [N, H, dk, dv]
-  const float* grad_final_state = nullptr;  // optional [N, H, dk, dv] (zero when absent)
-  // Outputs (fully written): dq, dk w.r.t. the un-rotated inputs; dg when g is given.
-  Bthd grad_q, grad_k, grad_v, grad_g;
-  float* grad_initial_state = nullptr;  // required, [N, H, dk, dv]
-  float* grad_norm_weight = nullptr;    // fp32 [dv]; required when norm && norm_weight
-  int split = -1;                       // sequence split, as in MsrForwardParams
-  int num_sms = 0;
-  void* workspace = nullptr;            // msr_backward_workspace_bytes() bytes (16-byte aligned)
-  gpu::stream_t stream = nullptr;
+  // grad_q, grad_k are w.r.t. the un-rotated inputs; states are [N, H, dk, dv].
+  float* grad_norm_weight = nullptr;  // fp32 [dv]; required when norm && norm_weight
 };
 
 // One decode token per batch row b at position offsets[b]: S <- gamma S + k~^T v in place,
@@ -99,25 +75,10 @@ struct MsrBackwardParams {
 // the RMSNorm, hence the dv limit.
 inline constexpr int kMsrStepMaxDv = 4096;
 
-struct MsrStepParams {
-  DType dtype = DType::kF32;
-  std::int64_t B = 0, H = 0, dk = 0, dv = 0;
-  const void* q = nullptr;  // [B, H, dk] with these strides, unit stride along d
-  std::int64_t q_stride_b = 0, q_stride_h = 0;
-  const void* k = nullptr;
-  std::int64_t k_stride_b = 0, k_stride_h = 0;
-  const void* v = nullptr;  // [B, H, dv]
-  std::int64_t v_stride_b = 0, v_stride_h = 0;
-  const void* g = nullptr;  // optional [B, H, dv]
-  std::int64_t g_stride_b = 0, g_stride_h = 0;
-  void* y = nullptr;        // [B, H, dv]
-  std::int64_t y_stride_b = 0, y_stride_h = 0;
-  const float* log_decay = nullptr;
-  float scale = 1.f;
-  float* state = nullptr;                 // [B, H, dk, dv], updated in place
+struct MsrStepParams : RecurrentStepParams {
+  Bthd g;                                 // optional [B, 1, H, dv]
   const std::int64_t* offsets = nullptr;  // [B] positions; null: 0
   MsrOptions opt;
-  gpu::stream_t stream = nullptr;
 };
 
 std::size_t msr_forward_workspace_bytes(const MsrForwardParams& p);

@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(kStepThreads) msr_step_kernel(const MsrStepPar
   RETENTION_SHARED(float, warp_sums, [kStepThreads / gpu::kWarpSize]);
   RETENTION_SHARED(double, theta, [kMaxHeadDimK / 2]);
 
-  const int H = static_cast<int>(p.H), dk = static_cast<int>(p.dk), dv = static_cast<int>(p.dv);
+  const int H = static_cast<int>(p.shape.H), dk = static_cast<int>(p.shape.dk), dv = static_cast<int>(p.shape.dv);
   const int b = blockIdx.x / H, h = blockIdx.x % H;
   const int tid = threadIdx.x, col = tid % kStepCols, group = tid / kStepCols;
   const std::int64_t pos = p.offsets != nullptr ? p.offsets[b] : 0;
@@ -47,8 +47,8 @@ __global__ void __launch_bounds__(kStepThreads) msr_step_kernel(const MsrStepPar
   __syncthreads();
 
   // Rotated q, k in fp32.
-  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
+  const T* q = bthd_ptr<T>(p.q, b, 0, h, 0);
+  const T* k = bthd_ptr<T>(p.k, b, 0, h, 0);
   for (int d = tid; d < dk; d += kStepThreads) {
     float qd = Elem<T>::to_float(q[d]), kd = Elem<T>::to_float(k[d]);
     if (rotary) {
@@ -65,8 +65,8 @@ __global__ void __launch_bounds__(kStepThreads) msr_step_kernel(const MsrStepPar
   const float log_gamma = p.log_decay[h];
   const float omg = one_minus_gamma(log_gamma);
   const float a = p.opt.decay_norm ? decay_normaliser(pos + 1, log_gamma) : 1.f;
-  const T* g = p.g != nullptr ? static_cast<const T*>(p.g) + b * p.g_stride_b + h * p.g_stride_h : nullptr;
-  T* y = static_cast<T*>(p.y) + b * p.y_stride_b + h * p.y_stride_h;
+  const T* g = p.g.ptr != nullptr ? bthd_ptr<T>(p.g, b, 0, h, 0) : nullptr;
+  T* y = bthd_ptr<T>(p.o, b, 0, h, 0);
   // y[c] from o = a u[c] and the normalisation factor r (1 without the norm).
   auto write_y = [&](int c, float o, float r) {
     float z = o;
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kStepThreads) msr_step_kernel(const MsrStepPar
   __syncthreads();
 
   // State update and u, kStepCols columns at a time.
-  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
+  const T* v = bthd_ptr<T>(p.v, b, 0, h, 0);
   float* const S = p.state + (static_cast<std::int64_t>(b) * H + h) * dk * dv;
   for (int c0 = blockIdx.y * kStepCols; c0 < dv; c0 += gridDim.y * kStepCols) {
     const int c = c0 + col;
@@ -135,47 +135,28 @@ __global__ void __launch_bounds__(kStepThreads) msr_step_kernel(const MsrStepPar
   for (int c = tid; c < dv; c += kStepThreads) write_y(c, a * su[c], r);
 }
 
-template <class T>
-gpu::error_t launch_step(const MsrStepParams& p) {
-  const dim3 grid(static_cast<unsigned>(p.B * p.H), p.opt.norm ? 1u : static_cast<unsigned>((p.dv + kStepCols - 1) / kStepCols));
-  return gpu::launch(&msr_step_kernel<T>, grid, kStepThreads, 0, p.stream, p);
-}
-
 }  // namespace
 
 gpu::error_t launch_msr_step(const MsrStepParams& p) {
-  if (p.B < 0 || p.H < 0 || p.dk < 0 || p.dv < 0 || p.dk > kMaxHeadDimK || (p.opt.norm && p.dv > kMsrStepMaxDv) ||
+  const Shape& n = p.shape;
+  if (n.B < 0 || n.H < 0 || n.dk < 0 || n.dv < 0 || n.dk > kMaxHeadDimK || (p.opt.norm && n.dv > kMsrStepMaxDv) ||
       p.log_decay == nullptr)
     return gpu::kErrorInvalidValue;
-  if (p.opt.rotary != RotaryMode::kNone && p.dk % 2 != 0) return gpu::kErrorInvalidValue;
-  if (p.B * p.H == 0 || p.dv == 0) return gpu::kSuccess;
-  if (p.state == nullptr || p.y == nullptr) return gpu::kErrorInvalidValue;
-  switch (p.dtype) {
-    case DType::kF16:
-      return launch_step<f16_t>(p);
-    case DType::kBF16:
-      return launch_step<bf16_t>(p);
-    case DType::kF32:
-      return launch_step<float>(p);
-  }
-  return gpu::kErrorInvalidValue;
+  if (p.opt.rotary != RotaryMode::kNone && n.dk % 2 != 0) return gpu::kErrorInvalidValue;
+  if (n.B * n.H == 0 || n.dv == 0) return gpu::kSuccess;
+  if (p.state == nullptr || p.o.ptr == nullptr) return gpu::kErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(n.B * n.H), p.opt.norm ? 1u : static_cast<unsigned>((n.dv + kStepCols - 1) / kStepCols));
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    return gpu::launch(&msr_step_kernel<decltype(t)>, grid, kStepThreads, 0, p.stream, p);
+  });
 }
 
 // The raw step: the fused step with no rotation, no normaliser, no norm and no gate.
 gpu::error_t launch_recurrent_step(const RecurrentStepParams& r) {
   MsrStepParams p;
-  p.dtype = r.dtype;
-  p.B = r.B, p.H = r.H, p.dk = r.dk, p.dv = r.dv;
-  p.q = r.q, p.q_stride_b = r.q_stride_b, p.q_stride_h = r.q_stride_h;
-  p.k = r.k, p.k_stride_b = r.k_stride_b, p.k_stride_h = r.k_stride_h;
-  p.v = r.v, p.v_stride_b = r.v_stride_b, p.v_stride_h = r.v_stride_h;
-  p.y = r.o, p.y_stride_b = r.o_stride_b, p.y_stride_h = r.o_stride_h;
-  p.log_decay = r.log_decay;
-  p.scale = r.scale;
-  p.state = r.state;
+  static_cast<RecurrentStepParams&>(p) = r;
   p.opt.rotary = RotaryMode::kNone;
   p.opt.norm = false;
-  p.stream = r.stream;
   return launch_msr_step(p);
 }
 

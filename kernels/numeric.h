@@ -31,6 +31,20 @@ struct bf16_t {
 };
 static_assert(sizeof(f16_t) == 2 && sizeof(bf16_t) == 2, "raw 16-bit storage");
 
+// launch(T{}) with T the element type of `dtype` (a launcher's dtype switch).
+template <class F>
+gpu::error_t dispatch_dtype(DType dtype, F&& launch) {
+  switch (dtype) {
+    case DType::kF16:
+      return launch(f16_t{});
+    case DType::kBF16:
+      return launch(bf16_t{});
+    case DType::kF32:
+      return launch(float{});
+  }
+  return gpu::kErrorInvalidValue;
+}
+
 // ------------------------------------------------------------------------------------------
 // Host conversions (round-to-nearest-even, NaN/Inf preserving).
 // ------------------------------------------------------------------------------------------

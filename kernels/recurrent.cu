@@ -90,13 +90,6 @@ gpu::error_t launch_scan(const RecurrentForwardParams& p) {
   return gpu::launch(&recurrent_forward_kernel<T, kMaxDk>, grid, kScanWarps * gpu::kWarpSize, 0, p.stream, p);
 }
 
-template <class T>
-gpu::error_t launch_scan_dk(const RecurrentForwardParams& p) {
-  if (p.shape.dk <= 64) return launch_scan<T, 64>(p);
-  if (p.shape.dk <= 128) return launch_scan<T, 128>(p);
-  return launch_scan<T, kMaxHeadDimK>(p);
-}
-
 }  // namespace
 
 gpu::error_t launch_recurrent_forward(const RecurrentForwardParams& p) {
@@ -105,15 +98,10 @@ gpu::error_t launch_recurrent_forward(const RecurrentForwardParams& p) {
     return gpu::kErrorInvalidValue;
   if (n.B * n.H == 0 || n.dv == 0) return gpu::kSuccess;
   if (gpu::error_t e = gpu::check_warp_size(); e != gpu::kSuccess) return e;
-  switch (p.dtype) {
-    case DType::kF16:
-      return launch_scan_dk<f16_t>(p);
-    case DType::kBF16:
-      return launch_scan_dk<bf16_t>(p);
-    case DType::kF32:
-      return launch_scan_dk<float>(p);
-  }
-  return gpu::kErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    return p.shape.dk <= 64 ? launch_scan<T, 64>(p) : p.shape.dk <= 128 ? launch_scan<T, 128>(p) : launch_scan<T, 256>(p);
+  });
 }
 
 }  // namespace retention::kernels

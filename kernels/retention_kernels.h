@@ -31,46 +31,37 @@ struct Shape {
 
 inline constexpr int kMaxHeadDimK = 256;
 
-struct ChunkForwardParams {
+// What every chunk launch takes.  The kernels use their own chunk (a tile constant: 64 rows for
+// 16-bit inputs, 32 for fp32) whatever the op's chunk_size: the result is the same function of
+// the inputs up to rounding.
+struct ChunkInputs {
   DType dtype = DType::kF32;
   Shape shape;
-  Bthd q, k, v, o;
+  Bthd q, k, v;
   const float* log_decay = nullptr;
   float scale = 1.f;
-  // The op's chunk_size.  The kernels use their own chunk (a tile constant: 64 rows for 16-bit
-  // inputs, 32 for fp32); the result is the same function of the inputs up to rounding.
-  std::int64_t chunk_size = 64;
   const float* initial_state = nullptr;  // optional
-  float* final_state = nullptr;          // optional
-  // Sequence split (chunk_fwd.cu): when the grid of (batch, head, dv tile) CTAs is under two
-  // waves, T is cut into segments run by separate CTAs.  -1: chosen from the shape and the SM
-  // count; 0: off; n > 0: n segments of ceil(T / n) tokens (tests).
+  // Sequence split (chunk_common.cuh): when the grid of CTAs is under two waves, T is cut into
+  // segments run by separate CTAs.  -1: chosen from the shape and the SM count; 0: off; n > 0:
+  // n segments of ceil(T / n) tokens (tests).
   int split = -1;
   int num_sms = 0;  // SMs the automatic choice plans for; 0: the current device's
-  // fp32 scratch of chunk_forward_workspace_bytes() bytes (the segments' states); may be null
+  // Scratch of *_workspace_bytes() bytes, 16-byte aligned, no zero-fill needed; may be null
   // when that size is 0.
-  float* workspace = nullptr;
+  void* workspace = nullptr;
   gpu::stream_t stream = nullptr;
 };
 
-struct ChunkBackwardParams {
-  DType dtype = DType::kF32;
-  Shape shape;
-  Bthd q, k, v, grad_o;
+struct ChunkForwardParams : ChunkInputs {
+  Bthd o;
+  float* final_state = nullptr;  // optional
+};
+
+struct ChunkBackwardParams : ChunkInputs {
+  Bthd grad_o;
   Bthd grad_q, grad_k, grad_v;
-  const float* log_decay = nullptr;
-  float scale = 1.f;
-  std::int64_t chunk_size = 64;
-  const float* initial_state = nullptr;     // optional
   const float* grad_final_state = nullptr;  // optional (zero when absent)
   float* grad_initial_state = nullptr;      // required, [B, H, dk, dv]
-  // Sequence split of both sweeps (chunk_common.cuh), as in ChunkForwardParams.
-  int split = -1;
-  int num_sms = 0;
-  // fp32 scratch of chunk_backward_workspace_bytes() bytes (dq/dk partial sums over dv tiles,
-  // the split's segment states); may be null when that size is 0.
-  float* workspace = nullptr;
-  gpu::stream_t stream = nullptr;
 };
 
 // Token-by-token scan; same math as the chunk form, one state update per token.
@@ -85,19 +76,12 @@ struct RecurrentForwardParams {
   gpu::stream_t stream = nullptr;
 };
 
-// One decode step: S <- gamma S + k^T v (in place), o = scale * q S_new.
-// q, k: [B, H, dk], v, o: [B, H, dv], unit stride along d.
+// One decode step: S <- gamma S + k^T v (in place), o = scale * q S_new.  shape.T is 1: q, k
+// are [B, 1, H, dk], v, o [B, 1, H, dv] (stride_t unused).
 struct RecurrentStepParams {
   DType dtype = DType::kF32;
-  std::int64_t B = 0, H = 0, dk = 0, dv = 0;
-  const void* q = nullptr;
-  std::int64_t q_stride_b = 0, q_stride_h = 0;
-  const void* k = nullptr;
-  std::int64_t k_stride_b = 0, k_stride_h = 0;
-  const void* v = nullptr;
-  std::int64_t v_stride_b = 0, v_stride_h = 0;
-  void* o = nullptr;
-  std::int64_t o_stride_b = 0, o_stride_h = 0;
+  Shape shape;
+  Bthd q, k, v, o;
   const float* log_decay = nullptr;
   float scale = 1.f;
   float* state = nullptr;  // [B, H, dk, dv], updated in place

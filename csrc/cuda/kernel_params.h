@@ -65,43 +65,18 @@ struct Inputs {
   at::Tensor q, k, v, log_decay;
 };
 
-// What every launcher takes: dtype, fp32 log_decay, scale, the current stream (and the q / k / v
-// filled by the two functions below).
+// What every launcher takes: dtype, fp32 log_decay, scale, the current stream, and the shape and
+// q / k / v as [B, T, H, d] operands (T = 1 for the decode steps).
 template <class Params>
-Inputs fill_common(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+Inputs fill_inputs(Params& p, const Dims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& log_decay, double scale) {
   Inputs in{unit_inner_stride(q), unit_inner_stride(k), unit_inner_stride(v), log_decay.to(at::kFloat).contiguous()};
   p.dtype = kernel_dtype(q.scalar_type());
   p.log_decay = in.log_decay.data_ptr<float>();
   p.scale = static_cast<float>(scale);
   p.stream = at::cuda::getCurrentCUDAStream().stream();
-  return in;
-}
-
-// Multi-token launchers: [B, T, H, d] operands.
-template <class Params>
-Inputs fill_inputs(Params& p, const Dims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& log_decay, double scale) {
-  Inputs in = fill_common(p, q, k, v, log_decay, scale);
   p.shape.B = d.B, p.shape.T = d.T, p.shape.H = d.H, p.shape.dk = d.dk, p.shape.dv = d.dv;
   p.q = bthd(in.q), p.k = bthd(in.k), p.v = bthd(in.v);
-  return in;
-}
-
-// Decode steps: [B, 1, H, d] operands, as a pointer and b / h strides.
-template <class Ptr>
-void one_token(Ptr& ptr, int64_t& stride_b, int64_t& stride_h, const at::Tensor& x) {
-  ptr = x.data_ptr(), stride_b = x.stride(0), stride_h = x.stride(2);
-}
-
-template <class Params>
-Inputs fill_step_inputs(Params& p, const Dims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const at::Tensor& log_decay, double scale) {
-  Inputs in = fill_common(p, q, k, v, log_decay, scale);
-  p.B = d.B, p.H = d.H, p.dk = d.dk, p.dv = d.dv;
-  one_token(p.q, p.q_stride_b, p.q_stride_h, in.q);
-  one_token(p.k, p.k_stride_b, p.k_stride_h, in.k);
-  one_token(p.v, p.v_stride_b, p.v_stride_h, in.v);
   return in;
 }
 

@@ -92,8 +92,7 @@ Pair msr_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   rk::MsrForwardParams p;
   const Inputs in = fill_inputs(p, d, q, k, v, log_decay, scale);
   if (g_.defined()) p.g = bthd(g_);
-  p.y = bthd(y);
-  p.chunk_size = chunk_size;
+  p.o = bthd(y);
   p.seq = L.seq;
   p.opt = L.opt;
   p.initial_state = ptr_or_null(h0);
@@ -139,8 +138,7 @@ Six msr_backward_cuda(const at::Tensor& grad_y, const OptTensor& grad_final_stat
     p.g = bthd(g_);
     p.grad_g = bthd(dg);
   }
-  p.grad_y = bthd(dy);
-  p.chunk_size = chunk_size;
+  p.grad_o = bthd(dy);
   p.seq = L.seq;
   p.opt = L.opt;
   p.initial_state = ptr_or_null(h0);
@@ -192,9 +190,9 @@ at::Tensor msr_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Ten
   at::Tensor y = at::empty({d.B, 1, d.H, d.dv}, q.options());
 
   rk::MsrStepParams p;
-  const Inputs in = fill_step_inputs(p, d, q4, k4, v4, log_decay, scale);
-  if (g_.defined()) one_token(p.g, p.g_stride_b, p.g_stride_h, g_);
-  one_token(p.y, p.y_stride_b, p.y_stride_h, y);
+  const Inputs in = fill_inputs(p, d, q4, k4, v4, log_decay, scale);
+  if (g_.defined()) p.g = bthd(g_);
+  p.o = bthd(y);
   p.state = state.data_ptr<float>();
   p.offsets = L.seq.offsets;
   p.opt = L.opt;

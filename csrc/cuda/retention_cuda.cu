@@ -24,7 +24,7 @@ using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // ---- forward ----------------------------------------------------------------------------------
 
 Pair chunked_forward(const char* op, const Dims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& log_decay, double scale, int64_t chunk_size, const OptTensor& initial_state) {
+                     const at::Tensor& log_decay, double scale, const OptTensor& initial_state) {
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor h0 = fp32_contiguous(initial_state);
   at::Tensor o = at::empty({d.B, d.T, d.H, d.dv}, q.options());
@@ -33,13 +33,12 @@ Pair chunked_forward(const char* op, const Dims& d, const at::Tensor& q, const a
   rk::ChunkForwardParams p;
   const Inputs in = fill_inputs(p, d, q, k, v, log_decay, scale);
   p.o = bthd(o);
-  p.chunk_size = chunk_size;
   p.initial_state = ptr_or_null(h0);
   p.final_state = state.data_ptr<float>();
   p.num_sms = num_sms();
   // Segment states of the sequence split (kernels/chunk_fwd.cuh), when the launcher splits.
   const at::Tensor ws = workspace(rk::chunk_forward_workspace_bytes(p), q);
-  p.workspace = static_cast<float*>(ws.data_ptr());
+  p.workspace = ws.data_ptr();
   check_launch(rk::launch_chunk_forward(p), op);
   return {o, state};
 }
@@ -52,7 +51,7 @@ Pair chunk_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tens
   check_chunk_size(op, chunk_size);
   if (q.scalar_type() == at::kDouble)
     return CpuKernel<&chunk_forward_cuda>::run(op, q.device(), q, k, v, log_decay, scale, chunk_size, initial_state);
-  return chunked_forward(op, d, q, k, v, log_decay, scale, chunk_size, initial_state);
+  return chunked_forward(op, d, q, k, v, log_decay, scale, initial_state);
 }
 
 // The parallel form computes the same function; on the GPU the chunk kernel is the faster way
@@ -63,7 +62,7 @@ Pair parallel_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
   const Dims d = check_inputs(op, q, k, v, log_decay, initial_state);
   if (q.scalar_type() == at::kDouble)
     return CpuKernel<&parallel_forward_cuda>::run(op, q.device(), q, k, v, log_decay, scale, initial_state);
-  return chunked_forward(op, d, q, k, v, log_decay, scale, 64, initial_state);
+  return chunked_forward(op, d, q, k, v, log_decay, scale, initial_state);
 }
 
 Pair recurrent_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -90,7 +89,7 @@ Pair recurrent_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::
 
 Quad chunked_backward(const char* op, const Dims& d, const at::Tensor& grad_o, const OptTensor& grad_final_state,
                       const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
-                      double scale, int64_t chunk_size, const OptTensor& initial_state) {
+                      double scale, const OptTensor& initial_state) {
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor do_ = unit_inner_stride(grad_o.to(q.scalar_type()));
   const at::Tensor h0 = fp32_contiguous(initial_state), dhT = fp32_contiguous(grad_final_state);
@@ -105,7 +104,6 @@ Quad chunked_backward(const char* op, const Dims& d, const at::Tensor& grad_o, c
   p.grad_q = bthd(dq);
   p.grad_k = bthd(dk);
   p.grad_v = bthd(dv);
-  p.chunk_size = chunk_size;
   p.initial_state = ptr_or_null(h0);
   p.grad_final_state = ptr_or_null(dhT);
   p.grad_initial_state = dh0.data_ptr<float>();
@@ -114,7 +112,7 @@ Quad chunked_backward(const char* op, const Dims& d, const at::Tensor& grad_o, c
   // alertNotDeterministic under torch.use_deterministic_algorithms.
   p.num_sms = num_sms();
   const at::Tensor ws = workspace(rk::chunk_backward_workspace_bytes(p), q);
-  p.workspace = static_cast<float*>(ws.data_ptr());
+  p.workspace = ws.data_ptr();
   check_launch(rk::launch_chunk_backward(p), op);
   return {dq, dk, dv, dh0};
 }
@@ -129,7 +127,7 @@ Quad chunk_backward_cuda(const at::Tensor& grad_o, const OptTensor& grad_final_s
   if (q.scalar_type() == at::kDouble)
     return CpuKernel<&chunk_backward_cuda>::run(op, q.device(), grad_o, grad_final_state, q, k, v, log_decay, scale,
                                                 chunk_size, initial_state);
-  return chunked_backward(op, d, grad_o, grad_final_state, q, k, v, log_decay, scale, chunk_size, initial_state);
+  return chunked_backward(op, d, grad_o, grad_final_state, q, k, v, log_decay, scale, initial_state);
 }
 
 Quad parallel_backward_cuda(const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
@@ -141,7 +139,7 @@ Quad parallel_backward_cuda(const at::Tensor& grad_o, const OptTensor& grad_fina
   if (q.scalar_type() == at::kDouble)
     return CpuKernel<&parallel_backward_cuda>::run(op, q.device(), grad_o, grad_final_state, q, k, v, log_decay,
                                                    scale, initial_state);
-  return chunked_backward(op, d, grad_o, grad_final_state, q, k, v, log_decay, scale, 64, initial_state);
+  return chunked_backward(op, d, grad_o, grad_final_state, q, k, v, log_decay, scale, initial_state);
 }
 
 // ---- decode step ------------------------------------------------------------------------------
@@ -163,8 +161,8 @@ at::Tensor recurrent_step_cuda(const at::Tensor& q, const at::Tensor& k, const a
   at::Tensor o = at::empty({d.B, 1, d.H, d.dv}, q.options());
 
   rk::RecurrentStepParams p;
-  const Inputs in = fill_step_inputs(p, d, q4, k4, v4, log_decay, scale);
-  one_token(p.o, p.o_stride_b, p.o_stride_h, o);
+  const Inputs in = fill_inputs(p, d, q4, k4, v4, log_decay, scale);
+  p.o = bthd(o);
   p.state = state.data_ptr<float>();
   check_launch(rk::launch_recurrent_step(p), op);
   return q.dim() == 3 ? o.squeeze(1) : o;

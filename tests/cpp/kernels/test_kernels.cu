@@ -139,7 +139,7 @@ rk::Bthd bthd(void* base, const Problem& p, int d, int offset_elems, rk::DType t
 // does; the split is automatic unless prm.split says otherwise.
 DeviceBuffer forward_workspace(rk::ChunkForwardParams& prm) {
   DeviceBuffer ws(rk::chunk_forward_workspace_bytes(prm));
-  prm.workspace = ws.as<float>();
+  prm.workspace = ws.ptr;
   return ws;
 }
 
@@ -283,7 +283,7 @@ TEST_P(RetentionKernels, ChunkBackwardMatchesReference) {
   prm.grad_final_state = c.with_state ? gsT.as<float>() : nullptr;
   prm.grad_initial_state = gs0.as<float>();
   DeviceBuffer ws(rk::chunk_backward_workspace_bytes(prm));
-  prm.workspace = ws.as<float>();
+  prm.workspace = ws.ptr;
   GPU_OK(rk::launch_chunk_backward(prm));
   GPU_OK(gpu::synchronize());
 
@@ -314,22 +314,11 @@ TEST_P(RecurrentStep, UpdatesStateInPlace) {
 
   rk::RecurrentStepParams prm;
   prm.dtype = t;
-  prm.B = p.B;
-  prm.H = p.H;
-  prm.dk = p.dk;
-  prm.dv = p.dv;
-  prm.q = dq.ptr;
-  prm.q_stride_b = std::int64_t(p.H) * p.dk;
-  prm.q_stride_h = p.dk;
-  prm.k = dk.ptr;
-  prm.k_stride_b = prm.q_stride_b;
-  prm.k_stride_h = prm.q_stride_h;
-  prm.v = dv.ptr;
-  prm.v_stride_b = std::int64_t(p.H) * p.dv;
-  prm.v_stride_h = p.dv;
-  prm.o = dO.ptr;
-  prm.o_stride_b = prm.v_stride_b;
-  prm.o_stride_h = prm.v_stride_h;
+  prm.shape = {p.B, 1, p.H, p.dk, p.dv};
+  prm.q = bthd(dq.ptr, p, p.dk, 0, t);
+  prm.k = bthd(dk.ptr, p, p.dk, 0, t);
+  prm.v = bthd(dv.ptr, p, p.dv, 0, t);
+  prm.o = bthd(dO.ptr, p, p.dv, 0, t);
   prm.log_decay = decay.as<float>();
   prm.scale = static_cast<float>(p.scale);
   prm.state = state.as<float>();
@@ -387,15 +376,15 @@ TEST(RecurrentNumerics, DecayNearOneNotRoundedToFp32) {
 
   rk::RecurrentStepParams st;  // token t: q, k, v, o at element offset t * d
   st.dtype = t;
-  st.B = 1, st.H = 1, st.dk = dk, st.dv = dv;
+  st.shape = {1, 1, 1, dk, dv};
   st.log_decay = decay.as<float>();
   st.scale = static_cast<float>(p.scale);
   st.state = s0.as<float>();
   for (int i = 0; i < T; ++i) {
-    st.q = static_cast<const float*>(dq.ptr) + std::size_t(i) * dk;
-    st.k = static_cast<const float*>(dk_.ptr) + std::size_t(i) * dk;
-    st.v = static_cast<const float*>(dv_.ptr) + std::size_t(i) * dv;
-    st.o = static_cast<float*>(dO.ptr) + std::size_t(i) * dv;
+    st.q = bthd(dq.ptr, p, dk, i * dk, t);
+    st.k = bthd(dk_.ptr, p, dk, i * dk, t);
+    st.v = bthd(dv_.ptr, p, dv, i * dv, t);
+    st.o = bthd(dO.ptr, p, dv, i * dv, t);
     GPU_OK(rk::launch_recurrent_step(st));
   }
   GPU_OK(gpu::synchronize());
@@ -598,7 +587,7 @@ BackwardOut run_chunk_backward(Problem& p, rk::DType t, std::vector<double>& gra
   prm.num_sms = num_sms;
   DeviceBuffer ws(rk::chunk_backward_workspace_bytes(prm));
   if (workspace_bytes != nullptr) *workspace_bytes = ws.bytes;
-  prm.workspace = ws.as<float>();
+  prm.workspace = ws.ptr;
   EXPECT_EQ(rk::launch_chunk_backward(prm), gpu::kSuccess);
   EXPECT_EQ(gpu::synchronize(), gpu::kSuccess);
   return {gq.download(), gk.download(), gv.download(), gs0.download()};
@@ -865,10 +854,10 @@ TEST(Launchers, RejectBadArgumentsAndAcceptEmptyProblems) {
   EXPECT_EQ(rk::launch_recurrent_forward(r), gpu::kSuccess);
 
   rk::RecurrentStepParams st;
-  st.B = 1, st.H = 1, st.dk = 257, st.dv = 8;
+  st.shape = {1, 1, 1, 257, 8};
   st.log_decay = &decay;
   EXPECT_EQ(rk::launch_recurrent_step(st), gpu::kErrorInvalidValue);
-  st.dk = 64, st.dv = 0;
+  st.shape.dk = 64, st.shape.dv = 0;
   EXPECT_EQ(rk::launch_recurrent_step(st), gpu::kSuccess);
 
   // An unknown dtype value is rejected by every dispatch (after the device check).
@@ -882,7 +871,7 @@ TEST(Launchers, RejectBadArgumentsAndAcceptEmptyProblems) {
   r.shape = {1, 4, 1, 64, 8};
   r.dtype = static_cast<rk::DType>(7);
   EXPECT_EQ(rk::launch_recurrent_forward(r), gpu::kErrorInvalidValue);
-  st.dv = 8;
+  st.shape.dv = 8;
   st.dtype = static_cast<rk::DType>(7);
   EXPECT_EQ(rk::launch_recurrent_step(st), gpu::kErrorInvalidValue);
 }

@@ -287,15 +287,15 @@ TEST(MsrLaunchers, RejectBadArguments) {
   EXPECT_EQ(rk::launch_msr_backward(b), gpu::kErrorInvalidValue);
 
   rk::MsrStepParams st;
-  st.B = 1, st.H = 1, st.dk = 64, st.dv = rk::kMsrStepMaxDv + 1;
+  st.shape = {1, 1, 1, 64, rk::kMsrStepMaxDv + 1};
   st.log_decay = &decay;
   EXPECT_EQ(rk::launch_msr_step(st), gpu::kErrorInvalidValue);
-  st.dv = 8;
-  st.dk = 63;
+  st.shape.dv = 8;
+  st.shape.dk = 63;
   EXPECT_EQ(rk::launch_msr_step(st), gpu::kErrorInvalidValue);  // rotary with odd dk
-  st.dk = 64;
+  st.shape.dk = 64;
   EXPECT_EQ(rk::launch_msr_step(st), gpu::kErrorInvalidValue);  // no state / output
-  st.B = 0;
+  st.shape.B = 0;
   EXPECT_EQ(rk::launch_msr_step(st), gpu::kSuccess);
 }
 
@@ -395,7 +395,7 @@ MsrForwardOut run_msr_forward(const Msr& m, const DeviceMsr& d, int split = -1) 
   p.k = bthd(d.k.ptr, c, c.dk);
   p.v = bthd(d.v.ptr, c, c.dv);
   if (c.gate) p.g = bthd(d.g.ptr, c, c.dv);
-  p.y = bthd(y.ptr, c, c.dv);
+  p.o = bthd(y.ptr, c, c.dv);
   p.log_decay = d.decay.as<float>();
   p.scale = static_cast<float>(m.scale);
   p.seq = d.seq(m);
@@ -489,7 +489,7 @@ MsrGrads run_msr_backward(Msr& m, const DeviceMsr& d, std::vector<double>& dy, s
     p.g = bthd(d.g.ptr, c, c.dv);
     p.grad_g = bthd(dg.ptr, c, c.dv);
   }
-  p.grad_y = bthd(gy.ptr, c, c.dv);
+  p.grad_o = bthd(gy.ptr, c, c.dv);
   p.log_decay = d.decay.as<float>();
   p.scale = static_cast<float>(m.scale);
   p.seq = d.seq(m);
@@ -609,27 +609,13 @@ TEST_P(MsrStep, MatchesReference) {
 
   rk::MsrStepParams p;
   p.dtype = c.dtype;
-  p.B = c.B;
-  p.H = c.H;
-  p.dk = c.dk;
-  p.dv = c.dv;
-  p.q = d.q.ptr;
-  p.q_stride_b = std::int64_t(c.H) * c.dk;
-  p.q_stride_h = c.dk;
-  p.k = d.k.ptr;
-  p.k_stride_b = p.q_stride_b;
-  p.k_stride_h = p.q_stride_h;
-  p.v = d.v.ptr;
-  p.v_stride_b = std::int64_t(c.H) * c.dv;
-  p.v_stride_h = c.dv;
-  if (c.gate) {
-    p.g = d.g.ptr;
-    p.g_stride_b = p.v_stride_b;
-    p.g_stride_h = p.v_stride_h;
-  }
-  p.y = y.ptr;
-  p.y_stride_b = p.v_stride_b;
-  p.y_stride_h = p.v_stride_h;
+  ASSERT_EQ(c.T, 1);
+  p.shape = {c.B, 1, c.H, c.dk, c.dv};
+  p.q = bthd(d.q.ptr, c, c.dk);
+  p.k = bthd(d.k.ptr, c, c.dk);
+  p.v = bthd(d.v.ptr, c, c.dv);
+  if (c.gate) p.g = bthd(d.g.ptr, c, c.dv);
+  p.o = bthd(y.ptr, c, c.dv);
   p.log_decay = d.decay.as<float>();
   p.scale = static_cast<float>(m.scale);
   p.state = state.as<float>();
@@ -731,7 +717,7 @@ TEST(MsrEdgeCases, BadCuSeqlensStayInBounds) {
     f.k = bthd(d.k.ptr, c, c.dk);
     f.v = bthd(d.v.ptr, c, c.dv);
     f.g = bthd(d.g.ptr, c, c.dv);
-    f.y = bthd(y.data(), c, c.dv);
+    f.o = bthd(y.data(), c, c.dv);
     f.log_decay = d.decay.as<float>();
     f.scale = static_cast<float>(m.scale);
     f.seq = d.seq(m);
@@ -755,7 +741,7 @@ TEST(MsrEdgeCases, BadCuSeqlensStayInBounds) {
     b.k = f.k;
     b.v = f.v;
     b.g = f.g;
-    b.grad_y = bthd(gy.ptr, c, c.dv);
+    b.grad_o = bthd(gy.ptr, c, c.dv);
     b.log_decay = f.log_decay;
     b.scale = f.scale;
     b.seq = f.seq;
