@@ -146,8 +146,8 @@ def demangle(names):
 def parse_ptxas(log_dir):
     """{kernel key: {"regs", "smem_static", "spill"}} from nvcc -Xptxas -v logs of sm_90.
 
-    Keys: ("chunk_forward", T, max_dk, state_regs) for the raw forward and the backward sweeps
-    (NoFusion: the fused layer runs the same sweeps on pre-rotated q / k), and
+    Keys: ("chunk_forward", T, max_dk, state_regs) for the raw forward (NoFusion) and the
+    backward sweeps (MsrFusion<true>: the raw backward runs the fused layer's sweeps), and
     ("recurrent_step", T) / ("msr_step", T) for the decode steps."""
     entries = []
     for path in sorted(glob.glob(os.path.join(log_dir, "nvcc_*_sm90.log"))):
@@ -171,8 +171,8 @@ def parse_ptxas(log_dir):
         t = re.search(r"(?:ChunkTraits|_kernel)<(?:retention::kernels::)?(f16_t|bf16_t|float)\b", pretty)
         dtype = {"f16_t": "f16", "bf16_t": "bf16", "float": "f32"}[t.group(1)] if t else None
         m = re.search(r"(chunk_forward|chunk_backward_dq|chunk_backward_dkv)_kernel<retention::kernels::"
-                      r"ChunkTraits<[^,]+, (\d+), (\d+), retention::kernels::NoFusion>", pretty)
-        if m:
+                      r"ChunkTraits<[^,]+, (\d+), (\d+), retention::kernels::(NoFusion|MsrFusion<true> ?)>", pretty)
+        if m and (m.group(4) == "NoFusion") == (m.group(1) == "chunk_forward"):
             # <Tr, SplitPass> (forward, dk/dv sweep): 1 = the split's state-only pass, 2 = its
             # segment pass; <Tr, bool> (dq sweep): true = segment pass; 0 / false = no split
             # (kernels/chunk_common.cuh)

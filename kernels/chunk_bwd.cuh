@@ -1,6 +1,6 @@
 // chunk_bwd.cuh - the two backward sweeps of chunkwise retention.  One instantiation
-// (MsrFusion<true>: packed sequences; q / k arrive rotated) serves the fused MSR layer core
-// and the raw op, which is that backward with batch rows as sequences (msr_bwd.cu, chunk_bwd.cu).
+// (MsrFusion<true>: packed sequences; q / k arrive rotated) serves the fused MSR layer core and
+// the raw op (msr_bwd.cu).
 //
 //
 // With M_ij = g^(i-j)[i >= j] inside a chunk of L tokens, S the state entering the chunk and
@@ -96,6 +96,16 @@ RT_DEVICE int sweep_tile(int group, int dv, int pass, int passes) {
   return tile * BV < dv ? tile : -1;
 }
 
+// D = scale * (dO V^T .* M) on the warp's rows, rounded into the shared tile d (both sweeps).
+template <class Tr, class T>
+RT_DEVICE void store_grad_scores(SmemTile<T> d, SmemTile<T> dO, SmemTile<T> v, int r0, float scale, float log2g) {
+  typename Tr::FragC D[Tr::BT / 16];
+  fill<typename Tr::Mma>(D, 0.f);
+  warp_mma<typename Tr::Mma, Tr::BT / 16, Tr::BV / 16>(D, dO.block(r0, 0), v.t());
+  decay_mask<typename Tr::Mma, Tr::BT / 16>(D, r0, scale, log2g);
+  store<typename Tr::Mma, Tr::BT / 16>(d.block(r0, 0), D);
+}
+
 // dq partials: `partials` is the [groups, B*H, T, dk] fp32 slice array of the dq sweep.
 // kSplit: pass (c) of the sequence split (chunk_common.cuh), from the forward's segment states.
 // One resident CTA per SM is enough here (minimum 1): without saying so ptxas capped the fp32
@@ -146,7 +156,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if constexpr (kSplit)
     if (cta.segment > 0) entering = split.states + (cta.segment - 1) * split.state_stride;
   FragC S[KT][NV];
-  load_state<Tr>(S, entering ? entering + static_cast<std::int64_t>(cta.row) * dk * dv : nullptr, dk, dv, v0);
+  copy_state<Tr>(S, entering ? entering + static_cast<std::int64_t>(cta.row) * dk * dv : nullptr, dk, dv, v0);
 
   for (std::int64_t t0 = 0; t0 < seq.length; t0 += BT) {
     const int L = seq.length - t0 < BT ? static_cast<int>(seq.length - t0) : BT;
@@ -160,14 +170,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     __syncthreads();
     scale_rows<BT, BV, kThreads>(sVd, sV, LDV, [&](int j) { return j < L ? decay_pow(L - 1 - j, log2g) : 0.f; });
 
-    FragC D[NT];
-    fill<Mma>(D, 0.f);
-    warp_mma<Mma, NT, NV>(D, dO.block(r0, 0), v.t());  // D = dO V^T
-    for_each<Mma, NT>(D, [&](int r, int j, float& x) {
-      const int i = r0 + r;
-      x = i >= j ? x * p.scale * decay_pow(i - j, log2g) : 0.f;
-    });
-    store<Mma, NT>(d.block(r0, 0), D);
+    store_grad_scores<Tr>(d, dO, v, r0, p.scale, log2g);
 
 #pragma unroll
     for (int kt = 0; kt < KT; ++kt) {
@@ -255,7 +258,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
     if (cta.segment + 1 != split.count) entering = split.states + cta.segment * split.state_stride;
   }
   FragC dH[KT][NV];
-  load_state<Tr>(dH, entering ? entering + static_cast<std::int64_t>(cta.row) * dk * dv : nullptr, dk, dv, v0);
+  copy_state<Tr>(dH, entering ? entering + static_cast<std::int64_t>(cta.row) * dk * dv : nullptr, dk, dv, v0);
 
   const std::int64_t num_chunks = (seq.length + BT - 1) / BT;
   for (std::int64_t c = num_chunks - 1; c >= 0; --c) {
@@ -272,16 +275,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
     __syncthreads();
     scale_rows<BT, BV, kThreads>(sDOd, sDO, LDV, [&](int i) { return p.scale * decay_pow(i + 1, log2g); });
 
-    if constexpr (!kStateOnly) {
-      FragC D[NT];
-      fill<Mma>(D, 0.f);
-      warp_mma<Mma, NT, NV>(D, dO.block(r0, 0), v.t());  // D = dO V^T
-      for_each<Mma, NT>(D, [&](int r, int j, float& x) {
-        const int i = r0 + r;
-        x = i >= j ? x * p.scale * decay_pow(i - j, log2g) : 0.f;
-      });
-      store<Mma, NT>(d.block(r0, 0), D);
-    }
+    if constexpr (!kStateOnly) store_grad_scores<Tr>(d, dO, v, r0, p.scale, log2g);
 
     FragC At[NT], dV[NV];
     fill<Mma>(At, 0.f);
@@ -321,10 +315,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
     if constexpr (kStateOnly) continue;
     __syncthreads();  // q/k buffers become the transposed score tile
 
-    for_each<Mma, NT>(At, [&](int r, int i, float& x) {
-      const int j = r0 + r;
-      x = i >= j ? x * p.scale * decay_pow(i - j, log2g) : 0.f;
-    });
+    decay_mask<Mma, NT, true>(At, r0, p.scale, log2g);
     store<Mma, NT>(a.block(r0, 0), At);
     for_each<Mma, NV>(dV, [&](int r, int, float& x) { x *= tail_decay(r0 + r) * h_factor; });
     __syncthreads();
@@ -346,7 +337,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
   } else if constexpr (kSplit) {
     if (done.segment != 0) leaving = nullptr;
   }
-  if (leaving != nullptr) store_state<Tr>(leaving + static_cast<std::int64_t>(done.row) * dk * dv, dH, dk, dv, v0);
+  if (leaving != nullptr) copy_state<Tr>(dH, leaving + static_cast<std::int64_t>(done.row) * dk * dv, dk, dv, v0);
 }
 
 // What a backward launches: the dv partial slices of each sweep and each sweep's sequence
@@ -415,11 +406,7 @@ gpu::error_t launch_backward_sweeps(const MsrChunkBackward& p, std::int64_t rows
   }
   sweep(&chunk_backward_dkv_kernel<TrDkv, SplitPass::kStateOnly>, TrDkv::BV, TrDkv::kThreads, kSmemDkv, dk_partials,
         plan.dk_parts, count - 1, plan.rev);
-  if (e == gpu::kSuccess && count > 2) {
-    const std::int64_t blocks = (plan.rev.state_stride + 255) / 256;
-    e = gpu::launch(&segment_scan_kernel<MsrChunkBackward, true>,
-                    static_cast<unsigned>(blocks < 1024 ? blocks : 1024), 256, 0, p.stream, p, plan.rev);
-  }
+  if (e == gpu::kSuccess) e = launch_segment_scan<true>(p, plan.rev);
   sweep(&chunk_backward_dkv_kernel<TrDkv, SplitPass::kSegments>, TrDkv::BV, TrDkv::kThreads, kSmemDkv, dk_partials,
         plan.dk_parts, count, plan.rev);
   return e;

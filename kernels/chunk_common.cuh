@@ -247,9 +247,10 @@ RT_DEVICE SeqSpan msr_sequence(const P& p, int n) {
 //                    place for a rotary embedding; it gets the row base and the dk offset, so
 //                    it can read rotation partners outside the tile)
 //   epilogue hooks   forward only, when kEpilogue (see chunk_fwd.cuh)
-// NoFusion is the raw ops (batch rows as sequences) and every pass without prologue or
-// epilogue: plain copies, o stored as is.  MsrFusion (msr_common.cuh) adds the rotary
-// prologue and the norm / gate epilogue.
+// NoFusion is the forward without prologue or epilogue over batch rows (the raw op; its
+// sequence bounds are kernel parameters, not values held in registers across the chunk loop,
+// which the kernels at 230-255 registers cannot spare).  MsrFusion (msr_common.cuh) adds the
+// packed-sequence map, the rotary prologue and the norm / gate epilogue.
 struct NoFusion {
   static constexpr bool kEpilogue = false;
   static constexpr int forward_extra_smem(int /*warps*/, int /*bv*/) { return 0; }
@@ -260,7 +261,7 @@ struct NoFusion {
   }
   template <class P>
   RT_DEVICE static SeqSpan sequence(const P& p, int n) {
-    return msr_sequence(p, n);
+    return {n, 0, p.shape.T, 0};
   }
   // Rows [0, rows_valid) of the dk tile [k0, k0 + C) of q and k; q_row / k_row point at
   // column 0 of the first row.  dst_q may be null (the dq sweep only needs k).
@@ -331,31 +332,30 @@ int tile_width(DType dtype, std::int64_t dk) {
   return dtype == DType::kF32 ? of(float{}) : of(f16_t{});  // bf16 tiles as f16
 }
 
-// State slice <-> fp32 [dk, dv] matrix in global memory (initial / final states).  The warp's
-// accumulators cover rows kt*BK + 16w + [0, 16) and columns v0 + [0, BV).
-template <class Tr>
-RT_DEVICE void load_state(typename Tr::FragC (&S)[Tr::KT][Tr::BV / 16], const float* g, int dk,
-                          int dv, int v0) {
-  using Mma = typename Tr::Mma;
+// State slice <-> fp32 [dk, dv] matrix in global memory (initial / final states): G = const
+// float loads (zeros where g is null), G = float stores.  The warp's accumulators cover rows
+// kt*BK + 16w + [0, 16) and columns v0 + [0, BV).
+template <class Tr, class G>
+RT_DEVICE void copy_state(typename Tr::FragC (&S)[Tr::KT][Tr::BV / 16], G* g, int dk, int dv, int v0) {
   const int w = gpu::warp_id();
 #pragma unroll
   for (int kt = 0; kt < Tr::KT; ++kt)
-    for_each<Mma, Tr::BV / 16>(S[kt], [&](int r, int c, float& x) {
+    for_each<typename Tr::Mma, Tr::BV / 16>(S[kt], [&](int r, int c, float& x) {
       const int row = kt * Tr::BK + 16 * w + r, col = v0 + c;
-      x = (g != nullptr && row < dk && col < dv) ? g[static_cast<std::int64_t>(row) * dv + col] : 0.f;
+      G* const at = g != nullptr && row < dk && col < dv ? g + static_cast<std::int64_t>(row) * dv + col : nullptr;
+      if constexpr (std::is_const<G>::value) x = at != nullptr ? *at : 0.f;
+      else if (at != nullptr) *at = x;
     });
 }
 
-template <class Tr>
-RT_DEVICE void store_state(float* g, typename Tr::FragC (&S)[Tr::KT][Tr::BV / 16], int dk, int dv, int v0) {
-  using Mma = typename Tr::Mma;
-  const int w = gpu::warp_id();
-#pragma unroll
-  for (int kt = 0; kt < Tr::KT; ++kt)
-    for_each<Mma, Tr::BV / 16>(S[kt], [&](int r, int c, float& x) {
-      const int row = kt * Tr::BK + 16 * w + r, col = v0 + c;
-      if (row < dk && col < dv) g[static_cast<std::int64_t>(row) * dv + col] = x;
-    });
+// acc = scale * (acc .* M) on the warp's rows r0 + [0, 16) of a [BT x BT] score tile, M_ij =
+// gamma^(i-j) [i >= j] (kTransposed: the tile is transposed, M^T); scaled before it is rounded.
+template <class Mma, int N, bool kTransposed = false>
+RT_DEVICE void decay_mask(typename Mma::FragC (&acc)[N], int r0, float scale, float log2g) {
+  for_each<Mma, N>(acc, [&](int r, int c, float& x) {
+    const int i = kTransposed ? c : r0 + r, j = kTransposed ? r0 + r : c;
+    x = i >= j ? x * (scale * decay_pow(i - j, log2g)) : 0.f;
+  });
 }
 
 template <class Mma, int N>
@@ -437,6 +437,15 @@ __global__ void __launch_bounds__(256) segment_scan_kernel(const Params p, const
       *y = x;
     }
   }
+}
+
+// Pass (b), when there is anything to scan (count > 2).
+template <bool kReverse = false, class Params>
+gpu::error_t launch_segment_scan(const Params& p, const SegmentSplit& split) {
+  const std::int64_t blocks = (split.state_stride + 255) / 256;
+  return split.count <= 2 ? gpu::kSuccess
+                          : gpu::launch(&segment_scan_kernel<Params, kReverse>, static_cast<unsigned>(blocks < 1024 ? blocks : 1024),
+                                        256, 0, p.stream, p, split);
 }
 
 // Segment plan of the split from the CTAs of the unsplit grid: split < 0 (automatic) cuts T

@@ -1,5 +1,5 @@
-// chunk_fwd.cuh - the chunkwise retention forward kernel, shared by the raw op (chunk_fwd.cu,
-// NoFusion) and the fused MSR layer core (msr_fwd.cu, MsrFusion: rotary prologue, packed
+// chunk_fwd.cuh - the chunkwise retention forward kernel, shared by the raw op (NoFusion) and
+// the fused MSR layer core (msr_fwd.cu, MsrFusion: rotary prologue, packed
 // sequences, RMSNorm / gate epilogue).
 //
 // For one (b, h) and the dv tile [v0, v0 + BV), with S the fp32 state slice [dk x BV] entering
@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const MsrCh
   if constexpr (kSplit)
     if (cta.segment > 0) entering = kStateOnly ? nullptr : split.states + (cta.segment - 1) * split.state_stride;
   FragC S[KT][NV];
-  load_state<Tr>(S, entering ? entering + static_cast<std::int64_t>(cta.row) * dk * dv : nullptr, dk, dv, v0);
+  copy_state<Tr>(S, entering ? entering + static_cast<std::int64_t>(cta.row) * dk * dv : nullptr, dk, dv, v0);
 
   for (std::int64_t t0 = 0; t0 < seq.length; t0 += BT) {
     const int L = seq.length - t0 < BT ? static_cast<int>(seq.length - t0) : BT;
@@ -134,10 +134,7 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const MsrCh
       Fusion::template epilogue_load<Tr>(p, tile);  // visible after the barrier below
     }
 
-    for_each<Mma, NT>(A, [&](int r, int j, float& x) {
-      const int i = r0 + r;
-      x = i >= j ? x * (p.scale * decay_pow(i - j, log2g)) : 0.f;  // scaled before it is rounded
-    });
+    decay_mask<Mma, NT>(A, r0, p.scale, log2g);
     store<Mma, NT>(a.block(r0, 0), A);
     for_each<Mma, NV>(O, [&](int r, int, float& x) { x *= p.scale * decay_pow(r0 + r + 1, log2g) * s_factor; });
     __syncthreads();
@@ -161,10 +158,10 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const MsrCh
     if (kStateOnly) leaving = split.states + done.segment * split.state_stride;
     else if (done.segment != split.count - 1) leaving = nullptr;
   }
-  if (leaving != nullptr) store_state<Tr>(leaving + static_cast<std::int64_t>(done.row) * dk * dv, S, dk, dv, v0);
+  if (leaving != nullptr) copy_state<Tr>(S, leaving + static_cast<std::int64_t>(done.row) * dk * dv, dk, dv, v0);
 }
 
-// Launchers shared by the raw (chunk_fwd.cu) and fused (msr_fwd.cu) forward, for `rows`
+// Launchers of the forward passes (msr_fwd.cu), for `rows`
 // (sequence, head) CTA rows.  launch_segment_states runs passes (a) and (b) of a split
 // (split.count > 1, split.states set); launch_forward_outputs runs the unsplit kernel or
 // pass (c).
@@ -184,10 +181,7 @@ gpu::error_t launch_segment_states(const MsrChunkForward& p, std::int64_t rows,
                                    const SegmentSplit& split) {
   if (split.states == nullptr) return gpu::kErrorInvalidValue;
   gpu::error_t e = launch_forward_kernel<Tr, SplitPass::kStateOnly>(p, rows, split, split.count - 1);
-  if (e != gpu::kSuccess || split.count <= 2) return e;
-  const std::int64_t blocks = (split.state_stride + 255) / 256;
-  return gpu::launch(&segment_scan_kernel<MsrChunkForward>, static_cast<unsigned>(blocks < 1024 ? blocks : 1024),
-                     256, 0, p.stream, p, split);
+  return e != gpu::kSuccess ? e : launch_segment_scan(p, split);
 }
 
 template <class Tr>

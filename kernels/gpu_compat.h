@@ -121,7 +121,7 @@ inline error_t last_error() { return emu::take_last_error(); }
 inline const char* error_string(error_t e) { return emu::error_string(e); }
 inline error_t check_warp_size() { return kSuccess; }
 // A fixed, deterministic count (an H100's), so launchers that plan from it (the sequence split
-// of chunk_fwd.cu) choose the same launches on every host.
+// of msr_fwd.cu) choose the same launches on every host.
 inline error_t multiprocessor_count(int* n) { *n = 132; return kSuccess; }
 template <class Kernel>
 inline error_t set_max_dynamic_smem(Kernel* kernel, int bytes) {
@@ -271,31 +271,6 @@ RT_DEVICE T shfl_xor(T v, int lane_mask, int width = kWarpSize) {
   return __shfl_xor(v, lane_mask, width);
 #else
   return __shfl_xor_sync(kFullLaneMask, v, lane_mask, width);
-#endif
-}
-
-template <class T>
-RT_DEVICE T shfl(T v, int src_lane, int width = kWarpSize) {
-#if RETENTION_HIP
-  return __shfl(v, src_lane, width);
-#else
-  return __shfl_sync(kFullLaneMask, v, src_lane, width);
-#endif
-}
-
-RT_DEVICE lane_mask_t ballot(bool pred) {
-#if RETENTION_HIP
-  return __ballot(pred);
-#else
-  return __ballot_sync(kFullLaneMask, pred);
-#endif
-}
-
-RT_DEVICE int popcount(lane_mask_t m) {
-#if RETENTION_HIP
-  return __popcll(m);
-#else
-  return __popc(m);
 #endif
 }
 

@@ -1,7 +1,8 @@
 // msr_bwd.cu - the fused MSR backward (design in msr_common.cuh):
 //
 //   1. statistics pass (norm with more than one dv tile): partial sum u^2, sum dz w u per row
-//   2. gradient pass: du (workspace, input dtype), dg, per-CTA column sums of dz n^
+//   2. gradient pass: du (workspace, input dtype), dg, per-CTA column sums of dz n^ (no
+//      epilogue, as for the raw op: 1 and 2 are skipped and du = dy)
 //      (1 and 2 are the forward chunk kernel again, recomputing u; msr_fwd.cu)
 //   0. q~, k~ rotated once into the workspace (input dtype); every kernel below reads those
 //   3. the dq sweep and the dk/dv/dS0 sweep of chunk_bwd.cuh with du as grad_o, on q~ / k~ and
@@ -19,9 +20,11 @@ template <class T>
 struct MsrSweeps {
   template <int kMaxDk>
   struct Bucket {
-    // No prologue (q~ / k~ come pre-rotated): the sweeps are those of the raw op.
+    // MsrFusion<true> for its sequence map alone: q~ / k~ come pre-rotated, so the sweeps carry no
+    // prologue (the raw op runs these same sweeps, its batch rows as sequences).
     static gpu::error_t run(const MsrChunkBackward& p, const BackwardPlan& plan) {
-      return launch_backward_sweeps<ChunkTraits<T, kMaxDk, 64>, ChunkTraits<T, kMaxDk, 32>>(
+      using Fusion = MsrFusion<true>;
+      return launch_backward_sweeps<ChunkTraits<T, kMaxDk, 64, Fusion>, ChunkTraits<T, kMaxDk, 32, Fusion>>(
           p, p.seq.num_sequences * p.shape.H, plan);
     }
   };
@@ -111,7 +114,8 @@ struct Layout {
 
 std::size_t align16(std::size_t x) { return (x + 15) / 16 * 16; }
 
-// [rotary theta | backward core | statistics | dw partials | du | q~ | k~], each 16-byte aligned.
+// [rotary theta | backward core | statistics | dw partials | du | q~ | k~], each 16-byte aligned;
+// theta, q~ and k~ with rotation only, du with an epilogue only.
 Layout workspace_layout(const MsrBackwardParams& p) {
   const Shape& n = p.shape;
   const std::int64_t rows = p.seq.num_sequences * n.H;
@@ -120,7 +124,8 @@ Layout workspace_layout(const MsrBackwardParams& p) {
   const int bv = msr_forward_tile_width(p.dtype, n.dk, true);
   const std::int64_t tiles = bv > 0 ? (n.dv + bv - 1) / bv : 0;
   Layout l;
-  std::size_t off = kThetaTableBytes;
+  const bool rotated = any && p.opt.rotary != RotaryMode::kNone;
+  std::size_t off = p.opt.rotary != RotaryMode::kNone ? kThetaTableBytes : 0;
   const auto take = [&off](std::size_t bytes) {
     const std::size_t at = off;
     off += align16(bytes);
@@ -130,8 +135,7 @@ Layout workspace_layout(const MsrBackwardParams& p) {
   l.core = take(backward_core_bytes(l.plan, n, rows));
   l.stats = take(any && p.opt.norm && tiles > 1 ? static_cast<std::size_t>(tiles * msr_stats_rows(n) * 2) * sizeof(float) : 0);
   l.dw = take(p.opt.norm && p.opt.norm_weight != nullptr ? static_cast<std::size_t>(rows * n.dv) * sizeof(float) : 0);
-  l.du = take(any ? tokens * n.dv * elem : 0);
-  const bool rotated = any && p.opt.rotary != RotaryMode::kNone;
+  l.du = take(any && !without_fusion(p) ? tokens * n.dv * elem : 0);
   l.q = take(rotated ? tokens * n.dk * elem : 0);
   l.k = take(rotated ? tokens * n.dk * elem : 0);
   l.total = off;
@@ -148,8 +152,11 @@ Bthd contiguous(unsigned char* ws, std::size_t offset, const Shape& n, std::int6
   return x;
 }
 
-}  // namespace
-
+// Steps 3-4: both sweeps of chunk_bwd.cuh on q / k as given, with b.grad_o as the output
+// cotangent and b.workspace as the core's fp32 scratch (backward_core_bytes), then the
+// fixed-order sum of the dq / dk partials cast to the input dtype, applying R(p)^T when
+// b.opt.rotary is set.  With a split (plan.fwd.count > 1) the forward's state pass runs first,
+// for the dq sweep.
 gpu::error_t launch_backward_core(MsrChunkBackward b, const BackwardPlan& core) {
   const Shape& n = b.shape;
   const std::int64_t rows = b.seq.num_sequences * n.H;
@@ -174,6 +181,8 @@ gpu::error_t launch_backward_core(MsrChunkBackward b, const BackwardPlan& core) 
   });
 }
 
+}  // namespace
+
 std::size_t msr_backward_workspace_bytes(const MsrBackwardParams& p) { return workspace_layout(p).total; }
 
 gpu::error_t launch_msr_backward(const MsrBackwardParams& p) {
@@ -187,16 +196,17 @@ gpu::error_t launch_msr_backward(const MsrBackwardParams& p) {
     return gpu::memset_async(p.grad_norm_weight, 0, static_cast<std::size_t>(n.dv) * sizeof(float), p.stream);
   };
   if (p.seq.num_sequences * n.H == 0) return want_dw && n.dv > 0 ? zero_dw() : gpu::kSuccess;
-  if (n.dv == 0 || p.grad_initial_state == nullptr || p.workspace == nullptr) return gpu::kErrorInvalidValue;
+  if (n.dv == 0 || p.grad_initial_state == nullptr) return gpu::kErrorInvalidValue;
   if (p.g.ptr != nullptr && p.grad_g.ptr == nullptr) return gpu::kErrorInvalidValue;
   if (gpu::error_t e = gpu::check_warp_size(); e != gpu::kSuccess) return e;
 
   const Layout l = workspace_layout(p);
+  if (p.workspace == nullptr && l.total > 0) return gpu::kErrorInvalidValue;
   unsigned char* const ws = static_cast<unsigned char*>(p.workspace);
   MsrChunkBackward b;
   static_cast<MsrBackwardParams&>(b) = p;
   b.theta = reinterpret_cast<const double*>(ws);
-  b.grad_o = contiguous(ws, l.du, n, n.dv);  // du, input dtype
+  if (!without_fusion(p)) b.grad_o = contiguous(ws, l.du, n, n.dv);  // du, input dtype (else dy)
   b.workspace = ws + l.core;
   gpu::error_t e = launch_rotary_theta(p.opt.rotary, n.dk, reinterpret_cast<double*>(ws), p.stream);
   if (e != gpu::kSuccess) return e;
@@ -210,7 +220,7 @@ gpu::error_t launch_msr_backward(const MsrBackwardParams& p) {
     b.k = k;
   }
 
-  // 1-2. Epilogue backward (recomputes u).
+  // 1-2. Epilogue backward (recomputes u), when there is an epilogue.
   MsrChunkForward f = forward_pass(b, MsrPass::kBackwardGrad);
   f.o = b.grad_o;
   f.theta = b.theta;
@@ -218,7 +228,7 @@ gpu::error_t launch_msr_backward(const MsrBackwardParams& p) {
   f.grad_g = p.grad_g;
   f.stats = reinterpret_cast<float*>(ws + l.stats);
   f.dw_partial = want_dw ? reinterpret_cast<float*>(ws + l.dw) : nullptr;
-  if (n.T > 0) {
+  if (n.T > 0 && !without_fusion(p)) {
     if (l.dw > l.stats) {  // a statistics buffer exists: more than one dv tile
       f.pass = MsrPass::kBackwardStats;
       if ((e = launch_msr_chunk_pass(f)) != gpu::kSuccess) return e;

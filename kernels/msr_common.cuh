@@ -60,17 +60,17 @@ namespace retention::kernels {
 // tile width it uses (forward or backward epilogue passes), which sizes the statistics buffer.
 gpu::error_t launch_msr_chunk_pass(const MsrChunkForward& p);
 int msr_forward_tile_width(DType dtype, std::int64_t dk, bool backward_passes);
-// Steps 3-4 of the MSR backward (msr_bwd.cu): both sweeps of chunk_bwd.cuh on q / k as given,
-// with b.grad_o as the output cotangent and b.workspace as the core's fp32 scratch
-// (backward_core_bytes), then the fixed-order sum of the dq / dk partials cast to the input
-// dtype, applying R(p)^T when b.opt.rotary is set.  With a split (plan.fwd.count > 1) it runs
-// the forward's state pass for the dq sweep first.  The raw backward (chunk_bwd.cu) is exactly
-// this with batch rows as sequences and no rotation.
-gpu::error_t launch_backward_core(MsrChunkBackward b, const BackwardPlan& plan);
 // Argument validation shared by the MSR launchers (msr_fwd.cu).
 bool msr_shape_ok(const Shape& n, const MsrSequences& seq, const MsrOptions& opt, const float* log_decay);
 
 RT_HOST_DEVICE inline std::int64_t msr_stats_rows(const Shape& n) { return n.B * n.T * n.H; }
+// Neither prologue nor epilogue: the raw ops (chunk_fwd.cu, chunk_bwd.cu), or a layer with every
+// option off.  The backward then skips its epilogue passes; the forward runs NoFusion when the
+// sequences are also batch rows (forward_without_fusion, msr_fwd.cu).
+template <class P>
+bool without_fusion(const P& p) {
+  return p.opt.rotary == RotaryMode::kNone && !p.opt.norm && !p.opt.decay_norm && p.g.ptr == nullptr;
+}
 
 // ------------------------------------------------------------------------------------------
 // Per-element math
@@ -188,6 +188,11 @@ struct MsrFusion : NoFusion {
   // Per-warp column sums of dz n^ for d_norm_weight (kBackwardGrad), kept across chunks.
   static constexpr int forward_extra_smem(int warps, int bv) { return warps * bv * static_cast<int>(sizeof(float)); }
 
+  template <class P>
+  RT_DEVICE static SeqSpan sequence(const P& p, int n) {
+    return msr_sequence(p, n);
+  }
+
   template <int R, int C, int kThreads, class T, class P>
   RT_DEVICE static void load_qk(const P& p, T* dst_q, const T* q_row, std::int64_t q_stride, T* dst_k,
                                 const T* k_row, std::int64_t k_stride, int ld, int rows_valid, int k0, int dk,
@@ -287,7 +292,7 @@ struct MsrFusion : NoFusion {
 #pragma unroll
       for (int i = 0; i < E; ++i) {
         const int row = tile.r0 + L::c(lane, i).row;
-        if (row < tile.L && first_in_row<Mma>(lane, i)) {
+        if (row < tile.L && first_in<Mma, true>(lane, i)) {
           float* out = p.stats + (blockIdx.x * rows + stats_row(row)) * 2;
           out[0] = sum_u2[i];
           out[1] = sum_dzwu[i];
@@ -325,8 +330,8 @@ struct MsrFusion : NoFusion {
       }
     }
 
+    const SmemTile<T> out0 = row_major(tile.stage0, LDV);  // y or du
     if constexpr (!backward) {
-      const SmemTile<T> out0 = row_major(tile.stage0, LDV);
 #pragma unroll
       for (int j = 0; j < NV; ++j)
 #pragma unroll
@@ -338,75 +343,45 @@ struct MsrFusion : NoFusion {
           const float gv = gate(row, col);
           out0(row, col) = Elem<T>::from_float(gated ? gv * sigmoid(gv) * z : z);
         }
-      __syncthreads();
-      store_tile<Tr::BT, Tr::BV, Tr::kThreads>(bthd_ptr<T>(p.o, tile.seq.b, t, tile.h, tile.v0), p.o.stride_t,
-                                               tile.stage0, LDV, tile.L, tile.nv);
     } else {
-      grad_epilogue<Tr>(p, tile, O, a, r, m);
-    }
-  }
-
-  template <class Tr, class T>
-  RT_DEVICE static void grad_epilogue(const MsrChunkForward& p, const ForwardTile<T>& tile,
-                                      typename Tr::FragC (&O)[Tr::BV / 16],
-                                      const float (&a)[Tr::Mma::Layout::kCElems],
-                                      const float (&r)[Tr::Mma::Layout::kCElems],
-                                      const float (&m)[Tr::Mma::Layout::kCElems]) {
-    using Mma = typename Tr::Mma;
-    using L = typename Mma::Layout;
-    constexpr int E = L::kCElems, NV = Tr::BV / 16, LDV = Tr::LDV;
-    const int lane = gpu::lane_id();
-    const int dv = static_cast<int>(p.shape.dv);
-    const bool gated = p.g.ptr != nullptr;
-    const SmemTile<T> gate_tile = row_major(tile.spare0, LDV), dy_tile = row_major(tile.spare1, LDV);
-    const SmemTile<T> out0 = row_major(tile.stage0, LDV), out1 = row_major(tile.stage1, LDV);
-    const std::int64_t t = tile.seq.t_begin + tile.t0;
-    const auto weight = [&](int col) {
-      return p.opt.norm_weight != nullptr && tile.v0 + col < dv ? p.opt.norm_weight[tile.v0 + col] : 1.f;
-    };
-    const auto gate = [&](int row, int col) { return gated ? Elem<T>::to_float(gate_tile(row, col)) : 0.f; };
-    const auto grad_z = [&](int row, int col) {
-      const float dy = Elem<T>::to_float(dy_tile(row, col));
-      const float gv = gate(row, col);
-      return gated ? dy * gv * sigmoid(gv) : dy;
-    };
-
-    // kBackwardGrad: du -> stage0, dg -> stage1, column sums of dz n^ -> this warp's row of
-    // extra (one writer per column, so plain += across chunks).
-    float* const dw = tile.extra + gpu::warp_id() * Tr::BV;
+      const SmemTile<T> out1 = row_major(tile.stage1, LDV);
+      // kBackwardGrad: du -> stage0, dg -> stage1, column sums of dz n^ -> this warp's row of
+      // extra (one writer per column, so plain += across chunks).
+      float* const dw = tile.extra + gpu::warp_id() * Tr::BV;
 #pragma unroll
-    for (int j = 0; j < NV; ++j) {
-      float dz_nhat[E];
+      for (int j = 0; j < NV; ++j) {
+        float dz_nhat[E];
 #pragma unroll
-      for (int i = 0; i < E; ++i) {
-        const frag::Coord rc = L::c(lane, i);
-        const int row = tile.r0 + rc.row, col = 16 * j + rc.col;
-        const float o = a[i] * O[j].x[i], n_hat = o * r[i], w = weight(col), dz = grad_z(row, col);
-        float du = a[i] * dz;
-        dz_nhat[i] = 0.f;
-        if (p.opt.norm) {
-          dz_nhat[i] = dz * n_hat;
-          du = a[i] * r[i] * (dz * w - n_hat * m[i]);
+        for (int i = 0; i < E; ++i) {
+          const frag::Coord rc = L::c(lane, i);
+          const int row = tile.r0 + rc.row, col = 16 * j + rc.col;
+          const float o = a[i] * O[j].x[i], n_hat = o * r[i], w = weight(col), dz = grad_z(row, col);
+          float du = a[i] * dz;
+          dz_nhat[i] = 0.f;
+          if (p.opt.norm) {
+            dz_nhat[i] = dz * n_hat;
+            du = a[i] * r[i] * (dz * w - n_hat * m[i]);
+          }
+          out0(row, col) = Elem<T>::from_float(du);
+          if (gated) {
+            const float gv = gate(row, col), sg = sigmoid(gv);
+            const float dy = Elem<T>::to_float(dy_tile(row, col));
+            const float z = p.opt.norm ? n_hat * w : o;
+            out1(row, col) = Elem<T>::from_float(dy * z * sg * (1.f + gv * (1.f - sg)));
+          }
         }
-        out0(row, col) = Elem<T>::from_float(du);
-        if (gated) {
-          const float gv = gate(row, col), sg = sigmoid(gv);
-          const float dy = Elem<T>::to_float(dy_tile(row, col));
-          const float z = p.opt.norm ? n_hat * w : o;
-          out1(row, col) = Elem<T>::from_float(dy * z * sg * (1.f + gv * (1.f - sg)));
-        }
-      }
-      if (p.dw_partial != nullptr) {
-        col_reduce<Mma>(dz_nhat);
+        if (p.dw_partial != nullptr) {
+          col_reduce<Mma>(dz_nhat);
 #pragma unroll
-        for (int i = 0; i < E; ++i)
-          if (first_in_col<Mma>(lane, i)) dw[16 * j + L::c(lane, i).col] += dz_nhat[i];
+          for (int i = 0; i < E; ++i)
+            if (first_in<Mma, false>(lane, i)) dw[16 * j + L::c(lane, i).col] += dz_nhat[i];
+        }
       }
     }
     __syncthreads();
     store_tile<Tr::BT, Tr::BV, Tr::kThreads>(bthd_ptr<T>(p.o, tile.seq.b, t, tile.h, tile.v0), p.o.stride_t,
                                              tile.stage0, LDV, tile.L, tile.nv);
-    if (gated)
+    if (backward && gated)
       store_tile<Tr::BT, Tr::BV, Tr::kThreads>(bthd_ptr<T>(p.grad_g, tile.seq.b, t, tile.h, tile.v0),
                                                p.grad_g.stride_t, tile.stage1, LDV, tile.L, tile.nv);
   }

@@ -17,10 +17,8 @@ namespace {
 // kernels already sit at 230-255 registers).
 constexpr int kMsrForwardStateRegs = 32;
 
-// The output pass needs no prologue and no epilogue.
-bool plain(const MsrForwardParams& p) {
-  return p.opt.rotary == RotaryMode::kNone && !p.opt.norm && !p.opt.decay_norm && p.g.ptr == nullptr;
-}
+// The output pass runs without fusion (NoFusion: batch rows, no prologue, no epilogue).
+bool forward_without_fusion(const MsrForwardParams& p) { return without_fusion(p) && p.seq.cu_seqlens == nullptr; }
 
 template <class T, bool kBackwardPasses>
 struct MsrForward {
@@ -39,11 +37,13 @@ struct MsrForward {
       } else if (p.pass == MsrPass::kSegmentStates) {
         // No epilogue and no q: the raw state budget fits, also with the rotary prologue
         // (wider dv tiles, fewer re-reads of k; with half of it ptxas spilled fp32 dk = 128).
-        if (p.opt.rotary == RotaryMode::kNone) return launch_segment_states<TrRaw>(p, rows, p.segments);
+        if (p.opt.rotary == RotaryMode::kNone && p.seq.cu_seqlens == nullptr)
+          return launch_segment_states<TrRaw>(p, rows, p.segments);
         return launch_segment_states<ChunkTraits<T, kMsrDk, TrRaw::kStateRegs, MsrFusion<false>>>(p, rows, p.segments);
       } else {
-        return p.pass == MsrPass::kForwardOutput && plain(p) ? launch_forward_outputs<TrRaw>(p, rows, p.segments)
-                                                             : launch_forward_outputs<Tr>(p, rows, p.segments);
+        return p.pass == MsrPass::kForwardOutput && forward_without_fusion(p)
+                   ? launch_forward_outputs<TrRaw>(p, rows, p.segments)
+                   : launch_forward_outputs<Tr>(p, rows, p.segments);
       }
     }
   };
@@ -53,7 +53,7 @@ struct MsrForward {
 std::int64_t dv_tiles(const MsrForwardParams& p) {
   const Shape& n = p.shape;
   if (n.dk > kMaxHeadDimK) return 0;
-  const int bv = plain(p) ? tile_width<ChunkTraits<float, 64>::kStateRegs>(p.dtype, n.dk)
+  const int bv = forward_without_fusion(p) ? tile_width<ChunkTraits<float, 64>::kStateRegs>(p.dtype, n.dk)
                           : msr_forward_tile_width(p.dtype, n.dk, false);
   return (n.dv + bv - 1) / bv;
 }

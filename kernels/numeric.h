@@ -101,24 +101,6 @@ inline std::uint16_t f32_to_f16(float f) {
   return std::uint16_t(sign | (r >> 13));
 }
 
-template <class T>
-inline float to_f32(T x);
-template <>
-inline float to_f32<float>(float x) { return x; }
-template <>
-inline float to_f32<f16_t>(f16_t x) { return f16_to_f32(x.bits); }
-template <>
-inline float to_f32<bf16_t>(bf16_t x) { return bf16_to_f32(x.bits); }
-
-template <class T>
-inline T from_f32(float x);
-template <>
-inline float from_f32<float>(float x) { return x; }
-template <>
-inline f16_t from_f32<f16_t>(float x) { return f16_t{f32_to_f16(x)}; }
-template <>
-inline bf16_t from_f32<bf16_t>(float x) { return bf16_t{f32_to_bf16(x)}; }
-
 }  // namespace host
 
 // ------------------------------------------------------------------------------------------
@@ -131,7 +113,6 @@ struct Elem;
 
 template <>
 struct Elem<float> {
-  static constexpr DType kDType = DType::kF32;
   RT_DEVICE static float to_float(float x) { return x; }
   RT_DEVICE static float from_float(float x) { return x; }
   RT_DEVICE static float zero() { return 0.f; }
@@ -139,7 +120,6 @@ struct Elem<float> {
 
 template <>
 struct Elem<f16_t> {
-  static constexpr DType kDType = DType::kF16;
   RT_DEVICE static float to_float(f16_t x) {
 #if RETENTION_HIP
     return static_cast<float>(__builtin_bit_cast(_Float16, x.bits));
@@ -159,7 +139,6 @@ struct Elem<f16_t> {
 
 template <>
 struct Elem<bf16_t> {
-  static constexpr DType kDType = DType::kBF16;
   RT_DEVICE static float to_float(bf16_t x) { return gpu::bits_as_float(std::uint32_t(x.bits) << 16); }
   RT_DEVICE static bf16_t from_float(float x) {
 #if RETENTION_HIP

@@ -364,26 +364,17 @@ RT_DEVICE void col_reduce(float (&v)[Mma::Layout::kCElems]) {
   }
 }
 
-// Whether element i is the first of this lane's elements in its row / column: with the lane
-// group, it picks exactly one writer per row (lanes lane % kCRowLanes == 0) or per column
+// Whether element i is the first of this lane's elements in its row (kRow) or column: with the
+// lane group, it picks exactly one writer per row (lanes lane % kCRowLanes == 0) or per column
 // (lanes lane < kCRowLanes) after the reductions above.
-template <class Mma>
-RT_DEVICE bool first_in_row(int lane, int i) {
+template <class Mma, bool kRow>
+RT_DEVICE bool first_in(int lane, int i) {
   using L = typename Mma::Layout;
-  bool first = lane % L::kCRowLanes == 0;
+  bool first = kRow ? lane % L::kCRowLanes == 0 : lane < L::kCRowLanes;
 #pragma unroll
   for (int i2 = 0; i2 < L::kCElems; ++i2)
-    if (i2 < i && L::c(lane, i2).row == L::c(lane, i).row) first = false;
-  return first;
-}
-
-template <class Mma>
-RT_DEVICE bool first_in_col(int lane, int i) {
-  using L = typename Mma::Layout;
-  bool first = lane < L::kCRowLanes;
-#pragma unroll
-  for (int i2 = 0; i2 < L::kCElems; ++i2)
-    if (i2 < i && L::c(lane, i2).col == L::c(lane, i).col) first = false;
+    if (i2 < i && (kRow ? L::c(lane, i2).row == L::c(lane, i).row : L::c(lane, i2).col == L::c(lane, i).col))
+      first = false;
   return first;
 }
 

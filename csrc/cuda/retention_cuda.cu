@@ -1,7 +1,13 @@
-// CUDA kernels of the retention ops: the shared argument checks, output allocation, and one
-// call into the torch-free launchers of kernels/ on the current stream.  All device code lives
-// in kernels/; this file only translates tensors into parameter structs.  float64 inputs run
-// the CPU kernel on host copies (cpu_fallback.h).
+// CUDA kernels of all ops: the shared argument checks (checks.h), output and workspace
+// allocation, and one call into the torch-free launchers of kernels/ on the current stream; all
+// device code lives in kernels/.  The raw ops are the fused layer-core ops (msr_*) with
+// neither prologue nor epilogue, as on the CPU; recurrent_forward alone has its own kernel
+// (the token-by-token scan).
+//
+// All three forms (chunk / parallel / recurrent) of the layer core run the fused chunk kernels
+// on the GPU, and chunk_size does not change the kernels' tiling: the result is the same
+// function of the inputs up to rounding.  float64 inputs run the op's CPU kernel on host copies
+// (cpu_fallback.h).
 #include <tuple>
 
 #include <ATen/ATen.h>
@@ -11,7 +17,7 @@
 #include "checks.h"
 #include "cpu_fallback.h"
 #include "kernel_params.h"
-#include "retention_kernels.h"
+#include "msr_kernels.h"
 
 namespace retention {
 namespace {
@@ -20,49 +26,236 @@ using namespace glue;
 
 using Pair = std::tuple<at::Tensor, at::Tensor>;
 using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The values of cu_seqlens (cu[0] == 0, non-decreasing, cu[N] == T) are checked on the device:
+// copying them to the host would synchronise every call and make the ops impossible to capture
+// in a CUDA graph.  A violation raises a device-side assert (torch's _assert_async; its message
+// is torch's generic one), reported by the next synchronising call.  The kernels clamp
+// every sequence into [0, T] (msr_sequence), so they never access memory out of bounds before
+// that, whatever the values.  (Builds whose device asserts are compiled out, such as ROCm's
+// default, skip the check; the clamping still holds.)
+void check_cu_seqlens_async(const at::Tensor& cu, int64_t T) {
+  const at::Tensor c = cu.to(at::kLong);
+  const at::Tensor ok = c.select(0, 0).eq(0).logical_and(c.select(0, -1).eq(T)).logical_and(at::diff(c).ge(0).all());
+  at::_assert_async(ok);
+}
+
+// The layer's sequences and prologue / epilogue options as the launchers take them, with the
+// device tensors they point into kept alive for the launch.
+struct Layer {
+  at::Tensor cu_seqlens, offsets, norm_weight;
+  rk::MsrSequences seq;
+  rk::MsrOptions opt;
+};
+
+Layer layer(int64_t N, int64_t T, const OptTensor& cu_seqlens, const OptTensor& offsets, int64_t rotary, bool norm,
+            const OptTensor& norm_weight, double eps, bool decay_norm) {
+  Layer L;
+  if (has(cu_seqlens)) {
+    L.cu_seqlens = cu_seqlens->contiguous();
+    check_cu_seqlens_async(L.cu_seqlens, T);
+    L.seq.cu_seqlens = L.cu_seqlens.data_ptr();
+    L.seq.cu_seqlens_int64 = L.cu_seqlens.scalar_type() == at::kLong;
+  }
+  L.seq.num_sequences = N;
+  if (has(offsets)) L.offsets = offsets->contiguous();
+  L.seq.offsets = L.offsets.defined() ? L.offsets.data_ptr<int64_t>() : nullptr;
+  L.norm_weight = fp32_contiguous(norm_weight);
+  L.opt.rotary = static_cast<rk::RotaryMode>(rotary);
+  L.opt.norm = norm;
+  L.opt.norm_weight = norm ? ptr_or_null(L.norm_weight) : nullptr;
+  L.opt.eps = static_cast<float>(eps);
+  L.opt.decay_norm = decay_norm;
+  return L;
+}
 
 // ---- forward ----------------------------------------------------------------------------------
 
-Pair chunked_forward(const char* op, const Dims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& log_decay, double scale, const OptTensor& initial_state) {
+Pair msr_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& g,
+                      const at::Tensor& log_decay, double scale, int64_t form, int64_t chunk_size,
+                      const OptTensor& initial_state, const OptTensor& offsets, const OptTensor& cu_seqlens,
+                      int64_t rotary, bool norm, const OptTensor& norm_weight, double eps, bool decay_norm) {
+  const char* op = "retention::msr_forward";
+  const MsrDims m = check_msr_inputs(op, q, k, v, g, log_decay, form, chunk_size, initial_state, offsets, cu_seqlens,
+                                     rotary, norm_weight, eps);
+  if (q.scalar_type() == at::kDouble)
+    return CpuKernel<&msr_forward_cuda>::run(op, q.device(), q, k, v, g, log_decay, scale, form, chunk_size,
+                                             initial_state, offsets, cu_seqlens, rotary, norm, norm_weight, eps,
+                                             decay_norm);
+  const Dims& d = m.d;
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor h0 = fp32_contiguous(initial_state);
-  at::Tensor o = at::empty({d.B, d.T, d.H, d.dv}, q.options());
-  at::Tensor state = empty_state(q, d.B, d);
+  const Layer L = layer(m.N, d.T, cu_seqlens, offsets, rotary, norm, norm_weight, eps, decay_norm);
+  const at::Tensor g_ = unit_inner_stride(g), h0 = fp32_contiguous(initial_state);
+  at::Tensor y = at::empty({d.B, d.T, d.H, d.dv}, q.options());
+  at::Tensor state = empty_state(q, m.N, d);
 
-  rk::ChunkForwardParams p;
+  rk::MsrForwardParams p;
   const Inputs in = fill_inputs(p, d, q, k, v, log_decay, scale);
-  p.o = bthd(o);
+  if (g_.defined()) p.g = bthd(g_);
+  p.o = bthd(y);
+  p.seq = L.seq;
+  p.opt = L.opt;
   p.initial_state = ptr_or_null(h0);
   p.final_state = state.data_ptr<float>();
   p.num_sms = num_sms();
-  // Segment states of the sequence split (kernels/chunk_fwd.cuh), when the launcher splits.
-  const at::Tensor ws = workspace(rk::chunk_forward_workspace_bytes(p), q);
+  const at::Tensor ws = workspace(rk::msr_forward_workspace_bytes(p), q);
   p.workspace = ws.data_ptr();
-  check_launch(rk::launch_chunk_forward(p), op);
-  return {o, state};
+  check_launch(rk::launch_msr_forward(p), op);
+  return {y, state};
 }
+
+// ---- backward ---------------------------------------------------------------------------------
+
+Six msr_backward_cuda(const at::Tensor& grad_y, const OptTensor& grad_final_state, const at::Tensor& q,
+                      const at::Tensor& k, const at::Tensor& v, const OptTensor& g, const at::Tensor& log_decay,
+                      double scale, int64_t chunk_size, const OptTensor& initial_state, const OptTensor& offsets,
+                      const OptTensor& cu_seqlens, int64_t rotary, bool norm, const OptTensor& norm_weight,
+                      double eps, bool decay_norm) {
+  const char* op = "retention::msr_backward";
+  const MsrDims m = check_msr_inputs(op, q, k, v, g, log_decay, /*form=*/0, chunk_size, initial_state, offsets,
+                                     cu_seqlens, rotary, norm_weight, eps);
+  check_msr_grads(op, m, q, grad_y, grad_final_state);
+  if (q.scalar_type() == at::kDouble)
+    return CpuKernel<&msr_backward_cuda>::run(op, q.device(), grad_y, grad_final_state, q, k, v, g, log_decay, scale,
+                                              chunk_size, initial_state, offsets, cu_seqlens, rotary, norm,
+                                              norm_weight, eps, decay_norm);
+  const Dims& d = m.d;
+  const c10::cuda::CUDAGuard guard(q.device());
+  const Layer L = layer(m.N, d.T, cu_seqlens, offsets, rotary, norm, norm_weight, eps, decay_norm);
+  const at::Tensor g_ = unit_inner_stride(g), dy = unit_inner_stride(grad_y.to(q.scalar_type()));
+  const at::Tensor h0 = fp32_contiguous(initial_state), dhT = fp32_contiguous(grad_final_state);
+  at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
+  at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  at::Tensor dg = g_.defined() ? at::empty_like(g_, at::MemoryFormat::Contiguous) : at::Tensor();
+  at::Tensor dh0 = empty_state(q, m.N, d);
+  const bool want_dw = L.opt.norm_weight != nullptr;
+  at::Tensor dw32 = want_dw ? at::empty({d.dv}, q.options().dtype(at::kFloat)) : at::Tensor();
+
+  rk::MsrBackwardParams p;
+  const Inputs in = fill_inputs(p, d, q, k, v, log_decay, scale);
+  if (g_.defined()) {
+    p.g = bthd(g_);
+    p.grad_g = bthd(dg);
+  }
+  p.grad_o = bthd(dy);
+  p.seq = L.seq;
+  p.opt = L.opt;
+  p.initial_state = ptr_or_null(h0);
+  p.grad_final_state = ptr_or_null(dhT);
+  p.grad_q = bthd(dq);
+  p.grad_k = bthd(dk);
+  p.grad_v = bthd(dv);
+  p.grad_initial_state = dh0.data_ptr<float>();
+  p.grad_norm_weight = want_dw ? dw32.data_ptr<float>() : nullptr;
+  p.num_sms = num_sms();
+  const at::Tensor ws = workspace(rk::msr_backward_workspace_bytes(p), q);
+  p.workspace = ws.data_ptr();
+  check_launch(rk::launch_msr_backward(p), op);
+
+  // d_norm_weight: undefined without norm_weight; zero when the norm is off (w is unused).
+  at::Tensor dw;
+  if (has(norm_weight)) dw = want_dw ? dw32.to(norm_weight->scalar_type()) : at::zeros_like(*norm_weight);
+  return {dq, dk, dv, dg, dh0, dw};
+}
+
+// ---- decode step ------------------------------------------------------------------------------
+
+at::Tensor msr_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& g,
+                         const at::Tensor& log_decay, double scale, const at::Tensor& state, const OptTensor& offsets,
+                         int64_t rotary, bool norm, const OptTensor& norm_weight, double eps, bool decay_norm) {
+  const char* op = "retention::msr_step";
+  const at::Tensor q4 = as_single_step(op, "q", q), k4 = as_single_step(op, "k", k), v4 = as_single_step(op, "v", v);
+  const OptTensor g4 = has(g) ? OptTensor(as_single_step(op, "g", *g)) : OptTensor();
+  const MsrDims m = check_msr_inputs(op, q4, k4, v4, g4, log_decay, /*form=*/2, /*chunk_size=*/1, state, offsets, {},
+                                     rotary, norm_weight, eps, "state");
+  check_step_state(op, state, q);
+  check_state_not_aliased(op, state,
+                          {{"q", &q}, {"k", &k}, {"v", &v}, {"g", has(g) ? &*g : nullptr},
+                           {"log_decay", &log_decay}, {"offsets", has(offsets) ? &*offsets : nullptr},
+                           {"norm_weight", has(norm_weight) ? &*norm_weight : nullptr}});
+  if (q.scalar_type() == at::kDouble) {
+    const at::Tensor host_state = to_host(state);
+    at::Tensor y = CpuKernel<&msr_step_cuda>::run(op, q.device(), q, k, v, g, log_decay, scale, host_state, offsets,
+                                                  rotary, norm, norm_weight, eps, decay_norm);
+    state.copy_(host_state);
+    return y;
+  }
+  const Dims& d = m.d;
+  TORCH_CHECK(!norm || d.dv <= rk::kMsrStepMaxDv, op, ": dv (last dim of v) must be at most ", rk::kMsrStepMaxDv,
+              " on the GPU with norm (the decode step keeps a whole row in shared memory), got ", d.dv);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const Layer L = layer(d.B, 1, {}, offsets, rotary, norm, norm_weight, eps, decay_norm);
+  const at::Tensor g_ = unit_inner_stride(g4);
+  at::Tensor y = at::empty({d.B, 1, d.H, d.dv}, q.options());
+
+  rk::MsrStepParams p;
+  const Inputs in = fill_inputs(p, d, q4, k4, v4, log_decay, scale);
+  if (g_.defined()) p.g = bthd(g_);
+  p.o = bthd(y);
+  p.state = state.data_ptr<float>();
+  p.offsets = L.seq.offsets;
+  p.opt = L.opt;
+  check_launch(rk::launch_msr_step(p), op);
+  return q.dim() == 3 ? y.squeeze(1) : y;
+}
+
+// ---- raw ops ----------------------------------------------------------------------------------
+
+constexpr double kEps = 1e-6;  // the layer ops' eps argument; unused with the norm off
 
 Pair chunk_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& log_decay, double scale, int64_t chunk_size,
                         const OptTensor& initial_state) {
   const char* op = "retention::chunk_forward";
-  const Dims d = check_inputs(op, q, k, v, log_decay, initial_state);
+  check_inputs(op, q, k, v, log_decay, initial_state);
   check_chunk_size(op, chunk_size);
   if (q.scalar_type() == at::kDouble)
     return CpuKernel<&chunk_forward_cuda>::run(op, q.device(), q, k, v, log_decay, scale, chunk_size, initial_state);
-  return chunked_forward(op, d, q, k, v, log_decay, scale, initial_state);
+  return msr_forward_cuda(q, k, v, {}, log_decay, scale, 0, chunk_size, initial_state, {}, {}, 0, false, {}, kEps, false);
 }
 
-// The parallel form computes the same function; on the GPU the chunk kernel is the faster way
-// to evaluate it at every length (its intra-chunk part *is* the parallel form).
 Pair parallel_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const at::Tensor& log_decay, double scale, const OptTensor& initial_state) {
   const char* op = "retention::parallel_forward";
-  const Dims d = check_inputs(op, q, k, v, log_decay, initial_state);
+  check_inputs(op, q, k, v, log_decay, initial_state);
   if (q.scalar_type() == at::kDouble)
     return CpuKernel<&parallel_forward_cuda>::run(op, q.device(), q, k, v, log_decay, scale, initial_state);
-  return chunked_forward(op, d, q, k, v, log_decay, scale, initial_state);
+  return msr_forward_cuda(q, k, v, {}, log_decay, scale, 1, 64, initial_state, {}, {}, 0, false, {}, kEps, false);
+}
+
+Quad raw_backward(const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
+                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
+                  int64_t chunk_size, const OptTensor& initial_state) {
+  const auto [dq, dk, dv, dg, dh0, dw] = msr_backward_cuda(grad_o, grad_final_state, q, k, v, {}, log_decay, scale,
+                                                           chunk_size, initial_state, {}, {}, 0, false, {}, kEps, false);
+  return {dq, dk, dv, dh0};
+}
+
+Quad chunk_backward_cuda(const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
+                         const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
+                         int64_t chunk_size, const OptTensor& initial_state) {
+  const char* op = "retention::chunk_backward";
+  const Dims d = check_inputs(op, q, k, v, log_decay, initial_state);
+  check_chunk_size(op, chunk_size);
+  check_grad_o(op, grad_o, d, q, grad_final_state);
+  if (q.scalar_type() == at::kDouble)
+    return CpuKernel<&chunk_backward_cuda>::run(op, q.device(), grad_o, grad_final_state, q, k, v, log_decay, scale,
+                                                chunk_size, initial_state);
+  return raw_backward(grad_o, grad_final_state, q, k, v, log_decay, scale, chunk_size, initial_state);
+}
+
+Quad parallel_backward_cuda(const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
+                            const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
+                            const OptTensor& initial_state) {
+  const char* op = "retention::parallel_backward";
+  const Dims d = check_inputs(op, q, k, v, log_decay, initial_state);
+  check_grad_o(op, grad_o, d, q, grad_final_state);
+  if (q.scalar_type() == at::kDouble)
+    return CpuKernel<&parallel_backward_cuda>::run(op, q.device(), grad_o, grad_final_state, q, k, v, log_decay,
+                                                   scale, initial_state);
+  return raw_backward(grad_o, grad_final_state, q, k, v, log_decay, scale, 64, initial_state);
 }
 
 Pair recurrent_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -85,70 +278,11 @@ Pair recurrent_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::
   return {o, state};
 }
 
-// ---- backward ---------------------------------------------------------------------------------
-
-Quad chunked_backward(const char* op, const Dims& d, const at::Tensor& grad_o, const OptTensor& grad_final_state,
-                      const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
-                      double scale, const OptTensor& initial_state) {
-  const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor do_ = unit_inner_stride(grad_o.to(q.scalar_type()));
-  const at::Tensor h0 = fp32_contiguous(initial_state), dhT = fp32_contiguous(grad_final_state);
-  at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
-  at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
-  at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
-  at::Tensor dh0 = empty_state(q, d.B, d);
-
-  rk::ChunkBackwardParams p;
-  const Inputs in = fill_inputs(p, d, q, k, v, log_decay, scale);
-  p.grad_o = bthd(do_);
-  p.grad_q = bthd(dq);
-  p.grad_k = bthd(dk);
-  p.grad_v = bthd(dv);
-  p.initial_state = ptr_or_null(h0);
-  p.grad_final_state = ptr_or_null(dhT);
-  p.grad_initial_state = dh0.data_ptr<float>();
-  // fp32 partial sums of dq and dk over dv tiles, reduced in a fixed order by the kernels
-  // (kernels/chunk_bwd.cuh): the backward is deterministic, so it needs no
-  // alertNotDeterministic under torch.use_deterministic_algorithms.
-  p.num_sms = num_sms();
-  const at::Tensor ws = workspace(rk::chunk_backward_workspace_bytes(p), q);
-  p.workspace = ws.data_ptr();
-  check_launch(rk::launch_chunk_backward(p), op);
-  return {dq, dk, dv, dh0};
-}
-
-Quad chunk_backward_cuda(const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
-                         const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
-                         int64_t chunk_size, const OptTensor& initial_state) {
-  const char* op = "retention::chunk_backward";
-  const Dims d = check_inputs(op, q, k, v, log_decay, initial_state);
-  check_chunk_size(op, chunk_size);
-  check_grad_o(op, grad_o, d, q, grad_final_state);
-  if (q.scalar_type() == at::kDouble)
-    return CpuKernel<&chunk_backward_cuda>::run(op, q.device(), grad_o, grad_final_state, q, k, v, log_decay, scale,
-                                                chunk_size, initial_state);
-  return chunked_backward(op, d, grad_o, grad_final_state, q, k, v, log_decay, scale, initial_state);
-}
-
-Quad parallel_backward_cuda(const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
-                            const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
-                            const OptTensor& initial_state) {
-  const char* op = "retention::parallel_backward";
-  const Dims d = check_inputs(op, q, k, v, log_decay, initial_state);
-  check_grad_o(op, grad_o, d, q, grad_final_state);
-  if (q.scalar_type() == at::kDouble)
-    return CpuKernel<&parallel_backward_cuda>::run(op, q.device(), grad_o, grad_final_state, q, k, v, log_decay,
-                                                   scale, initial_state);
-  return chunked_backward(op, d, grad_o, grad_final_state, q, k, v, log_decay, scale, initial_state);
-}
-
-// ---- decode step ------------------------------------------------------------------------------
-
 at::Tensor recurrent_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& log_decay, double scale, const at::Tensor& state) {
   const char* op = "retention::recurrent_step";
   const at::Tensor q4 = as_single_step(op, "q", q), k4 = as_single_step(op, "k", k), v4 = as_single_step(op, "v", v);
-  const Dims d = check_inputs(op, q4, k4, v4, log_decay, state, "state");
+  check_inputs(op, q4, k4, v4, log_decay, state, "state");
   check_step_state(op, state, q);
   check_state_not_aliased(op, state, {{"q", &q}, {"k", &k}, {"v", &v}, {"log_decay", &log_decay}});
   if (q.scalar_type() == at::kDouble) {
@@ -157,15 +291,7 @@ at::Tensor recurrent_step_cuda(const at::Tensor& q, const at::Tensor& k, const a
     state.copy_(host_state);
     return o;
   }
-  const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor o = at::empty({d.B, 1, d.H, d.dv}, q.options());
-
-  rk::RecurrentStepParams p;
-  const Inputs in = fill_inputs(p, d, q4, k4, v4, log_decay, scale);
-  p.o = bthd(o);
-  p.state = state.data_ptr<float>();
-  check_launch(rk::launch_recurrent_step(p), op);
-  return q.dim() == 3 ? o.squeeze(1) : o;
+  return msr_step_cuda(q, k, v, {}, log_decay, scale, state, {}, 0, false, {}, kEps, false);
 }
 
 }  // namespace
@@ -177,6 +303,9 @@ TORCH_LIBRARY_IMPL(retention, CUDA, m) {
   m.impl("parallel_backward", &parallel_backward_cuda);
   m.impl("recurrent_forward", &recurrent_forward_cuda);
   m.impl("recurrent_step", &recurrent_step_cuda);
+  m.impl("msr_forward", &msr_forward_cuda);
+  m.impl("msr_backward", &msr_backward_cuda);
+  m.impl("msr_step", &msr_step_cuda);
 }
 
 }  // namespace retention
