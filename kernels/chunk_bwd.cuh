@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if constexpr (kSplit)
     if (cta.segment > 0) entering = split.states + (cta.segment - 1) * split.state_stride;
   FragC S[KT][NV];
-  copy_state<Tr>(S, entering ? entering + static_cast<std::int64_t>(cta.row) * dk * dv : nullptr, dk, dv, v0);
+  load_state<Tr>(S, entering ? entering + static_cast<std::int64_t>(cta.row) * dk * dv : nullptr, dk, dv, v0);
 
   for (std::int64_t t0 = 0; t0 < seq.length; t0 += BT) {
     const int L = seq.length - t0 < BT ? static_cast<int>(seq.length - t0) : BT;
@@ -258,7 +258,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
     if (cta.segment + 1 != split.count) entering = split.states + cta.segment * split.state_stride;
   }
   FragC dH[KT][NV];
-  copy_state<Tr>(dH, entering ? entering + static_cast<std::int64_t>(cta.row) * dk * dv : nullptr, dk, dv, v0);
+  load_state<Tr>(dH, entering ? entering + static_cast<std::int64_t>(cta.row) * dk * dv : nullptr, dk, dv, v0);
 
   const std::int64_t num_chunks = (seq.length + BT - 1) / BT;
   for (std::int64_t c = num_chunks - 1; c >= 0; --c) {
@@ -337,7 +337,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
   } else if constexpr (kSplit) {
     if (done.segment != 0) leaving = nullptr;
   }
-  if (leaving != nullptr) copy_state<Tr>(dH, leaving + static_cast<std::int64_t>(done.row) * dk * dv, dk, dv, v0);
+  if (leaving != nullptr) store_state<Tr>(leaving + static_cast<std::int64_t>(done.row) * dk * dv, dH, dk, dv, v0);
 }
 
 // What a backward launches: the dv partial slices of each sweep and each sweep's sequence

@@ -11,10 +11,8 @@
 // (sequence, head) row is blockIdx.y (+ gridDim.y * blockIdx.z past 65535 rows).  GPUs hand
 // out CTAs in increasing linear index (in practice; no API guarantees it), so the dv-tile CTAs
 // of one head start together, walk the same chunks at the same pace and read the same q / k
-// chunk within a short window: the first read comes from HBM, the other tiles - 1 from L2.
-// (With the dv tile on blockIdx.y, the order used before, the tiles of one head were B*H CTAs
-// apart, i.e. several waves apart whenever B*H exceeds the resident CTAs, and each re-read
-// q / k from HBM.)  Designed HBM traffic per token and head (bench/gpu_model.py, docs/gpu.md):
+// chunk within a short window: the first read comes from HBM, the other tiles - 1 from L2
+// (docs/gpu.md: the order before it).  Designed HBM traffic per token and head (bench/gpu_model.py):
 // forward (q + k) dk + 2 dv elements instead of up to tiles (q + k) dk + 2 dv.  Every CTA
 // coordinate is read from the block index registers: the kernels sit at 230-255 registers, and
 // a one-dimensional grid decoded by division made ptxas spill.
@@ -332,19 +330,30 @@ int tile_width(DType dtype, std::int64_t dk) {
   return dtype == DType::kF32 ? of(float{}) : of(f16_t{});  // bf16 tiles as f16
 }
 
-// State slice <-> fp32 [dk, dv] matrix in global memory (initial / final states): G = const
-// float loads (zeros where g is null), G = float stores.  The warp's accumulators cover rows
-// kt*BK + 16w + [0, 16) and columns v0 + [0, BV).
-template <class Tr, class G>
-RT_DEVICE void copy_state(typename Tr::FragC (&S)[Tr::KT][Tr::BV / 16], G* g, int dk, int dv, int v0) {
+// State slice <-> fp32 [dk, dv] matrix in global memory (initial / final states).  The warp's
+// accumulators cover rows kt*BK + 16w + [0, 16) and columns v0 + [0, BV).
+template <class Tr>
+RT_DEVICE void load_state(typename Tr::FragC (&S)[Tr::KT][Tr::BV / 16], const float* g, int dk,
+                          int dv, int v0) {
+  using Mma = typename Tr::Mma;
   const int w = gpu::warp_id();
 #pragma unroll
   for (int kt = 0; kt < Tr::KT; ++kt)
-    for_each<typename Tr::Mma, Tr::BV / 16>(S[kt], [&](int r, int c, float& x) {
+    for_each<Mma, Tr::BV / 16>(S[kt], [&](int r, int c, float& x) {
       const int row = kt * Tr::BK + 16 * w + r, col = v0 + c;
-      G* const at = g != nullptr && row < dk && col < dv ? g + static_cast<std::int64_t>(row) * dv + col : nullptr;
-      if constexpr (std::is_const<G>::value) x = at != nullptr ? *at : 0.f;
-      else if (at != nullptr) *at = x;
+      x = (g != nullptr && row < dk && col < dv) ? g[static_cast<std::int64_t>(row) * dv + col] : 0.f;
+    });
+}
+
+template <class Tr>
+RT_DEVICE void store_state(float* g, typename Tr::FragC (&S)[Tr::KT][Tr::BV / 16], int dk, int dv, int v0) {
+  using Mma = typename Tr::Mma;
+  const int w = gpu::warp_id();
+#pragma unroll
+  for (int kt = 0; kt < Tr::KT; ++kt)
+    for_each<Mma, Tr::BV / 16>(S[kt], [&](int r, int c, float& x) {
+      const int row = kt * Tr::BK + 16 * w + r, col = v0 + c;
+      if (row < dk && col < dv) g[static_cast<std::int64_t>(row) * dv + col] = x;
     });
 }
 

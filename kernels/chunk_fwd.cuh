@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const MsrCh
   if constexpr (kSplit)
     if (cta.segment > 0) entering = kStateOnly ? nullptr : split.states + (cta.segment - 1) * split.state_stride;
   FragC S[KT][NV];
-  copy_state<Tr>(S, entering ? entering + static_cast<std::int64_t>(cta.row) * dk * dv : nullptr, dk, dv, v0);
+  load_state<Tr>(S, entering ? entering + static_cast<std::int64_t>(cta.row) * dk * dv : nullptr, dk, dv, v0);
 
   for (std::int64_t t0 = 0; t0 < seq.length; t0 += BT) {
     const int L = seq.length - t0 < BT ? static_cast<int>(seq.length - t0) : BT;
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const MsrCh
     if (kStateOnly) leaving = split.states + done.segment * split.state_stride;
     else if (done.segment != split.count - 1) leaving = nullptr;
   }
-  if (leaving != nullptr) copy_state<Tr>(S, leaving + static_cast<std::int64_t>(done.row) * dk * dv, dk, dv, v0);
+  if (leaving != nullptr) store_state<Tr>(leaving + static_cast<std::int64_t>(done.row) * dk * dv, S, dk, dv, v0);
 }
 
 // Launchers of the forward passes (msr_fwd.cu), for `rows`

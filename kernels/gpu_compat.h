@@ -90,6 +90,7 @@ using error_t = cudaError_t;
 inline constexpr error_t kSuccess = cudaSuccess;
 inline constexpr error_t kErrorInvalidValue = cudaErrorInvalidValue;
 #endif
+inline constexpr bool kIsHip = kWarpSize == 64;  // the HIP code paths (also the emulator's amd model)
 inline constexpr lane_mask_t kFullLaneMask = ~lane_mask_t(0);
 static_assert(sizeof(lane_mask_t) * 8 == kWarpSize, "one mask bit per lane");
 
@@ -128,7 +129,6 @@ inline error_t set_max_dynamic_smem(Kernel* kernel, int bytes) {
   return emu::set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes);
 }
 inline error_t memset_async(void* p, int byte, std::size_t bytes, stream_t) { return memset_device(p, byte, bytes); }
-inline constexpr bool kIsHip = kWarpSize == 64;  // the amd model takes the HIP code paths
 #else
 #if RETENTION_HIP
 #define RT_API(name) hip##name
@@ -189,15 +189,8 @@ inline error_t set_max_dynamic_smem(Kernel* kernel, int bytes) {
 #endif
 }
 
+inline error_t memset_async(void* p, int byte, std::size_t bytes, stream_t s) { return RT_API(MemsetAsync)(p, byte, bytes, s); }
 #undef RT_API
-
-#if RETENTION_HIP
-inline error_t memset_async(void* p, int byte, std::size_t bytes, stream_t s) { return hipMemsetAsync(p, byte, bytes, s); }
-inline constexpr bool kIsHip = true;
-#else
-inline error_t memset_async(void* p, int byte, std::size_t bytes, stream_t s) { return cudaMemsetAsync(p, byte, bytes, s); }
-inline constexpr bool kIsHip = false;
-#endif
 #endif  // runtime API
 
 // ------------------------------------------------------------------------------------------

@@ -14,14 +14,7 @@ namespace glue {
 namespace rk = retention::kernels;
 
 inline rk::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return rk::DType::kF16;
-    case at::kBFloat16:
-      return rk::DType::kBF16;
-    default:
-      return rk::DType::kF32;
-  }
+  return t == at::kHalf ? rk::DType::kF16 : t == at::kBFloat16 ? rk::DType::kBF16 : rk::DType::kF32;
 }
 
 // The kernels take any B/T/H strides but need a unit stride along the head dimension.

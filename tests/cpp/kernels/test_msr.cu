@@ -313,6 +313,10 @@ std::vector<Config> configs() {
     out.push_back({t, 1, 150, 2, 128, 432, cu, 2, true, false, true, false, true, 7});      // neox, dk = 128
     out.push_back({t, 2, 37, 3, 60, 48, {}, 1, true, true, false, true, false, 0});         // one dv tile: 1 pass
     out.push_back({t, 2, 70, 2, 128, 100, {}, 0, false, false, true, true, true, 3});       // no norm, no rotary
+    // Every option off: the raw ops' path (forward without fusion, backward without its epilogue
+    // passes, du = dy), over batch rows and over packed sequences.
+    out.push_back({t, 2, 70, 3, 60, 100, {}, 0, false, false, false, false, true, 5});
+    out.push_back({t, 1, 150, 2, 128, 432, cu, 0, false, false, false, false, true, 0});
   }
   out.push_back({D::kF16, 1, 150, 2, 128, 432, cu, 1, true, true, true, true, true, 1 << 20});
   return out;
