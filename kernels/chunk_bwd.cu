@@ -4,20 +4,10 @@
 #include "msr_common.cuh"
 
 namespace retention::kernels {
-namespace {
-MsrBackwardParams layer(const ChunkBackwardParams& p) {
-  MsrBackwardParams m;
-  static_cast<ChunkBackwardParams&>(m) = p;
-  m.seq.num_sequences = p.shape.B;  // no cu_seqlens, no offsets
-  m.opt.rotary = RotaryMode::kNone;
-  m.opt.norm = false;
-  return m;
-}
-}  // namespace
 
 // [dq partials | dk partials | segment states of a split] (msr_bwd.cu: backward_core_bytes).
 std::size_t chunk_backward_workspace_bytes(const ChunkBackwardParams& p) {
-  return msr_backward_workspace_bytes(layer(p));
+  return msr_backward_workspace_bytes(raw_layer<MsrBackwardParams>(p));
 }
 
 gpu::error_t launch_chunk_backward(const ChunkBackwardParams& p) {
@@ -28,7 +18,7 @@ gpu::error_t launch_chunk_backward(const ChunkBackwardParams& p) {
   if (n.B * n.H == 0) return gpu::kSuccess;
   // dv == 0 makes every gradient zero; the kernels tile over dv, so the caller zero-fills.
   if (n.dv == 0) return n.T * n.dk == 0 ? gpu::kSuccess : gpu::kErrorInvalidValue;
-  return launch_msr_backward(layer(p));
+  return launch_msr_backward(raw_layer<MsrBackwardParams>(p));
 }
 
 }  // namespace retention::kernels

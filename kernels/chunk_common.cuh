@@ -452,9 +452,9 @@ __global__ void __launch_bounds__(256) segment_scan_kernel(const Params p, const
 template <bool kReverse = false, class Params>
 gpu::error_t launch_segment_scan(const Params& p, const SegmentSplit& split) {
   const std::int64_t blocks = (split.state_stride + 255) / 256;
-  return split.count <= 2 ? gpu::kSuccess
-                          : gpu::launch(&segment_scan_kernel<Params, kReverse>, static_cast<unsigned>(blocks < 1024 ? blocks : 1024),
-                                        256, 0, p.stream, p, split);
+  if (split.count <= 2) return gpu::kSuccess;
+  return gpu::launch(&segment_scan_kernel<Params, kReverse>, static_cast<unsigned>(blocks < 1024 ? blocks : 1024), 256,
+                     0, p.stream, p, split);
 }
 
 // Segment plan of the split from the CTAs of the unsplit grid: split < 0 (automatic) cuts T

@@ -46,7 +46,8 @@ __global__ void __launch_bounds__(kRowColumns* kRowLanes)
   const int h = blockIdx.x % H;
   const SeqSpan seq = msr_sequence(p, blockIdx.x / H);
   const std::int64_t slice = n.B * n.H * n.T * n.dk;
-  const float* const acc = static_cast<const float*>(p.workspace) + (static_cast<std::int64_t>(seq.b) * H + h) * n.T * dk;
+  const float* const acc =
+      static_cast<const float*>(p.workspace) + (static_cast<std::int64_t>(seq.b) * H + h) * n.T * dk;
   // Element d of row t of operand 0 (q) or 1 (k).
   const auto x = [&](int operand, std::int64_t t, int d) {
     if constexpr (kGrads)
@@ -61,7 +62,8 @@ __global__ void __launch_bounds__(kRowColumns* kRowLanes)
     if (rotary) rotary_pair(p.opt.rotary, d, dk, partner, sign, pair);
     if (kGrads) sign = -sign;  // R^T: the partner term changes sign
     const double theta = rotary ? p.theta[pair] : 0.0;
-    for (std::int64_t r = blockIdx.y * kRowLanes + threadIdx.x / kRowColumns; r < seq.length; r += gridDim.y * kRowLanes) {
+    for (std::int64_t r = blockIdx.y * kRowLanes + threadIdx.x / kRowColumns; r < seq.length;
+         r += gridDim.y * kRowLanes) {
       const std::int64_t t = seq.t_begin + r;
       float cs, sn;
       if (rotary) rotary_cos_sin(static_cast<double>(seq.pos0 + r), theta, cs, sn);
@@ -90,7 +92,8 @@ template <class T, bool kGrads>
 gpu::error_t launch_rotate_rows(const MsrChunkBackward& p, const Bthd& q_out, const Bthd& k_out, int dq_parts = 0,
                                 int dk_parts = 0) {
   const std::int64_t y = (p.shape.T + kRowLanes * 16 - 1) / (kRowLanes * 16);
-  const dim3 grid(static_cast<unsigned>(p.seq.num_sequences * p.shape.H), static_cast<unsigned>(y < 1 ? 1 : y > 1024 ? 1024 : y));
+  const dim3 grid(static_cast<unsigned>(p.seq.num_sequences * p.shape.H),
+                  static_cast<unsigned>(y < 1 ? 1 : y > 1024 ? 1024 : y));
   return gpu::launch(&msr_rotate_rows_kernel<T, kGrads>, grid, kRowColumns * kRowLanes, 0, p.stream, p, q_out, k_out,
                      dq_parts, dk_parts);
 }
@@ -133,7 +136,8 @@ Layout workspace_layout(const MsrBackwardParams& p) {
   };
   if (n.dv > 0 && n.dk <= kMaxHeadDimK) l.plan = plan_backward(p.dtype, n, rows, p.split, p.num_sms);
   l.core = take(backward_core_bytes(l.plan, n, rows));
-  l.stats = take(any && p.opt.norm && tiles > 1 ? static_cast<std::size_t>(tiles * msr_stats_rows(n) * 2) * sizeof(float) : 0);
+  const bool stats = any && p.opt.norm && tiles > 1;
+  l.stats = take(stats ? static_cast<std::size_t>(tiles * msr_stats_rows(n) * 2) * sizeof(float) : 0);
   l.dw = take(p.opt.norm && p.opt.norm_weight != nullptr ? static_cast<std::size_t>(rows * n.dv) * sizeof(float) : 0);
   l.du = take(any && !without_fusion(p) ? tokens * n.dv * elem : 0);
   l.q = take(rotated ? tokens * n.dk * elem : 0);

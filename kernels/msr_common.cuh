@@ -72,6 +72,18 @@ bool without_fusion(const P& p) {
   return p.opt.rotary == RotaryMode::kNone && !p.opt.norm && !p.opt.decay_norm && p.g.ptr == nullptr;
 }
 
+// The layer-core parameters (Msr*Params) of a raw op's (Chunk*Params): batch rows as
+// sequences, every option off.
+template <class Msr, class Raw>
+Msr raw_layer(const Raw& p) {
+  Msr m;
+  static_cast<Raw&>(m) = p;
+  m.seq.num_sequences = p.shape.B;  // no cu_seqlens, no offsets
+  m.opt.rotary = RotaryMode::kNone;
+  m.opt.norm = false;
+  return m;
+}
+
 // ------------------------------------------------------------------------------------------
 // Per-element math
 // ------------------------------------------------------------------------------------------

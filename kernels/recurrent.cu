@@ -100,7 +100,9 @@ gpu::error_t launch_recurrent_forward(const RecurrentForwardParams& p) {
   if (gpu::error_t e = gpu::check_warp_size(); e != gpu::kSuccess) return e;
   return dispatch_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
-    return p.shape.dk <= 64 ? launch_scan<T, 64>(p) : p.shape.dk <= 128 ? launch_scan<T, 128>(p) : launch_scan<T, 256>(p);
+    return p.shape.dk <= 64    ? launch_scan<T, 64>(p)
+           : p.shape.dk <= 128 ? launch_scan<T, 128>(p)
+                               : launch_scan<T, 256>(p);
   });
 }
 

@@ -213,7 +213,8 @@ Pair chunk_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tens
   check_chunk_size(op, chunk_size);
   if (q.scalar_type() == at::kDouble)
     return CpuKernel<&chunk_forward_cuda>::run(op, q.device(), q, k, v, log_decay, scale, chunk_size, initial_state);
-  return msr_forward_cuda(q, k, v, {}, log_decay, scale, 0, chunk_size, initial_state, {}, {}, 0, false, {}, kEps, false);
+  return msr_forward_cuda(q, k, v, {}, log_decay, scale, /*form=*/0, chunk_size, initial_state, {}, {}, 0, false, {},
+                          kEps, false);
 }
 
 Pair parallel_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -222,14 +223,16 @@ Pair parallel_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
   check_inputs(op, q, k, v, log_decay, initial_state);
   if (q.scalar_type() == at::kDouble)
     return CpuKernel<&parallel_forward_cuda>::run(op, q.device(), q, k, v, log_decay, scale, initial_state);
-  return msr_forward_cuda(q, k, v, {}, log_decay, scale, 1, 64, initial_state, {}, {}, 0, false, {}, kEps, false);
+  return msr_forward_cuda(q, k, v, {}, log_decay, scale, /*form=*/1, /*chunk_size=*/64, initial_state, {}, {}, 0, false,
+                          {}, kEps, false);
 }
 
 Quad raw_backward(const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
                   int64_t chunk_size, const OptTensor& initial_state) {
   const auto [dq, dk, dv, dg, dh0, dw] = msr_backward_cuda(grad_o, grad_final_state, q, k, v, {}, log_decay, scale,
-                                                           chunk_size, initial_state, {}, {}, 0, false, {}, kEps, false);
+                                                           chunk_size, initial_state, {}, {}, 0, false, {}, kEps,
+                                                           false);
   return {dq, dk, dv, dh0};
 }
 
