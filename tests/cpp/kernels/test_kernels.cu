@@ -362,17 +362,21 @@ TEST(DecayNumerics, NearOneNotRoundedToFp32InAnyForm) {
   dv_.upload(vb.data());
   DeviceBuffer decay = upload_f32(p.log_decay), s0 = upload_f32(p.s0), sT(p.s0.size() * 4);
 
+  // The multi-token forms (scan, chunk) on these buffers.
+  const auto inputs = [&](auto& prm) {
+    prm.dtype = t;
+    prm.shape = {1, T, 1, dk, dv};
+    prm.q = bthd(dq.ptr, p, dk, 0, t);
+    prm.k = bthd(dk_.ptr, p, dk, 0, t);
+    prm.v = bthd(dv_.ptr, p, dv, 0, t);
+    prm.o = bthd(dO.ptr, p, dv, 0, t);
+    prm.log_decay = decay.as<float>();
+    prm.scale = static_cast<float>(p.scale);
+    prm.initial_state = s0.as<float>();
+    prm.final_state = sT.as<float>();
+  };
   rk::RecurrentForwardParams scan;
-  scan.dtype = t;
-  scan.shape = {1, T, 1, dk, dv};
-  scan.q = bthd(dq.ptr, p, dk, 0, t);
-  scan.k = bthd(dk_.ptr, p, dk, 0, t);
-  scan.v = bthd(dv_.ptr, p, dv, 0, t);
-  scan.o = bthd(dO.ptr, p, dv, 0, t);
-  scan.log_decay = decay.as<float>();
-  scan.scale = static_cast<float>(p.scale);
-  scan.initial_state = s0.as<float>();
-  scan.final_state = sT.as<float>();
+  inputs(scan);
   GPU_OK(rk::launch_recurrent_forward(scan));
   GPU_OK(gpu::synchronize());
   expect_close(sT.download_f32(), ref.sT, 1e-5, "scan final_state");
@@ -400,16 +404,7 @@ TEST(DecayNumerics, NearOneNotRoundedToFp32InAnyForm) {
     dO.poison();
     sT.poison();
     rk::ChunkForwardParams chunk;
-    chunk.dtype = t;
-    chunk.shape = {1, T, 1, dk, dv};
-    chunk.q = bthd(dq.ptr, p, dk, 0, t);
-    chunk.k = bthd(dk_.ptr, p, dk, 0, t);
-    chunk.v = bthd(dv_.ptr, p, dv, 0, t);
-    chunk.o = bthd(dO.ptr, p, dv, 0, t);
-    chunk.log_decay = decay.as<float>();
-    chunk.scale = static_cast<float>(p.scale);
-    chunk.initial_state = s0.as<float>();
-    chunk.final_state = sT.as<float>();
+    inputs(chunk);
     chunk.split = split;
     const DeviceBuffer ws = forward_workspace(chunk);
     GPU_OK(rk::launch_chunk_forward(chunk));
