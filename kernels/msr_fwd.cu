@@ -54,7 +54,7 @@ std::int64_t dv_tiles(const MsrForwardParams& p) {
   const Shape& n = p.shape;
   if (n.dk > kMaxHeadDimK) return 0;
   const int bv = forward_without_fusion(p) ? tile_width<ChunkTraits<float, 64>::kStateRegs>(p.dtype, n.dk)
-                          : msr_forward_tile_width(p.dtype, n.dk, false);
+                                           : msr_forward_tile_width(p.dtype, n.dk, false);
   return (n.dv + bv - 1) / bv;
 }
 

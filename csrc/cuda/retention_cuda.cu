@@ -149,6 +149,9 @@ Six msr_backward_cuda(const at::Tensor& grad_y, const OptTensor& grad_final_stat
   p.grad_v = bthd(dv);
   p.grad_initial_state = dh0.data_ptr<float>();
   p.grad_norm_weight = want_dw ? dw32.data_ptr<float>() : nullptr;
+  // fp32 partial sums of dq and dk over dv tiles, reduced in a fixed order by the kernels
+  // (kernels/chunk_bwd.cuh): the backward is deterministic, so it needs no
+  // alertNotDeterministic under torch.use_deterministic_algorithms.
   p.num_sms = num_sms();
   const at::Tensor ws = workspace(rk::msr_backward_workspace_bytes(p), q);
   p.workspace = ws.data_ptr();
