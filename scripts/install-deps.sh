@@ -11,6 +11,7 @@ packages=(
   libopenblas0-pthread  # without it Debian's torch falls back to the reference BLAS (9-19x slower)
   hipcc libamdhip64-dev rocm-device-libs  # HIP compile checks for gfx90a
   libboost-context-dev gcovr  # host execution backend of the kernels (fibers), its coverage report
+  nlohmann-json3-dev  # checkpoint metadata (csrc/model)
 )
 
 missing=()
