@@ -83,12 +83,12 @@ nvcc_tu() {  # sm_80 objects also carry compute_80 PTX and are what the CUDA tes
   local tu=$1 arch=$2 code="sm_$2"
   [[ $arch == 80 ]] && code="[sm_80,compute_80]"
   job "nvcc_${tu}_sm$arch" "$NVCC" "${NVCC_FLAGS[@]}" -gencode "arch=compute_$arch,code=$code" \
-    -c "kernels/$tu.cu" -o "$OUT/cuda/${tu}_sm$arch.o"
+    -c "kernels/$tu.cu" -o "$OUT/cuda/${tu}_sm$arch.o" -MD -MF "$OUT/cuda/${tu}_sm$arch.d"
 }
 
 hipcc_tu() {  # -save-temps drops the gfx90a ISA (.s) next to the object
   local tu=$1
-  (cd "$OUT/hip" && job "hipcc_$tu" "$HIPCC" "${HIP_FLAGS[@]}" -save-temps -c -x hip "$ROOT/kernels/$tu.cu" -o "$tu.o")
+  (cd "$OUT/hip" && job "hipcc_$tu" "$HIPCC" "${HIP_FLAGS[@]}" -save-temps -c -x hip "$ROOT/kernels/$tu.cu" -o "$tu.o" -MD -MF "$tu.d")
 }
 
 fragment_test() {

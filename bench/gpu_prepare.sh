@@ -28,6 +28,7 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CARRY=$ROOT/build/gpu-carry
 NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
+PY=${PYTHON:-/usr/bin/python3}
 JOBS=${JOBS:-$(nproc)}
 GTEST_LIB=${GTEST_LIB:-/usr/lib/x86_64-linux-gnu/libgtest.a}
 GTEST_MAIN_LIB=${GTEST_MAIN_LIB:-/usr/lib/x86_64-linux-gnu/libgtest_main.a}
@@ -140,7 +141,7 @@ fetch_fla() {
   rm -f "$CARRY"/wheels/*.whl
   # fla-core only (the ops); its other requirements (torch, triton, einops) are on the GPU
   # machine already.  --no-deps so pip cannot pull a second torch into the folder.
-  python3 -m pip download --no-deps --only-binary=:all: --python-version "$PY_TARGET" \
+  "$PY" -m pip download --no-deps --only-binary=:all: --python-version "$PY_TARGET" \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     -d "$CARRY/wheels" "fla-core==$FLA_VERSION" &&
     for w in "$CARRY"/wheels/*.whl; do
@@ -151,7 +152,7 @@ fetch_fla() {
 ((do_fla)) && step fetch_fla fetch_fla
 
 # ---- manifest --------------------------------------------------------------------------------
-python3 - "$CARRY" "$NVCC" "${STEPS[@]}" <<'EOF'
+"$PY" - "$CARRY" "$NVCC" "${STEPS[@]}" <<'EOF'
 import datetime, json, os, subprocess, sys
 carry, nvcc, steps = sys.argv[1], sys.argv[2], sys.argv[3:]
 def run(*cmd):

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages the project needs, only those missing (apt-get update once).
+# --list prints the list instead. scripts/check-deps.py checks, after the builds and tests, that
+# every header, Python module and command they used comes from these packages (or their
+# dependencies): add a package here the moment the project uses it.
 set -euo pipefail
 
 packages=(
@@ -12,7 +15,13 @@ packages=(
   hipcc libamdhip64-dev rocm-device-libs  # HIP compile checks for gfx90a
   libboost-context-dev gcovr  # host execution backend of the kernels (fibers), its coverage report
   nlohmann-json3-dev  # checkpoint metadata (csrc/model)
+  python3-pip unzip  # bench/gpu_prepare.sh: FLA's wheels for the GPU machine, their metadata
 )
+
+if [ "${1:-}" = --list ]; then
+  printf '%s\n' "${packages[@]}"
+  exit 0
+fi
 
 missing=()
 for p in "${packages[@]}"; do

@@ -81,7 +81,8 @@ compile() {  # compile LOG OBJ SRC FLAGS...
   shift 3
   local lang=()
   [[ $src == *.cu ]] && lang=(-x c++)
-  $CCACHE "$CXX" "$@" "${lang[@]}" -c "$src" -o "$obj" >"$log" 2>&1 || { echo "FAILED" >>"$log"; return 1; }
+  # -MD: the headers used, for scripts/check-deps.py
+  $CCACHE "$CXX" "$@" "${lang[@]}" -c "$src" -o "$obj" -MD -MF "${obj%.o}.d" >"$log" 2>&1 || { echo "FAILED" >>"$log"; return 1; }
 }
 
 build_variant() {

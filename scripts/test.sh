@@ -56,3 +56,13 @@ PYTHONPATH=python "$PYTHON" -m pytest tests/python -q -p no:cacheprovider
 bash scripts/test-sanitizers.sh  # ASan+UBSan (ctest, pytest subset) and TSan (threaded C++ test)
 
 bash scripts/test-torch2.sh  # the same pytest suite under PyPI's torch 2.11 (venv, CUDA glue built)
+
+echo "== install list: every header, module and command used comes from scripts/install-deps.sh"
+"$PYTHON" scripts/check-deps.py
+# ... and the check notices a gap: without nlohmann-json3-dev the checkpoint code's headers fail it
+if dropped=$("$PYTHON" scripts/check-deps.py --drop nlohmann-json3-dev); then
+  echo "check-deps.py passed with nlohmann-json3-dev dropped from the list" >&2
+  exit 1
+fi
+grep -q "csrc/model/.*nlohmann-json3-dev" <<<"$dropped" ||
+  { echo "check-deps.py failed, but not on the checkpoint code's nlohmann headers:" >&2; echo "$dropped" >&2; exit 1; }
