@@ -5,11 +5,14 @@ Env: RETENTION_GPU=none|cuda|rocm|auto (default auto); TORCH_CUDA_ARCH_LIST (def
 PYTORCH_ROCM_ARCH (default gfx90a)."""
 import glob
 import os
+import shlex
+import subprocess
+import sysconfig
 
 import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import (CUDA_HOME, ROCM_HOME, BuildExtension, CppExtension,
-                                       CUDAExtension)
+                                       CUDAExtension, include_paths)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -21,9 +24,26 @@ def rel(pattern):
 sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/meta/*.cpp") + rel(
     "csrc/autograd/*.cpp") + rel("csrc/autocast/*.cpp")
 include_dirs = [os.path.join(ROOT, d) for d in ("csrc/include", "csrc", "kernels")]
+
+
+def cxx_standard():
+    """The C++ standard to build with: C++17 (the project's own need) unless this torch's headers
+    refuse it (torch 2.15's require C++20), found by preprocessing them under C++17 (about 2 s);
+    when both standards fail, the compile itself reports why."""
+    includes = [f"-I{p}" for p in include_paths() + [sysconfig.get_paths()["include"]]]
+
+    def accepts(std):
+        cmd = shlex.split(os.environ.get("CXX", "c++")) + [f"-std=c++{std}", "-E", "-x", "c++", "-",
+                                                            "-o", os.devnull] + includes
+        return subprocess.run(cmd, input="#include <torch/extension.h>\n", text=True,
+                              capture_output=True).returncode == 0
+    return "c++20" if not accepts(17) and accepts(20) else "c++17"
+
+
+STD = cxx_standard()
 # -fopenmp: at::parallel_for is inline in ATen's headers; without OpenMP in *our* translation
 # units it compiles to a serial loop even though torch itself runs on OpenMP.
-cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp"]
+cxx_flags = ["-O3", f"-std={STD}", "-fvisibility=hidden", "-fopenmp"]
 link_flags = ["-fopenmp"]
 
 
@@ -75,7 +95,7 @@ def extension(backend):
     if backend == "cuda":
         # sm_80 and sm_90 (no 9.0a: the kernels use mma.sync, not wgmma).
         os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        device_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        device_flags = ["-O3", f"-std={STD}", "--expt-relaxed-constexpr", "-lineinfo"]
     else:
         # torch's ROCm build hipifies the .cu sources and compiles them with hipcc; the flags
         # under "nvcc" go to hipcc.  Explicit --offload-arch (never auto-detection: it needs a
@@ -85,7 +105,7 @@ def extension(backend):
         # vendors round the same way.  No -D flags: gpu_compat.h detects HIP by itself.
         archs = rocm_archs()
         os.environ["PYTORCH_ROCM_ARCH"] = ";".join(archs)
-        device_flags = (["-O3", "-std=c++17"] + [f"--offload-arch={a}" for a in archs]
+        device_flags = (["-O3", f"-std={STD}"] + [f"--offload-arch={a}" for a in archs]
                         + ["-Wno-unused-result"])
     return CUDAExtension("retention._C", gpu_sources, include_dirs=include_dirs,
                          extra_compile_args={"cxx": cxx_flags, "nvcc": device_flags},

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# The torch 2.x leg of the tests: a virtual environment with torch from PyPI (pinned in
-# scripts/torch2-requirements.txt), the package built against it with the CUDA glue and kernels
-# (nvcc from the CUDA toolkit; no GPU needed to compile), installed with pip, and the whole pytest
-# suite run against the installed package from outside the source tree.
+# The torch 2.x legs of the tests: a virtual environment with torch from PyPI (pinned in a
+# requirements file), the package built against it with the CUDA glue and kernels (nvcc from the
+# CUDA toolkit; no GPU needed to compile), installed with pip, and pytest run against the
+# installed package from outside the source tree.
+#
+# Usage: scripts/test-torch2.sh [REQUIREMENTS] [PYTEST_TARGET...]
+#   REQUIREMENTS    default scripts/torch2.15-requirements.txt (PyPI's newest torch);
+#                   scripts/torch2.11-requirements.txt is the GPU machines' torch
+#   PYTEST_TARGET   tests to run, relative to tests/python (default: all of them)
 #
 # The downloaded wheels and the environment are cached under
 # ${RETENTION_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/retention}/<hash of the requirements>/, and
@@ -15,7 +20,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-req=scripts/torch2-requirements.txt
+req=${1:-scripts/torch2.15-requirements.txt}
+[ -f "$req" ] || { echo "test-torch2: no requirements file $req" >&2; exit 2; }
+shift $(($# > 0 ? 1 : 0))
+targets=()
+for t in "$@"; do targets+=("$ROOT/tests/python/$t"); done
+[ ${#targets[@]} -gt 0 ] || targets=("$ROOT/tests/python")
 key=$(sha256sum "$req" | cut -c1-12)
 cache=${RETENTION_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/retention}/torch2-$key
 venv=$cache/venv
@@ -78,7 +88,7 @@ fi
 echo "   $(basename "$dist"/retention-*.whl) ($(($(date +%s) - t0)) s)"
 "$py" -m pip install -q --no-deps --force-reinstall "$dist"/retention-*.whl
 
-echo "== torch 2.x: pytest against the installed package (outside the source tree)"
+echo "== torch 2.x: pytest against the installed package (outside the source tree): ${*:-all tests}"
 cd "$dist"
 # The import must resolve to the installed package, not the source tree.
 "$py" - <<'EOF'
@@ -88,4 +98,4 @@ assert "site-packages" in here, f"retention imported from {here}, not the instal
 print("   retention from", here)
 EOF
 RETENTION_TEST_INSTALLED=1 RETENTION_EXPECT_GPU_BUILD="$RETENTION_GPU" \
-  "$py" -m pytest "$ROOT/tests/python" -q -p no:cacheprovider ${PYTEST_ARGS:-}
+  "$py" -m pytest "${targets[@]}" -q -p no:cacheprovider ${PYTEST_ARGS:-}

@@ -55,7 +55,10 @@ PYTHONPATH=python "$PYTHON" -m pytest tests/python -q -p no:cacheprovider
 
 bash scripts/test-sanitizers.sh  # ASan+UBSan (ctest, pytest subset) and TSan (threaded C++ test)
 
-bash scripts/test-torch2.sh  # the same pytest suite under PyPI's torch 2.11 (venv, CUDA glue built)
+# PyPI's newest torch: the whole pytest suite (venv, CUDA glue built); then the GPU machines'
+# torch 2.11: built the same way, with the registration, opcheck and torch.compile tests.
+bash scripts/test-torch2.sh scripts/torch2.15-requirements.txt
+bash scripts/test-torch2.sh scripts/torch2.11-requirements.txt test_registration.py test_compile.py
 
 echo "== install list: every header, module and command used comes from scripts/install-deps.sh"
 "$PYTHON" scripts/check-deps.py
