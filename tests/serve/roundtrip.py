@@ -4,7 +4,9 @@ RetNet.save_pretrained and must reproduce Python's RetNet exactly.
 
 Checks (exit status 1 on any failure):
   1. greedy tokens of the C++ app (batched: prompts of different lengths packed in one prefill,
-     then decoded together) == Python's chunk prefill + RetNet.step, every token, per prompt;
+     then decoded together) == Python's chunk prefill + RetNet.step, every token, per prompt,
+     up to a near tie (the two best logits within the logits' tolerance, where rounding may
+     legitimately pick either; the continuations are compared up to that step);
   2. the logits each token was chosen from agree with Python's to fp32 rounding:
      max |diff| <= TOL * max(1, max |logit|), TOL = 1e-5 (both run the same fp32 ops; only
      summation order differs between a batched and a single-sequence matmul, ~1e-7 relative
@@ -55,6 +57,18 @@ def run_app(app, checkpoint, steps, extra, ids):
         data = json.load(f)
     os.unlink(out)
     return data
+
+
+def agreeing_steps(tokens, ref_tokens, ref_logits, scale):
+    """How many greedy steps to compare, or None when the tokens part where the reference's choice
+    was clear. Greedy decoding follows the argmax, so two correct decoders whose logits differ by
+    rounding (GEMMs of other shapes sum in another order) may part at a near tie, after which
+    their continuations differ legitimately; the logits of that step must still agree."""
+    for j, (a, b) in enumerate(zip(tokens, ref_tokens)):
+        if a != b:
+            gap = float(ref_logits[j][b] - ref_logits[j][a])
+            return j + 1 if gap <= 2 * TOL * scale else None
+    return len(ref_tokens)
 
 
 @torch.no_grad()
@@ -118,15 +132,21 @@ def check(app, checkpoint, steps):
         toks, logits = python_greedy(model, prompt, steps)
         scale = max(1.0, logits.abs().max().item())
         for name, run in (("batched", batched), ("one-by-one", single)):
-            if run["tokens"][i] != toks:
+            n = agreeing_steps(run["tokens"][i], toks, logits, scale)
+            if n is None:
                 first = next(j for j, (a, b) in enumerate(zip(run["tokens"][i], toks)) if a != b)
                 failures.append(f"prompt {i} ({name}): C++ greedy tokens differ from Python's at step {first}")
-            d = (torch.tensor(run["logits"][i]) - logits).abs().max().item() / scale
+                continue
+            if n < steps:
+                print(f"prompt {i} ({name}): near tie at step {n - 1}, compared up to there")
+            d = (torch.tensor(run["logits"][i][:n]) - logits[:n]).abs().max().item() / scale
             worst = max(worst, d)
             if d > TOL:
                 failures.append(f"prompt {i} ({name}): logits differ by {d:.3g} x max(1,|logit|) > {TOL:g}")
-        d = (torch.tensor(batched["logits"][i]) - torch.tensor(single["logits"][i])).abs().max().item() / scale
-        if batched["tokens"][i] != single["tokens"][i] or d > TOL:
+        one = torch.tensor(single["logits"][i])
+        n = agreeing_steps(batched["tokens"][i], single["tokens"][i], one, scale)
+        d = (torch.tensor(batched["logits"][i][:n or 1]) - one[:n or 1]).abs().max().item() / scale
+        if n is None or d > TOL:
             failures.append(f"prompt {i}: batched decode != one-by-one decode (logit diff {d:.3g})")
         print(f"prompt {i} ({len(prompt)} tokens): {steps} greedy tokens ({len(set(toks))} distinct), "
               f"C++ == Python: {batched['tokens'][i] == toks}; text: {''.join(model.vocab[t] for t in toks)[:50]!r}")
