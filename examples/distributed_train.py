@@ -54,6 +54,16 @@ def main():
 
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
+    train(args, use_cuda)
+    # Tear down once train() has returned, so nothing holds the process group any more (a group
+    # object still referenced, by a DDP wrapper say, outlives destroy_process_group and is torn
+    # down during interpreter shutdown, where gloo's threads can abort the process), and together,
+    # so that no rank closes its connections while a peer may still be in a collective.
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def train(args, use_cuda):
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -109,10 +119,6 @@ def main():
         opt.step()
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
             print(f"[{args.mode}, {world} ranks] step {step:4d}  loss {float(report):.4f}", flush=True)
-    # Tear down together, so that no rank closes its connections while a peer may still be in a
-    # collective: without this barrier a rank sometimes aborted in teardown under torch 2.11 (gloo).
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -398,7 +398,8 @@ def msr_layer_forward(module, x, form="chunk", state=None, chunk_size=None, cu_s
     q, k, v, g = module._project(x)
     offsets = state.offsets() if state is not None else None
     y, final, layout = context_parallel_msr(
-        q, k, v, g, module.log_decay, group=module.context_parallel_group, form=_FORMS[form],
+        q, k, v, g, module.log_decay, form=_FORMS[form],
+        group=None if module.context_parallel_group is WORLD else module.context_parallel_group,
         chunk_size=int(chunk_size if chunk_size is not None else module.chunk_size),
         initial_state=init, offsets=offsets, output_final_state=True, _return_layout=True,
         **module._fused_options())
@@ -408,18 +409,32 @@ def msr_layer_forward(module, x, form="chunk", state=None, chunk_size=None, cu_s
     return out, new_state
 
 
+class _DefaultGroup:
+    """The default (world) group, looked up at each call. A layer never holds the default group
+    object: a held group outlives ``destroy_process_group`` with its backend's threads and is
+    torn down during interpreter shutdown instead, where gloo's threads can abort the process."""
+
+    def __repr__(self):
+        return "WORLD"
+
+
+WORLD = _DefaultGroup()
+
+
 def enable_context_parallel(model: torch.nn.Module, group=None) -> torch.nn.Module:
     """Make every ``MultiScaleRetention`` in ``model`` (e.g. a ``RetNet``) context parallel over
-    ``group`` (default: the whole world); ``group=False`` turns it off.  Returns ``model``.
+    ``group`` (default: the whole world, looked up at each call); ``group=False`` turns it off.
+    Returns ``model``.
 
     Each rank then feeds its slice of the sequence (``local_slice``) and gets the logits of its
-    slice; sum the parameter gradients over the group (``all_reduce_gradients``)."""
+    slice; sum the parameter gradients over the group (``all_reduce_gradients``). The layers hold
+    an explicit ``group`` until it is turned off: do that before ``destroy_process_group``."""
     from .nn import MultiScaleRetention
 
     if group is None and not dist.is_initialized():
         raise RuntimeError("enable_context_parallel: call torch.distributed.init_process_group "
                            "first (or pass a group)")
-    value = None if group is False else (dist.group.WORLD if group is None else group)
+    value = None if group is False else (WORLD if group is None else group)
     for m in model.modules():
         if isinstance(m, MultiScaleRetention):
             m.context_parallel_group = value

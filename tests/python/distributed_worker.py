@@ -72,6 +72,7 @@ def _serve(rank, world, init_file, task_q, result_q, package):
         except BaseException:  # report, keep serving (a broken group times out the next task)
             result_q.put((rank, "error", traceback.format_exc()))
     dist.barrier()  # tear down together, as examples/distributed_train.py does
+    groups.clear()  # hold no group past destroy_process_group (see retention.distributed.WORLD)
     dist.destroy_process_group()
 
 

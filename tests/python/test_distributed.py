@@ -295,3 +295,51 @@ def test_torchrun_example(mode, tmp_path):
     assert f"[{mode}, 2 ranks] step    1" in p.stdout, p.stdout[-3000:]
     if mode == "cp":
         assert "check: context-parallel loss" in p.stdout, p.stdout[-3000:]
+
+
+# A process group must not outlive destroy_process_group: a group object that something still
+# references keeps its backend (gloo's threads, its connections) alive until the interpreter shuts
+# down, where tearing it down can abort the process ("terminate called without an active
+# exception", which a torchrun test run hit). The layers used to hold the default group.
+_GROUP_LIFETIME = r"""
+import gc, os, sys
+import torch, torch.distributed as dist
+from retention import distributed as rd
+from retention.nn import RetNet
+
+torch.set_num_threads(1)
+threads = lambda: len(os.listdir("/proc/self/task"))
+model = RetNet(vocab_size=16, embed_dim=16, value_dim=32, num_heads=2, num_layers=1, ffn_dim=32)
+tokens = torch.randint(0, 16, (1, 12))
+model(tokens)[0].sum().backward()  # every thread pool exists before counting
+before = threads()
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+with_group = threads()
+rd.enable_context_parallel(model)
+logits = model(rd.local_slice(tokens))[0]
+logits.sum().backward()
+del logits  # (its graph holds the group it ran on until a training step's locals go)
+dist.destroy_process_group()
+gc.collect()
+print(before, with_group, threads())
+"""
+
+
+def test_layers_do_not_keep_the_process_group_alive(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("needs Linux's /proc to count threads")
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    if os.environ.get("RETENTION_TEST_INSTALLED") != "1":
+        env["PYTHONPATH"] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                         "python")
+    p = subprocess.run([sys.executable, "-c", _GROUP_LIFETIME, str(tmp_path / "store")],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    before, with_group, after = map(int, p.stdout.split()[-3:])
+    assert with_group > before, "gloo started no thread: the check would prove nothing"
+    assert after == before, (f"{after - before} of the group's threads are still alive after "
+                             "destroy_process_group: something still holds the group")
