@@ -228,8 +228,21 @@ TEST_F(RetNetModel, BatchedGenerationEqualsOnePromptAtATime) {
     std::vector<Tensor> single_logits;
     const auto single = model.generate({kPrompts[i]}, 30, s1, nullptr,
                                        [&](int64_t, const Tensor& l) { single_logits.push_back(l.clone()); });
-    EXPECT_EQ(single[0], batched[i]) << "prompt " << i;
-    for (size_t s = 0; s < single_logits.size(); ++s) {
+    // Greedy decoding follows the argmax, and a batched GEMM may round differently from a
+    // single-row one, so the two may part at a near tie (the two best logits within the
+    // tolerance); up to and including that step they must agree.
+    size_t agree = single[0].size();
+    for (size_t s = 0; s < single[0].size(); ++s) {
+      if (single[0][s] != batched[i][s]) {
+        const Tensor& l = single_logits[s][0];
+        const double gap = (l[single[0][s]] - l[batched[i][s]]).item<double>();
+        EXPECT_LE(gap, 2 * kTolF32 * std::max(1.0, l.abs().max().item<double>()))
+            << "prompt " << i << ": tokens part at step " << s << " without a near tie";
+        agree = s + 1;
+        break;
+      }
+    }
+    for (size_t s = 0; s < agree; ++s) {
       EXPECT_LT(max_rel_diff(batched_logits[s][i], single_logits[s][0]), kTolF32);
     }
   }
