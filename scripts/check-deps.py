@@ -257,7 +257,7 @@ def script_commands():
                 line = line.split(")", 1)[1]  # a case pattern
             # $(cmd ...), a tool's default (${CXX:-g++}) and what `command -v` looks for
             subs = (re.findall(r"\$\(\s*([A-Za-z][\w.+-]*)", line)
-                    + re.findall(r"\$\{\w+:-([A-Za-z][\w.+-]*)", line)
+                    + re.findall(r"\$\{\w+:-([A-Za-z/][\w/.+-]*)", line)
                     + re.findall(r"command -v ([A-Za-z][\w.+-]*)", line))
             try:
                 lex = shlex.shlex(line, posix=True, punctuation_chars=";&|()")
@@ -273,12 +273,17 @@ def script_commands():
                     continue
                 if not first:
                     continue
+                if w in ("for", "select", "case"):
+                    first = False  # a variable name and words follow, up to the next separator
+                    continue
+                if w in PREFIXES:
+                    subs.append(w)  # a command that runs the next word
                 if w in KEYWORDS or re.match(r"^[A-Za-z_]\w*(\[[^]]*\])?\+?=", w) or w in PREFIXES:
                     continue  # still in command position after these
                 first = False
                 subs.append(w)
             for w in subs:
-                if re.fullmatch(r"[A-Za-z][\w.+-]*", w) and w not in functions:
+                if re.fullmatch(r"[A-Za-z][\w.+-]*|/[\w/.+-]+", w) and w not in functions:
                     cmds.setdefault(w, f"{rel}:{no}")
     return cmds
 
