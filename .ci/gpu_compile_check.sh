@@ -18,6 +18,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${1:-$ROOT/build/gpu-check}
 NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 HIPCC=${HIPCC:-$(command -v hipcc || echo hipcc)}
+# hipcc picks its platform at every call: AMD only where it finds a clang++ on PATH, else NVIDIA
+# whenever nvcc exists (Debian's clang-15, which hipcc depends on, installs no clang++).
+export HIP_PLATFORM=amd
 CXX=${CXX:-g++}
 GTEST_LIB=${GTEST_LIB:-/usr/lib/x86_64-linux-gnu/libgtest.a}
 GTEST_MAIN_LIB=${GTEST_MAIN_LIB:-/usr/lib/x86_64-linux-gnu/libgtest_main.a}

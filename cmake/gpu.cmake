@@ -87,6 +87,10 @@ elseif(RETENTION_GPU_BACKEND STREQUAL "HIP")
     message(FATAL_ERROR "RETENTION_GPU=HIP: hipcc not found; put it on PATH, set ROCM_PATH "
                         "or pass -DRETENTION_HIPCC=/path/to/hipcc")
   endif()
+  # hipcc picks its platform at every call: AMD only where it finds a clang++ on PATH, else NVIDIA
+  # whenever nvcc exists (Debian's clang-15, which hipcc depends on, installs no clang++), so
+  # every call names the platform.
+  set(RETENTION_HIPCC_COMMAND "${CMAKE_COMMAND}" -E env HIP_PLATFORM=amd "${RETENTION_HIPCC}")
   get_filename_component(_hip_bin "${RETENTION_HIPCC}" DIRECTORY)
   find_library(RETENTION_AMDHIP64_LIBRARY amdhip64
     HINTS "${_hip_bin}/../lib" ENV ROCM_PATH ENV HIP_PATH PATH_SUFFIXES lib lib64
@@ -96,7 +100,7 @@ elseif(RETENTION_GPU_BACKEND STREQUAL "HIP")
   endif()
   # The version line; the explicit arch keeps hipcc from probing for a GPU.
   list(GET RETENTION_HIP_ARCHS 0 _arch)
-  execute_process(COMMAND "${RETENTION_HIPCC}" --offload-arch=${_arch} --version
+  execute_process(COMMAND ${RETENTION_HIPCC_COMMAND} --offload-arch=${_arch} --version
     OUTPUT_VARIABLE _hip_version ERROR_QUIET)
   string(REGEX MATCH "HIP version: [^\n]*" _hip_version "${_hip_version}")
   message(STATUS "retention: HIP kernels for ${RETENTION_HIP_ARCHS} "
@@ -120,7 +124,7 @@ function(retention_hipcc_object out src)
   add_custom_command(OUTPUT "${_obj}"
     COMMAND "${CMAKE_COMMAND}" -E make_directory "${CMAKE_CURRENT_BINARY_DIR}/hip"
     # -Wno-unused-result: the HIP runtime calls are [[nodiscard]].
-    COMMAND "${RETENTION_HIPCC}" -x hip ${_arch_flags} -std=c++17 -O3 -fPIC -Wno-unused-result
+    COMMAND ${RETENTION_HIPCC_COMMAND} -x hip ${_arch_flags} -std=c++17 -O3 -fPIC -Wno-unused-result
             "-I${PROJECT_SOURCE_DIR}/kernels" ${ARGN} -c "${src}" -o "${_obj}"
     DEPENDS "${src}" ${_headers}
     COMMENT "hipcc ${_rel} (${RETENTION_HIP_ARCHS})"
