@@ -161,7 +161,9 @@ def header_uses(build):
     uses = {}
 
     def add(obj, dep, base):
-        path = os.path.normpath(os.path.join(base, dep))
+        # a relative path is relative to where the compiler ran: the build tree or the checkout
+        cands = [os.path.normpath(os.path.join(b, dep)) for b in (base, ROOT)]
+        path = next((c for c in cands if os.path.exists(c)), cands[0])
         uses.setdefault(path, os.path.relpath(obj, ROOT) if os.path.isabs(obj) else obj)
 
     ninja = shutil.which("ninja")
