@@ -31,7 +31,7 @@ from hypothesis import strategies as st  # noqa: E402
 import retention  # noqa: E402
 from conftest import TOL, assert_close_rel  # noqa: E402
 from reference import reference_grads, retention_term_rms  # noqa: E402
-from test_msr import msr_norm_amplification, msr_reference, norm_gradient_terms  # noqa: E402
+from test_msr import msr_norm_amplification, msr_reference  # noqa: E402
 
 _COMMON = dict(deadline=None, database=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -344,17 +344,18 @@ def test_fuzz_fused_op(data):
                                  offsets=offsets, cu_seqlens=cu, output_final_state=True,
                                  **dict(opts, norm_weight=w_ if wl is not None else w))
 
-        def f_ref(q_, k_, v_, g_, s_, w_):
-            return msr_reference(q_, k_, v_, g_, ld, **dict(kwr, initial_state=s_,
-                                                            norm_weight=w_ if wl is not None else w))
+        def f_ref(q_, k_, v_, g_, s_, w_, rms_fixed=False):
+            return msr_reference(q_, k_, v_, g_, ld, norm_rms_fixed=rms_fixed,
+                                 **dict(kwr, initial_state=s_,
+                                        norm_weight=w_ if wl is not None else w))
         tensors = [q, k, v, gg, S0, wl]
         got_g = grads_of(f, tensors, [gy, gS])
-        ref_g = grads_of(f_ref, [None if t is None else t.double() for t in tensors], [gy, gS])
-        # the norm backward cancels (completely at dv = 1): judged on the scale of its terms
-        terms_g = (norm_gradient_terms(lambda *a: f_ref(*a) if not norm else msr_reference(
-            a[0], a[1], a[2], a[3], ld, norm_rms_fixed=True,
-            **dict(kwr, initial_state=a[4], norm_weight=a[5] if wl is not None else w)),
-            tensors, [gy, gS]) if norm else [None] * len(tensors))
+        doubled = [None if t is None else t.double() for t in tensors]
+        ref_g = grads_of(f_ref, doubled, [gy, gS])
+        # the norm backward's two terms cancel (completely at dv = 1), and rounding is
+        # proportional to them: judged on their scale, the gradients with the RMS held constant
+        terms_g = (grads_of(lambda *a: f_ref(*a, rms_fixed=True), doubled, [gy, gS]) if norm
+                   else [None] * len(tensors))
         for name, a, e, t in zip(("dq", "dk", "dv", "dg", "dS0", "dw"), got_g, ref_g, terms_g):
             if e is not None:
                 assert a is not None, name

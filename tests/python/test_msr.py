@@ -53,7 +53,10 @@ def msr_reference(q, k, v, g, log_decay, *, scale=None, rotary="torchscale", nor
     (reference.retention_term_rms) for cancellation-aware checks of un-normalised outputs.
     norm_rms_fixed=True holds the norm's RMS constant under differentiation: gradients then
     have the size of the norm backward's first term, dy / rms, before the second term
-    y <y, dy> / (dv rms) cancels it (see norm_gradient_terms)."""
+    y <y, dy> / (dv rms) cancels it; where y is parallel to dy they cancel (to eps / (u^2 + eps)
+    of their size over a single value, dv = 1), and fp rounding, the reference's too, is
+    proportional to the terms, not to what is left: the natural error scale of the gradients
+    (assert_close_rel(term_rms=...))."""
     f = lambda x: None if x is None else x.to(device="cpu", dtype=torch.float64)
     q, k, v, g, S0, w = f(q), f(k), f(v), f(g), f(initial_state), f(norm_weight)
     ld = f(log_decay)
@@ -320,28 +323,13 @@ def test_raw_varlen_matches_separate_calls(form, device, seed):
 # Gradients
 
 
-def norm_gradient_terms(call_ref, tensors, cotangents):
-    """Natural error scale of the fused op's gradients when the norm is on: the reference's
-    gradients with the norm's RMS held constant (msr_reference(norm_rms_fixed=True), passed in
-    call_ref). The norm backward dx = (dy - y <y, dy> / dv) / rms subtracts two terms of the size
-    dy / rms; where y is parallel to dy they cancel, to eps / (u^2 + eps) of their size over a
-    single value (dv = 1), and fp rounding, the reference's too, is proportional to the terms,
-    not to what is left. assert_close_rel(term_rms=...) judges the gradients against this."""
-    leaves = [None if t is None else t.detach().double().requires_grad_() for t in tensors]
-    outs = call_ref(*leaves)
-    loss = sum((o * c.double()).sum() for o, c in zip(outs, cotangents) if c is not None)
-    used = [x for x in leaves if x is not None]
-    got = iter(torch.autograd.grad(loss, used, allow_unused=True))
-    return [None if x is None else next(got) for x in leaves]
-
-
 @pytest.mark.parametrize("log_decay", [0.0, -0.03])
 def test_grads_of_a_norm_over_one_value(log_decay):
     """dv = 1: the norm's output is u / sqrt(u^2 + eps), whose derivative eps / (u^2 + eps)^1.5 the
     backward computes as the difference of two terms ~(u^2 + eps) / eps = 1e6..1e8 times larger,
     so in float64 the op and the reference both carry ~1e-10 relative error there (it failed the
     fuzz's plain check). Checked against the exact derivative (written in that closed form, which
-    does not cancel), on the scale of the terms (norm_gradient_terms)."""
+    does not cancel), on the scale of the terms (msr_reference(norm_rms_fixed=True))."""
     gen = torch.Generator().manual_seed(99)
     B, T, H, dk, dv = 1, 12, 1, 4, 1
     q, k, v = (torch.randn(B, T, H, d, generator=gen, dtype=torch.float64) for d in (dk, dk, dv))
@@ -358,9 +346,8 @@ def test_grads_of_a_norm_over_one_value(log_decay):
     for form in ("chunk", "parallel", "recurrent"):
         y = retention.msr(*leaves, None, ld, form=form, chunk_size=4, **opts)
         got = torch.autograd.grad((y * gy).sum(), leaves)
-        terms = norm_gradient_terms(
-            lambda q_, k_, v_: msr_reference(q_, k_, v_, None, ld, norm_rms_fixed=True, **opts),
-            (q, k, v), (gy, None))
+        y_terms, _ = msr_reference(*leaves, None, ld, norm_rms_fixed=True, **opts)
+        terms = torch.autograd.grad((y_terms * gy).sum(), leaves)
         for name, a, e, t in zip(("dq", "dk", "dv"), got, exact, terms):
             assert_close_rel(a, e, TOL[torch.float64], f"{form} {name}", term_rms=t)
 
