@@ -124,8 +124,29 @@ def torch2_prefixes():
     return [os.path.realpath(v) for v in glob.glob(os.path.join(base, "torch2-*", "venv"))]
 
 
+def forwarded_to(path):
+    """The program a two-line `#!/bin/sh` + `exec PROGRAM "$@"` wrapper runs, else None.
+
+    Some machines put such wrappers for CUDA's tools in /usr/local/bin instead of a symlink."""
+    try:
+        if os.path.getsize(path) > 512:
+            return None
+        with open(path, errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except OSError:
+        return None
+    if len(lines) != 2 or not lines[0].startswith("#!"):
+        return None
+    m = re.fullmatch(r'exec\s+(/\S+)\s+"\$@"', lines[1])
+    return m.group(1) if m else None
+
+
 def classify(path, owners, allowed, venvs):
     """None when the path is covered, else a description of what is missing."""
+    target = forwarded_to(path)
+    if target and owners.of(path) is None:
+        why = classify(target, owners, allowed, venvs)
+        return why and f"{path} runs {target}: {why}"
     real = os.path.realpath(path)
     if real.startswith(os.path.realpath(ROOT) + os.sep) or path.startswith(ROOT + os.sep):
         return None
