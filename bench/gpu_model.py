@@ -15,10 +15,11 @@ kernels/chunk_common.cuh and the launch grids of kernels/*.cu, mirrored below):
     the two changes for small grids and memory traffic (both in place): the sequence split, and q / k
     reuse across dv tiles (with the old launch order, and the model's own best backward split, beside).
 
-Time model (per kernel; every constant is in DEVICES / ASSUMPTIONS and printed with the table):
+Time model (per kernel; every constant is in DEVICES / ASSUMPTIONS / CALIBRATED and printed with the table):
 a wave is the CTAs that are resident together (c per SM); each CTA walks its chunks one after
 another, and one chunk step of an SM takes the longest of
     own latency:   (dependent global round trips) * L_mem + (one CTA's MMA work) / (SM rate)
+                   + (one CTA's bytes per step) / (what one SM can pull)
     shared MMA:    c * (one CTA's MMA work) / (SM rate)
     shared bytes:  c * (one CTA's HBM bytes per chunk) / (SM share of the bandwidth)
 so t = waves * chunks * step.  The round trips are the synchronous loads of the kernels (no
@@ -29,8 +30,18 @@ Measured columns: `--measured BENCH.json` (the JSON lines written by bench/gpu_b
 gpu_check.json of bench/gpu_check.sh) adds, per row, the measured time, measured / predicted,
 and FLA's and SDPA's times at the same shape when present.
 
+Calibration (docs/gpu-model-calibration.md): the three device constants that are fitted
+(CALIBRATED: MMA efficiency, round-trip latency, launch gap) come from FLA's published H100
+times, with FLA's own kernels modelled the same way as FLA launches them (chunk_fwd_h,
+chunk_fwd_o; in the backward chunk_fwd_h again in fp32, chunk_bwd_dh, chunk_bwd_dqkwg,
+chunk_bwd_dv: their grids, autotune configs, estimated registers and shared memory, bytes and
+FLOPs), plus FLA's wrapper and host time.  Helion's kernels are modelled too, as a check that
+was not fitted.  `--calibrate` prints the table (model vs published, per kernel) and the
+re-prediction of our kernels with the same constants; `--calibrate --fit` repeats the fit.
+
 Usage:
   python3 bench/gpu_model.py                          # table to bench/results/gpu_model_<date>_<commit>.md
+  python3 bench/gpu_model.py --calibrate [--fit]      # calibration on FLA + re-prediction (stdout)
   python3 bench/gpu_model.py --measured run/bench.json --out-dir bench/results
   python3 bench/gpu_model.py --stdout                 # print only
 Registers come from the ptxas reports of the sm_90 compiles: build/gpu-check/logs (written by
@@ -41,6 +52,7 @@ import argparse
 import datetime
 import glob
 import json
+import math
 import os
 import re
 import subprocess
@@ -61,19 +73,24 @@ DEVICES = {
     "H100": {"sms": 132, "hbm_TBps": 3.0, "gemm_TFLOPs": 800.0},
     "H200": {"sms": 132, "hbm_TBps": 4.3, "gemm_TFLOPs": 800.0},
 }
-ASSUMPTIONS = {
-    # The kernels issue mma.sync (Ampere-style HMMA, not Hopper's wgmma) on 64-row tiles read
-    # from shared memory: performance.md expects 40-60 % of the GEMM rate for chunk kernels.
-    "mma_efficiency": 0.5,
-    # One dependent global-memory round trip, barrier included (load, __syncthreads, use).
-    "mem_latency_us": 0.7,
+# The three device constants that are fitted, in one place.  Fitted on FLA's twelve published
+# H100 rows only (FLA's kernels modelled as FLA launches them, section "FLA's chunk_retention"
+# below; `python3 bench/gpu_model.py --calibrate --fit` repeats the fit, and
+# docs/gpu-model-calibration.md has the table), then used unchanged for our kernels:
+#   mma_efficiency  fraction of the GEMM rate that a chunk kernel's small (64-row) tile MMAs reach
+#   mem_latency_us  one dependent global-memory round trip, barrier included (load, sync, use)
+#   launch_gap_us   gap between back-to-back kernels on the stream (not the host's op overhead)
+CALIBRATED = {"mma_efficiency": 0.2, "mem_latency_us": 0.9, "launch_gap_us": 0.5}
+# What they were before the calibration (guesses: performance.md's 40-60 % of the GEMM rate for
+# chunk kernels, a typical loaded DRAM latency, a typical launch gap).
+PRE_CALIBRATION = {"mma_efficiency": 0.5, "mem_latency_us": 0.7, "launch_gap_us": 1.5}
+ASSUMPTIONS = dict(
+    CALIBRATED,
     # An SM alone can pull more than its 1/132 share of HBM bandwidth: cap at this multiple.
-    "sm_bandwidth_share_max": 4.0,
-    # Gap between back-to-back kernels of one op on the stream (not the host's op overhead).
-    "launch_gap_us": 1.5,
+    sm_bandwidth_share_max=4.0,
     # Sequence split: segments are at least this many chunks long (kSplitMinChunks, kernels/chunk_common.cuh).
-    "split_min_chunks": 4,
-}
+    split_min_chunks=4,
+)
 # Hopper SM limits used for occupancy (compute capability 9.0).
 SM_LIMITS = {"regs": 65536, "threads": 2048, "ctas": 32, "smem": 228 * 1024, "smem_per_cta_reserved": 1024,
              "reg_alloc_unit": 256}
@@ -296,8 +313,9 @@ def decode_kernel(kind, B, H, dk, dv, ptx):
             "bytes_min": nbytes, "bytes": nbytes, "qk_reads": None}
 
 
-def kernel_time_us(k, dev):
-    d, a = DEVICES[dev], ASSUMPTIONS
+def kernel_time_us(k, dev, a=None):
+    """Predicted time of one kernel; `a` = the constants (default ASSUMPTIONS)."""
+    d, a = DEVICES[dev], a or ASSUMPTIONS
     bw = d["hbm_TBps"] * 1e12
     if k.get("stream"):
         return k["bytes"] / bw * 1e6
@@ -308,10 +326,19 @@ def kernel_time_us(k, dev):
     c = min(per_sm, -(-k["ctas"] // sms))  # CTAs sharing an SM in a full wave
     waves = -(-k["ctas"] // (sms * c))
     sm_bw = min(bw / active, a["sm_bandwidth_share_max"] * bw / sms)
-    own = k["trips"] * a["mem_latency_us"] * 1e-6 + k["cta_flops"] / sm_rate
-    shared_mma = c * k["cta_flops"] / sm_rate
+    # a CTA of fewer than 4 warps reaches only warps/4 of the SM's tensor cores (one per
+    # sub-partition); our kernels have 4 warps, FLA's Triton configs 1 to 8 (mma_share)
     # the HBM bytes of one CTA's chunk step, on average (q / k repeats served by L2 excluded)
-    shared_bytes = c * k["bytes"] / (k["ctas"] * k["chunks"]) / sm_bw
+    step_bytes = k["bytes"] / (k["ctas"] * k["chunks"])
+    # A CTA waits for its loads: each dependent round trip costs the latency, and the data it
+    # brings arrives no faster than one SM can pull (sm_bandwidth_share_max shares); loads that
+    # a software pipeline issues ahead (FLA's state loops) expose only part of it (exposed_frac).
+    own = (k["trips"] * a["mem_latency_us"] * 1e-6
+           + k["cta_flops"] / (sm_rate * k.get("mma_share", 1.0))
+           + (k.get("exposed_frac", 1.0) * step_bytes + k.get("local_bytes", 0))
+           / (a["sm_bandwidth_share_max"] * bw / sms))
+    shared_mma = c * k["cta_flops"] / sm_rate
+    shared_bytes = c * step_bytes / sm_bw
     step = max(own, shared_mma, shared_bytes)
     chain = waves * k["chunks"] * step
     # whole-kernel floors: designed bytes over the bandwidth, FLOPs over the tensor rate
@@ -434,8 +461,9 @@ def op_kernels(op, shape, ptx, *, split=False, qk_reuse=True):
     return ks
 
 
-def op_time_us(ks, dev):
-    return sum(kernel_time_us(k, dev) for k in ks) + ASSUMPTIONS["launch_gap_us"] * (len(ks) - 1)
+def op_time_us(ks, dev, a=None):
+    a = a or ASSUMPTIONS
+    return sum(kernel_time_us(k, dev, a) for k in ks) + a["launch_gap_us"] * (len(ks) - 1)
 
 
 def op_minimums(op, shape):
@@ -452,6 +480,409 @@ def op_minimums(op, shape):
     # backward: read q, k, v, dO, write dq, dk, dv; FLOPs of both sweeps as the math needs them
     bwd_fl = (2 * 64 * (3 * dk + 2 * dv) + 10 * dk * dv) * tok
     return fwd_fl + bwd_fl, fwd_b + ELEM * (4 * dk + 3 * dv) * tok
+
+
+# ----------------------------------------------------------------------------------------------
+# FLA's chunk_retention as FLA launches it, and the calibration of the device constants on it
+# ----------------------------------------------------------------------------------------------
+# Read from the fla-core 0.6.0 wheel: fla/ops/retention/chunk.py -> fla/ops/simple_gla/chunk.py
+# (chunk_simple_gla with g_gamma) -> fla/ops/common/chunk_h.py (chunk_fwd_kernel_h,
+# chunk_bwd_kernel_dh) and fla/ops/common/chunk_o.py (chunk_fwd_kernel_o,
+# chunk_bwd_kernel_dqkwg, chunk_bwd_kernel_dv).  The published numbers below were taken in
+# mid-2026 with FLA 0.5.x, whose kernels have the same grids, tiles, loops and autotune spaces
+# (pointer arithmetic instead of block pointers; chunk_h's autotune key lacked K and V); the
+# retention wrapper differs (see fla_launches).  On Hopper the TileLang backend of
+# chunk_bwd_dqkwg refuses g_gamma and fp32 states, so retention runs the Triton kernels.
+#
+# Published H100 times (bf16, ms, forward / forward+backward), pytorch/helion
+# examples/fla/BENCHMARKS.md at commit fea89d20: a third party's measurement of FLA's
+# chunk_retention beside Helion's generated kernels ("quick" autotune).  Timing: Triton-style
+# do_bench (L2 flushed before every repetition, CUDA events around one call, mean), no CUDA graph.
+# (B, T, H, D) with dk = dv = D.  These are the twelve rows the constants are fitted on (FLA's
+# only); Helion's are never used in a fit.
+PUBLISHED_H100 = {
+    (1, 8192, 96, 128): {"fla": (0.961, 3.426), "helion": (0.691, 2.057)},
+    (2, 16384, 16, 128): {"fla": (0.868, 2.776), "helion": (0.466, 1.380)},
+    (4, 2048, 16, 128): {"fla": (0.358, 1.225), "helion": (0.164, 0.758)},
+    (4, 4096, 64, 128): {"fla": (1.147, 4.524), "helion": (0.905, 6.260)},
+    (8, 2048, 32, 256): {"fla": (1.598, 9.079), "helion": (1.271, 3.909)},
+    (8, 1024, 8, 64): {"fla": (0.316, 1.299), "helion": (0.151, 0.824)},
+}
+# FLA's host time (Python, autograd, Triton's launcher) is not a device constant and is not
+# fitted: it comes from FLA's own H100 table (README 2025-03 to 2026-04, benchmark_retention.py,
+# CUDA_LAUNCH_BLOCKING=1), whose shortest row is launch and host cost alone: B4 H8 D256 T=128,
+# chunk forward 0.264 ms, forward+backward 1.302 ms.  With launch blocking every launch is
+# synchronous, so anchor = sum over launches of (host + launch gap + kernel); the host share of
+# each phase is what is left after the model's own kernel times at that shape
+# (fla_host_per_launch_us), spread evenly over the phase's launches.
+FLA_HOST_ANCHOR = {"shape": (4, 128, 8, 256), "fwd_ms": 0.264, "fwdbwd_ms": 1.302}
+# do_bench flushes L2 by zeroing 256 MB just before the start event: while that runs, a host
+# that does not synchronise already issues the call's first launches.
+L2_FLUSH_BYTES = 256e6
+
+# The device constants that the fit may change (and nothing else), with the grid it searches.
+FIT_GRID = {
+    "mma_efficiency": [0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8],
+    "mem_latency_us": [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0],
+    "launch_gap_us": [0.5, 1.0, 2.0, 4.0],
+}
+
+FLA_BT = 64  # chunk_size default
+FLA_REG_MAX = 255
+
+
+def pow2(n):
+    return 1 << (max(1, n) - 1).bit_length()
+
+
+def triton_kernel(name, *, ctas, warps, stages, chunks, trips, cta_flops, smem, live_fp32, nbytes, flops,
+                  exposed=1.0, iters=1,
+                  cfg):
+    """A Triton kernel in kernel_time_us's terms.  Registers and shared memory are estimated
+    from the tiles (no compiler report for FLA): registers = 40 + the fp32 values live in a
+    thread (accumulators, fp32 tiles loaded for a cast); shared memory = the pipelined loop's
+    tiles times its stages plus the epilogue's dot operands.  Over 255 registers the compiler
+    spills: every loop iteration stores the spilled values to local memory and loads them back
+    (local_bytes, through the SM's load path, not HBM)."""
+    threads = 32 * warps
+    need = 40 + live_fp32 // threads
+    spill = max(0, need - FLA_REG_MAX)
+    regs = min(need, FLA_REG_MAX)
+    per_sm, limiter = occupancy(threads, regs, smem)
+    if per_sm < 1:
+        return None  # does not fit an SM: the autotuner skips it (out of resources)
+    return {"kernel": name, "grid": str(ctas), "ctas": ctas, "threads": threads, "BV": cfg.get("BV"),
+            "dv_tiles": None, "regs": regs, "smem": smem, "per_sm": per_sm, "limiter": limiter,
+            "chunks": chunks, "trips": trips, "cta_flops": cta_flops,
+            "local_bytes": spill * threads * 4 * 2 * iters,
+            "mma_share": min(1.0, warps / 4), "exposed_frac": exposed, "flops_alg": 0, "flops": flops, "bytes_min": 0,
+            "bytes": nbytes, "qk_reads": 1, "cfg": cfg, "spill_regs": spill}
+
+
+def fla_kernel_configs(name, B, T, H, K, V, stack="fla"):
+    """Every autotune config FLA offers this kernel on Hopper (check_shared_mem() is true on
+    H100: chunk_h's BK, BV in {32, 64}; chunk_o's forward configs; the backward's BK = BV =
+    min(next_pow2(D), 128) with num_warps in {2, 4}), each as a modelled kernel.
+
+    Bytes: each tensor once, because the tiles of one chunk and head that re-read q / k / v are
+    adjacent in launch order (program id 0 is the fastest index: i_k / i_v first) and meet in
+    L2; the per-chunk states h (bf16 in the forward, fp32 in the backward) and dh (fp32) are
+    written once and read once per consumer.  Round trips: a load the software pipeline issues
+    `stages - 1` iterations ahead costs 1 / (stages - 1) of a round trip per iteration; a load
+    outside a loop costs one.
+
+    stack="helion": the same five-kernel structure as Helion's examples/fla/retention/chunk.py
+    writes it (fwd_h, fwd_o; bwd_dh, bwd_dqk, bwd_dv; no h recompute: the forward's h is saved),
+    with every state in the input dtype (bf16 h and dh), and a tile space of BK, BV in {32, 64,
+    128}, num_warps {4, 8}, num_stages {2, 3, 4} for its autotuner (its configs are chosen at
+    autotune time, so none can be read from the source: the model's fastest stands in)."""
+    bt, e = FLA_BT, ELEM
+    hel = stack == "helion"
+    sb = e if hel else 4  # bytes per backward state element (h, dh)
+    tiles = (32, 64, 128) if hel else (32, 64)
+    warps_h = (4, 8) if hel else (1, 2, 4, 8)
+    nt = -(-T // bt)
+    bh = B * H
+    tok = bh * T
+    out = []
+    if name in ("fwd_h", "fwd_h_fp32", "bwd_dh"):
+        # chunk_fwd_kernel_h / chunk_bwd_kernel_dh: grid cdiv(K,BK)*cdiv(V,BV)*N*H, each CTA
+        # walks all NT chunks (forward / reverse), a [BK, BV] fp32 state in registers; per
+        # chunk: store the state (bf16 in the forward, fp32 in the backward), load k (q) and
+        # v (do), decay, one dot.
+        hb = 2 if name == "fwd_h" else sb
+        for bk in tiles:
+            for bv in tiles:
+                for warps in warps_h:
+                    for stages in (2, 3, 4):
+                        nk, nv = -(-K // bk), -(-V // bv)
+                        k = triton_kernel(
+                            name, ctas=nk * nv * bh, warps=warps, stages=stages, chunks=nt,
+                            trips=1 / (stages - 1), exposed=1 / (stages - 1), cta_flops=2 * bk * bt * bv,
+                            smem=stages * (bk * bt + bt * bv) * e, live_fp32=bk * bv,
+                            nbytes=tok * (K + V) * e + bh * nt * K * V * hb,
+                            flops=2 * tok * nk * bk * nv * bv,
+                            cfg={"BK": bk, "BV": bv, "warps": warps, "stages": stages})
+                        if k:
+                            out.append(k)
+    elif name == "fwd_o":
+        # chunk_fwd_kernel_o: grid (cdiv(V,BV)*NT, B*H); loop over K tiles: o += q h, A += q k^T;
+        # decay, causal mask, A in bf16; o += A v; store o.
+        space = ([(bk, bv, w, st) for bk in tiles for bv in tiles for w in warps_h for st in (2, 3, 4)] if hel
+                 else [(128, 128, 8, 3), (64, 64, 4, 3), (32, 32, 2, 3)])
+        for bk, bv, warps, stages in space:
+            nk, nv = -(-K // bk), -(-V // bv)
+            k = triton_kernel(
+                name, ctas=nv * nt * bh, warps=warps, stages=stages, chunks=1,
+                trips=1 + (nk - 1) / (stages - 1) + 1, iters=nk,
+                cta_flops=nk * (2 * bt * bk * bv + 2 * bt * bk * bt) + 2 * bt * bt * bv,
+                smem=min(stages, nk) * (2 * bt * bk + bk * bv) * e + bt * bv * e,
+                live_fp32=bt * bv + bt * bt,
+                nbytes=tok * (2 * K + 2 * V) * e + bh * nt * K * V * e,
+                flops=nv * nt * bh * (nk * (2 * bt * bk * bv + 2 * bt * bk * bt) + 2 * bt * bt * bv),
+                cfg={"BK": bk, "BV": bv, "warps": warps, "stages": stages})
+            if k:
+                out.append(k)
+    elif name in ("bwd_dqkwg", "bwd_dv"):
+        # FLA: BK = BV = min(next_pow2(D), 128); Helion: its tile space
+        space = ([(b1, b2, w, st) for b1 in tiles for b2 in tiles for w in warps_h for st in (2, 3, 4)] if hel
+                 else [(min(max(pow2(K), 16), 128), min(max(pow2(V), 16), 128), w, st)  # CONST_TILING 128
+                       for w in (2, 4) for st in (2, 3, 4)])
+        for bk, bv, warps, stages in space:
+            nk, nv = -(-K // bk), -(-V // bv)
+            cfg = {"BK": bk, "BV": bv, "warps": warps, "stages": stages}
+            if name == "bwd_dqkwg":
+                # grid (NK*NT, B*H); loop over V tiles: load v, do (bf16), h, dh (fp32, cast
+                # to bf16 for the dots): ds += do v^T, dq += do h, dk += v dh; then load q,
+                # k: dq += ds k, dk += ds^T q; store dq, dk.
+                per = nv * (2 * bt * bv * bt + 4 * bt * bv * bk) + 4 * bt * bt * bk
+                k = triton_kernel(
+                    name, ctas=nk * nt * bh, warps=warps, stages=stages, chunks=1,
+                    trips=1 + (nv - 1) / (stages - 1) + 1, cta_flops=per, iters=nv,
+                    smem=min(stages, nv) * (2 * bt * bv + 2 * bv * bk) * e + 2 * bt * bk * e,
+                    live_fp32=2 * bt * bk + bt * bt + (0 if hel else 2 * bv * bk),
+                    nbytes=tok * (2 * V + 4 * K) * e + 2 * bh * nt * K * V * sb,
+                    flops=nk * nt * bh * per, cfg=cfg)
+            else:
+                # grid (NV*NT, B*H); loop over K tiles: load q, k (bf16), dh (fp32):
+                # A += k q^T, dv += k dh; decay, mask; load do: dv += A^T do; store dv.
+                per = nk * (2 * bt * bk * bt + 2 * bt * bk * bv) + 2 * bt * bt * bv
+                k = triton_kernel(
+                    name, ctas=nv * nt * bh, warps=warps, stages=stages, chunks=1,
+                    trips=1 + (nk - 1) / (stages - 1) + 1, cta_flops=per, iters=nk,
+                    smem=min(stages, nk) * (2 * bt * bk + bk * bv) * e + bt * bv * e,
+                    live_fp32=bt * bv + bt * bt + (0 if hel else bk * bv),
+                    nbytes=tok * (2 * K + 2 * V) * e + bh * nt * K * V * sb,
+                    flops=nv * nt * bh * per, cfg=cfg)
+            if k:
+                out.append(k)
+    return out
+
+
+def fla_autotune_key(name, H, K, V, wrapper):
+    """The autotuner's cache key (Triton also appends every tensor argument's dtype, which
+    separates the forward's bf16 h from the backward's fp32 one).  chunk_h's key is
+    [BT, USE_G, USE_GK, USE_GV, STATE_V_FIRST] in 0.5.x (+ K, V in 0.6): no shape at all, so
+    the config tuned at the first call in a process serves every later shape; chunk_o's and the
+    backward's keys hold H, K, V (and BK, BV, fixed by K, V)."""
+    if name in ("fwd_h", "fwd_h_fp32", "bwd_dh"):
+        return (name,) if wrapper == "0.5" else (name, K, V)
+    return (name, H, K, V)
+
+
+def fla_kernel(name, B, T, H, K, V, a, dev="H100", stack="fla", cache=None, wrapper="0.5"):
+    """The config the autotuner keeps: we assume it finds the one the model rates fastest
+    (autotune times every config and keeps the fastest), at the first shape with its cache key
+    when `cache` (a dict, filled in the measurement's shape order) is given; later shapes with
+    that key run the same config."""
+    key = fla_autotune_key(name, H, K, V, wrapper) if cache is not None else None
+    configs = fla_kernel_configs(name, B, T, H, K, V, stack)
+    if key in (cache or {}):
+        same = [k for k in configs if k["cfg"] == cache[key]]
+        configs = same or configs  # a config that no longer fits: the tuner would retune
+    best = None
+    for k in configs:
+        t = kernel_time_us(k, dev, a)
+        if best is None or t < best[0]:
+            best = (t, k)
+    k = dict(best[1])
+    k["time_us"] = best[0]
+    if cache is not None:
+        cache.setdefault(key, k["cfg"])
+    return k
+
+
+def fla_launches(phase, wrapper):
+    """What one chunk_retention call puts on the stream, in order.  'h2d' = a host-to-device
+    copy from a Python value: PyTorch synchronises the stream for it.  wrapper '0.5' is FLA
+    0.5.x's (measured): g_gamma = (1 - q.new_tensor(2.).pow(-5. - q.new_tensor(range(H)))).log(),
+    two synchronising copies and four elementwise kernels; '0.6' builds it on the device with
+    torch.arange (five elementwise kernels, no synchronisation).  Both then scale it by 1/ln 2
+    (one more) and launch chunk_fwd_h (h in bf16) and chunk_fwd_o.  The backward (autograd)
+    recomputes h in fp32, then runs chunk_bwd_dh, chunk_bwd_dqkwg and chunk_bwd_dv."""
+    if phase == "fwd":
+        pre = ["h2d", "h2d"] + ["ew"] * 4 if wrapper == "0.5" else ["ew"] * 5
+        return pre + ["ew", "fwd_h", "fwd_o"]
+    return ["fwd_h_fp32", "bwd_dh", "bwd_dqkwg", "bwd_dv"]
+
+
+def fla_gpu_times(shape, phase, wrapper, a, dev="H100", cache=None):
+    """[(launch, kernel dict or None, GPU µs)] for one phase."""
+    B, T, H, D = shape
+    out = []
+    for name in fla_launches(phase, wrapper):
+        if name in ("h2d", "ew"):
+            out.append((name, None, 0.0))  # a few bytes: only its launch costs
+        else:
+            k = fla_kernel(name, B, T, H, D, D, a, dev, cache=cache, wrapper=wrapper)
+            out.append((name, k, k["time_us"]))
+    return out
+
+
+def fla_host_per_launch_us(a, wrapper="0.5"):
+    """(forward, backward) host µs per launch, from FLA_HOST_ANCHOR (module comment)."""
+    sh, res = FLA_HOST_ANCHOR["shape"], []
+    for phase, total in (("fwd", FLA_HOST_ANCHOR["fwd_ms"]),
+                         ("bwd", FLA_HOST_ANCHOR["fwdbwd_ms"] - FLA_HOST_ANCHOR["fwd_ms"])):
+        ks = fla_gpu_times(sh, phase, wrapper, a)
+        device = sum(a["launch_gap_us"] + t for _, _, t in ks)
+        res.append(max(0.0, total * 1000 - device) / len(ks))
+    return tuple(res)
+
+
+def fla_timeline_us(seq, host_f, host_b, a, wrapper, dev="H100"):
+    """One call as do_bench times it: a timeline of host issue times and kernels.  Launch i is
+    issued when the host has spent its per-launch time on it and every launch before; it starts
+    at max(issued, previous kernel's end + launch gap).  t = 0 is the start event, which follows
+    the L2 flush; a synchronising copy makes the host wait until the GPU is idle, so every host
+    µs after it shows; without one the host has a head start of the flush's duration.
+    seq: [(phase, launch, GPU µs)]."""
+    flush_us = L2_FLUSH_BYTES / (DEVICES[dev]["hbm_TBps"] * 1e12) * 1e6
+    host = 0.0 if wrapper == "0.5" else -flush_us
+    gpu_end, first = 0.0, True
+    for phase, name, t in seq:
+        host += host_f if phase == "fwd" else host_b
+        if name == "h2d":
+            host = max(host, gpu_end)  # the copy waits for the stream
+            continue
+        start = max(host, gpu_end + (0.0 if first else a["launch_gap_us"]), 0.0)
+        gpu_end, first = start + t, False
+    return gpu_end
+
+
+def fla_rows(a, wrapper="0.5", dev="H100", autotune_cache=True):
+    """The calibration table: per shape and op, predicted vs published, and the kernels."""
+    host_f, host_b = fla_host_per_launch_us(a, wrapper)
+    rows, cache = [], {} if autotune_cache else None
+    for shape, pub in PUBLISHED_H100.items():  # the measurement's order: forward, then fwd+bwd
+        fwd = fla_gpu_times(shape, "fwd", wrapper, a, dev, cache)
+        bwd = fla_gpu_times(shape, "bwd", wrapper, a, dev, cache)
+        for i, op in enumerate(("chunk_fwd", "chunk_fwdbwd")):
+            launches = [("fwd", x) for x in fwd] + ([("bwd", x) for x in bwd] if i else [])
+            pred = fla_timeline_us([(ph, n, t) for ph, (n, _, t) in launches], host_f, host_b, a, wrapper, dev) / 1000
+            kernels = [(n, k) for _, (n, k, _) in launches if k]
+            rows.append({"shape": shape, "op": op, "pred_ms": pred, "pub_ms": pub["fla"][i],
+                         "err_pct": (pred / pub["fla"][i] - 1) * 100, "kernels": kernels,
+                         "gpu_ms": sum(k["time_us"] for _, k in kernels) / 1000,
+                         "host_us": (host_f, host_b)})
+    return rows
+
+
+def helion_op_time_us(shape, op, a, dev="H100"):
+    """Helion's kernels (stack="helion"), GPU time and launch gaps only: its wrapper caches the
+    decay rows and does not synchronise, so the host runs ahead unless it needs longer than the
+    GPU; its host time is not known, and a row where that shows is not a test of the model."""
+    B, T, H, D = shape
+    names = ["fwd_h", "fwd_o"] + (["bwd_dh", "bwd_dqkwg", "bwd_dv"] if op == "chunk_fwdbwd" else [])
+    ks = [fla_kernel(n, B, T, H, D, D, a, dev, stack="helion") for n in names]
+    return sum(k["time_us"] for k in ks) + a["launch_gap_us"] * (len(ks) - 1), ks
+
+
+def fit_constants(wrapper="0.5", autotune_cache=True):
+    """Grid search over FIT_GRID (everything else in ASSUMPTIONS fixed): minimise the largest
+    |predicted / published - 1| over FLA's twelve rows, ties (to 0.1 %) broken by the sum of
+    squared log errors.  Returns (constants, largest |error| in %)."""
+    best = None
+    for m in FIT_GRID["mma_efficiency"]:
+        for lat in FIT_GRID["mem_latency_us"]:
+            for gap in FIT_GRID["launch_gap_us"]:
+                a = dict(ASSUMPTIONS, mma_efficiency=m, mem_latency_us=lat, launch_gap_us=gap)
+                rows = fla_rows(a, wrapper, autotune_cache=autotune_cache)
+                worst = max(abs(r["err_pct"]) for r in rows)
+                score = (round(worst, 1), sum(math.log(r["pred_ms"] / r["pub_ms"]) ** 2 for r in rows))
+                if best is None or score < best[0]:
+                    best = (score, {"mma_efficiency": m, "mem_latency_us": lat, "launch_gap_us": gap})
+    return best[1], best[0][0]
+
+
+def fmt_cfg(k):
+    c = k["cfg"]
+    return f"{c['BK']}/{c['BV']} w{c['warps']} s{c['stages']}"
+
+
+def fit_sensitivity(best, wrapper="0.5"):
+    """For each fitted constant, the grid values (the others at `best`) that keep every row
+    within ±25 %: how tightly the twelve rows pin it."""
+    out = {}
+    for name, values in FIT_GRID.items():
+        ok = [v for v in values
+              if max(abs(r["err_pct"]) for r in fla_rows(dict(ASSUMPTIONS, **dict(best, **{name: v})), wrapper)) <= 25]
+        out[name] = (min(ok), max(ok)) if ok else None
+    return out
+
+
+def calibration_markdown(ptx, ptx_dir, fitted=None):
+    """--calibrate: the FLA calibration table, its kernels, and the re-prediction of our kernels
+    (and Helion's, unfitted) with the same constants.  All times are model predictions except
+    the `published` columns."""
+    a = ASSUMPTIONS
+    rows = fla_rows(a)
+    host_f, host_b = rows[0]["host_us"]
+    worst = max(abs(r["err_pct"]) for r in rows)
+    L = ["## Calibration: FLA's chunk_retention on H100, model vs published", "",
+         "Model = `bench/gpu_model.py --calibrate` (FLA's kernels as fla-core 0.6.0 launches them, FLA 0.5.x's "
+         "wrapper and autotune keys as measured); published = pytorch/helion `examples/fla/BENCHMARKS.md` "
+         "(fea89d20), bf16, ms. error = model / published - 1.", "",
+         "Fitted device constants (the only ones fitted, on these twelve rows only): "
+         + ", ".join(f"`{n}` = {a[n]}" for n in CALIBRATED)
+         + f". Fixed: H100 {DEVICES['H100']['hbm_TBps']} TB/s, {DEVICES['H100']['gemm_TFLOPs']:.0f} TFLOP/s GEMM rate, "
+         f"{DEVICES['H100']['sms']} SMs, `sm_bandwidth_share_max` = {a['sm_bandwidth_share_max']}. "
+         f"Host (not fitted; from FLA's own T=128 row): {host_f:.1f} µs per forward launch, {host_b:.1f} µs per "
+         "backward launch.", ""]
+    if fitted:
+        best, score, sens = fitted
+        same = all(abs(best[n] - a[n]) < 1e-9 for n in CALIBRATED)
+        L += [f"Fit (`--fit`, grid {' x '.join(str(len(v)) for v in FIT_GRID.values())}): "
+              + ", ".join(f"{n} = {best[n]}" for n in best) + f", worst row {score:.1f} %; "
+              + ("equal to the constants above." if same else "**differs from the constants above**.")
+              + " Range of each constant that keeps all twelve rows within ±25 % (others at the fit): "
+              + "; ".join(f"{n} {r[0]}-{r[1]}" if r else f"{n} none" for n, r in sens.items()) + ".", ""]
+    L += ["| shape | op | model ms | published ms | error % | GPU ms (model) | bound by |",
+          "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        B, T, H, D = r["shape"]
+        bound = "host" if r["gpu_ms"] < 0.5 * r["pred_ms"] else "GPU"
+        L.append(f"| B{B} T{T} H{H} D{D} | {'fwd' if r['op'] == 'chunk_fwd' else 'fwd+bwd'} | {r['pred_ms']:.3f} "
+                 f"| {r['pub_ms']:.3f} | {r['err_pct']:+.1f} | {r['gpu_ms']:.3f} | {bound} |")
+    L += ["", f"Largest |error|: {worst:.1f} % (goal ±25 %).", ""]
+    L += ["### Per kernel (model, H100; config = the autotuner's pick as modelled: BK/BV, warps, stages)", "",
+          "| shape | kernel | config | CTAs | CTAs/SM (limit) | regs est. (spilled) | MB | GFLOP | bound | µs |",
+          "|---|---|---|---:|---|---|---:|---:|---|---:|"]
+    for r in rows:
+        if r["op"] != "chunk_fwdbwd":
+            continue
+        B, T, H, D = r["shape"]
+        for name, k in r["kernels"]:
+            L.append(f"| B{B} T{T} H{H} D{D} | {name} | {fmt_cfg(k)} | {k['ctas']} | {k['per_sm']} ({k['limiter']}) "
+                     f"| {k['regs']} ({k['spill_regs']}) | {k['bytes'] / 1e6:.0f} | {k['flops'] / 1e9:.1f} "
+                     f"| {k['bound']['H100']} | {k['time_us']:.0f} |")
+    L.append("")
+    # FLA 0.6's own wrapper (no synchronising copy; chunk_h keyed on K, V): a prediction only
+    r06 = {(r["shape"], r["op"]): r["pred_ms"] for r in fla_rows(a, "0.6")}
+    L += ["## Re-prediction with the same constants (H100, bf16, ms; all model except `published`)", "",
+          "`ours` = this library's kernels as launched today (sequence split, q/k reuse), GPU time plus "
+          "launch gaps (the C++ op issues its launches without waiting, inside the L2 flush's head start); "
+          "`ours, old constants` = the same with the pre-calibration guesses "
+          f"({', '.join(f'{n} {v}' for n, v in PRE_CALIBRATION.items())}); `FLA 0.6` = FLA's kernels with 0.6's "
+          "wrapper (no synchronising copy); `Helion model` = Helion's five kernels (unfitted check: GPU time only, "
+          "its host time unknown). Registers of our kernels: "
+          + (f"sm_90 ptxas report ({len(ptx)} kernels)." if ptx else "none (no ptxas report): not counted."), "",
+          "| shape | op | ours | ours, old constants | FLA model | FLA 0.6 model | FLA published | Helion model "
+          "| Helion published | FLA published / ours | Helion published / ours |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    old = dict(ASSUMPTIONS, **PRE_CALIBRATION)
+    for r in rows:
+        B, T, H, D = r["shape"]
+        shape5 = (B, T, H, D, D)
+        ours = op_time_us(op_kernels(r["op"], shape5, ptx), "H100", a) / 1000
+        ours_old = op_time_us(op_kernels(r["op"], shape5, ptx), "H100", old) / 1000
+        hel, _ = helion_op_time_us(r["shape"], r["op"], a)
+        hel_pub = PUBLISHED_H100[r["shape"]]["helion"][0 if r["op"] == "chunk_fwd" else 1]
+        L.append(f"| B{B} T{T} H{H} D{D} | {'fwd' if r['op'] == 'chunk_fwd' else 'fwd+bwd'} | {ours:.3f} "
+                 f"| {ours_old:.3f} | {r['pred_ms']:.3f} | {r06[(r['shape'], r['op'])]:.3f} | {r['pub_ms']:.3f} "
+                 f"| {hel / 1000:.3f} | {hel_pub:.3f} | {r['pub_ms'] / ours:.2f} | {hel_pub / ours:.2f} |")
+    L.append("")
+    return "\n".join(L)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,7 +992,9 @@ def markdown(rows, ptx_dir, ptx, measured_path, info):
          "bf16 inputs, RetNet decays, no initial/final state. Shapes: FLA's benchmark shapes, RetNet's "
          "head shape (dk=256, dv=512), decode at B = 1, 8, 64 and H = 8, 16.", ""]
     L += ["## Assumptions", "",
-          "| device | SMs | HBM TB/s | GEMM bf16 TFLOP/s | mma.sync efficiency | round trip µs | launch gap µs |",
+          "Constants: `mma efficiency`, `round trip` and `launch gap` are fitted on FLA's published H100 "
+          "times (docs/gpu-model-calibration.md, `--calibrate`); the rest are fixed.", "",
+          "| device | SMs | HBM TB/s | GEMM bf16 TFLOP/s | mma efficiency | round trip µs | launch gap µs |",
           "|---|---|---|---|---|---|---|"]
     for dev, d in DEVICES.items():
         L.append(f"| {dev} | {d['sms']} | {d['hbm_TBps']} | {d['gemm_TFLOPs']:.0f} | {ASSUMPTIONS['mma_efficiency']} "
@@ -687,10 +1120,25 @@ def main():
     ap.add_argument("--stdout", action="store_true", help="print the table only, write nothing")
     ap.add_argument("--check", action="store_true",
                     help="fail unless every modelled kernel has a ptxas entry (catches tiling drift)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="print the calibration on FLA's published H100 rows and the re-prediction of our "
+                         "kernels (and Helion's) with the same constants, write nothing")
+    ap.add_argument("--fit", action="store_true",
+                    help="with --calibrate: repeat the grid-search fit; exit 1 unless it gives CALIBRATED")
     args = ap.parse_args()
 
     ptx_dir = args.ptxas_dir or default_ptxas_dir()
     ptx = parse_ptxas(ptx_dir) if ptx_dir else {}
+    if args.calibrate:
+        fitted = None
+        if args.fit:
+            best, score = fit_constants()
+            fitted = (best, score, fit_sensitivity(best))
+        print(calibration_markdown(ptx, ptx_dir, fitted))
+        if fitted and any(abs(fitted[0][n] - CALIBRATED[n]) > 1e-9 for n in CALIBRATED):
+            sys.exit(f"gpu_model: the fit gives {fitted[0]}, CALIBRATED says {CALIBRATED}: update CALIBRATED "
+                     "and docs/gpu-model-calibration.md")
+        return
     if not ptx:
         print(f"warning: no sm_90 ptxas report found ({ptx_dir or 'build/gpu-check/logs, build/gpu-carry/logs'}): "
               "registers and register-limited occupancy are not counted", file=sys.stderr)
