@@ -490,8 +490,8 @@ def op_minimums(op, shape):
 # chunk_bwd_kernel_dh) and fla/ops/common/chunk_o.py (chunk_fwd_kernel_o,
 # chunk_bwd_kernel_dqkwg, chunk_bwd_kernel_dv).  The published numbers below were taken in
 # mid-2026 with FLA 0.5.x, whose kernels have the same grids, tiles, loops and autotune spaces
-# (pointer arithmetic instead of block pointers; chunk_h's autotune key lacked K and V); the
-# retention wrapper differs (see fla_launches).  On Hopper the TileLang backend of
+# (0.6 replaced their block pointers by pointer arithmetic and added K, V to chunk_h's autotune
+# key: fla_autotune_key); the retention wrapper differs (fla_launches).  On Hopper the TileLang backend of
 # chunk_bwd_dqkwg refuses g_gamma and fp32 states, so retention runs the Triton kernels.
 #
 # Published H100 times (bf16, ms, forward / forward+backward), pytorch/helion
@@ -536,8 +536,7 @@ def pow2(n):
 
 
 def triton_kernel(name, *, ctas, warps, stages, chunks, trips, cta_flops, smem, live_fp32, nbytes, flops,
-                  exposed=1.0, iters=1,
-                  cfg):
+                  cfg, exposed=1.0, iters=1):
     """A Triton kernel in kernel_time_us's terms.  Registers and shared memory are estimated
     from the tiles (no compiler report for FLA): registers = 40 + the fp32 values live in a
     thread (accumulators, fp32 tiles loaded for a cast); shared memory = the pipelined loop's
