@@ -5,6 +5,7 @@
 // retention output only ever exist in the small per-segment buffers of the kernels.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -37,70 +38,116 @@ inline std::vector<Sequence> make_sequences(int64_t B, int64_t T, const at::Tens
   return seqs;
 }
 
-// cos/sin of p * theta_i for every row of every sequence, in float64 (a float32 product p*theta
-// is off by ~p * 6e-8 rad: 5e-4 at p = 8192).
+// Rotation of q/k rows by p * theta_i, cos/sin in float64 (a float32 product p*theta is off by
+// ~p * 6e-8 rad: 5e-4 at p = 8192). The chunk kernels fill the angles of one chunk's positions
+// (`angles`) and rotate its q, k rows and gradients with them; the token loops read a table of
+// every row of the call (`tabulate`), since one token per call would otherwise pay the
+// trigonometry once per head.
 class RotaryTable {
  public:
-  RotaryTable(Rotary kind, int64_t dk, const std::vector<Sequence>& seqs)
-      : kind_(kind), half_(dk / 2) {
+  // cos/sin [rows, dk/2] of consecutive positions.
+  struct Angles {
+    std::vector<double> cos, sin;
+  };
+
+  RotaryTable(Rotary kind, int64_t dk) : kind_(kind), half_(dk / 2) {
     if (kind_ == Rotary::None) return;
-    std::vector<double> theta(half_);
+    theta_.resize(half_);
     for (int64_t i = 0; i < half_; ++i) {
-      theta[i] = kind_ == Rotary::Torchscale
-                     // torchscale: 1 / 10000^linspace(0, 1, dk/2)
-                     ? (half_ == 1 ? 1.0 : std::pow(10000.0, -double(i) / double(half_ - 1)))
-                     // GPT-NeoX / FLA: 10000^(-2i/dk)
-                     : std::pow(10000.0, -2.0 * double(i) / double(2 * half_));
-    }
-    int64_t rows = 0;
-    for (const auto& s : seqs) {
-      base_.push_back(rows);
-      rows += s.len;
-    }
-    cos_.resize(rows * half_);
-    sin_.resize(rows * half_);
-    for (size_t s = 0; s < seqs.size(); ++s) {
-      for (int64_t n = 0; n < seqs[s].len; ++n) {
-        const double p = double(seqs[s].pos0 + n);
-        double* c = &cos_[(base_[s] + n) * half_];
-        double* sn = &sin_[(base_[s] + n) * half_];
-        for (int64_t i = 0; i < half_; ++i) {
-          c[i] = std::cos(p * theta[i]);
-          sn[i] = std::sin(p * theta[i]);
-        }
-      }
+      theta_[i] = kind_ == Rotary::Torchscale
+                      // torchscale: 1 / 10000^linspace(0, 1, dk/2)
+                      ? (half_ == 1 ? 1.0 : std::pow(10000.0, -double(i) / double(half_ - 1)))
+                      // GPT-NeoX / FLA: 10000^(-2i/dk)
+                      : std::pow(10000.0, -2.0 * double(i) / double(2 * half_));
+      step_cos_.push_back(std::cos(theta_[i]));
+      step_sin_.push_back(std::sin(theta_[i]));
     }
   }
 
   bool active() const { return kind_ != Rotary::None; }
 
-  // Rotates `rows` rows (row stride `ld`) that are rows first_row.. of sequence `seq`; the
-  // transpose (rotation by -angle) when `inverse`, which maps gradients back to the inputs.
+  // Angles of positions p0 .. p0 + rows - 1. With `exact`, std::cos/std::sin of every angle (the
+  // token loops: a step at position p gives the same bits as the recurrent form over the
+  // sequence). Otherwise (the chunk kernels) one std::cos/std::sin per frequency every 64 rows and
+  // angle-addition steps in between: the steps add ~2^-53 relative error per row, far below fp32
+  // and the fp64 tests' tolerances, and the trigonometry becomes a small part of the rotation.
+  void angles(int64_t p0, int64_t rows, Angles& a, bool exact = false) const {
+    if (!active()) return;
+    a.cos.resize(rows * half_);
+    a.sin.resize(rows * half_);
+    constexpr int64_t kExact = 64;
+    for (int64_t r = 0; r < rows; ++r) {
+      double* c = &a.cos[r * half_];
+      double* s = &a.sin[r * half_];
+      if (exact || r % kExact == 0) {
+        for (int64_t i = 0; i < half_; ++i) {
+          c[i] = std::cos(double(p0 + r) * theta_[i]);
+          s[i] = std::sin(double(p0 + r) * theta_[i]);
+        }
+      } else {
+        const double* cp = c - half_;
+        const double* sp = s - half_;
+        for (int64_t i = 0; i < half_; ++i) {
+          c[i] = cp[i] * step_cos_[i] - sp[i] * step_sin_[i];
+          s[i] = sp[i] * step_cos_[i] + cp[i] * step_sin_[i];
+        }
+      }
+    }
+  }
+
+  // The table of every row of `seqs` (for the token loops, apply()).
+  void tabulate(const std::vector<Sequence>& seqs) {
+    if (!active()) return;
+    int64_t rows = 0;
+    for (const auto& s : seqs) {
+      base_.push_back(rows);
+      rows += s.len;
+    }
+    table_.cos.resize(rows * half_);
+    table_.sin.resize(rows * half_);
+    Angles a;
+    for (size_t s = 0; s < seqs.size(); ++s) {
+      angles(seqs[s].pos0, seqs[s].len, a, /*exact=*/true);
+      std::copy(a.cos.begin(), a.cos.end(), table_.cos.begin() + base_[s] * half_);
+      std::copy(a.sin.begin(), a.sin.end(), table_.sin.begin() + base_[s] * half_);
+    }
+  }
+
+  // Rotates `rows` rows (row stride `ld`) with angles rows first.. of `a`; the transpose
+  // (rotation by -angle) when `inverse`, which maps gradients back to the inputs.
   template <typename T>
-  void apply(T* x, int64_t ld, size_t seq, int64_t first_row, int64_t rows, bool inverse) const {
+  void rotate(T* x, int64_t ld, int64_t rows, const Angles& a, int64_t first, bool inverse) const {
     if (kind_ == Rotary::None) return;
     const T sign = inverse ? T(-1) : T(1);
     for (int64_t r = 0; r < rows; ++r) {
-      const double* c = &cos_[(base_[seq] + first_row + r) * half_];
-      const double* s = &sin_[(base_[seq] + first_row + r) * half_];
+      const double* c = &a.cos[(first + r) * half_];
+      const double* s = &a.sin[(first + r) * half_];
       T* row = x + r * ld;
       for (int64_t i = 0; i < half_; ++i) {
         // torchscale rotates interleaved pairs (x_2i, x_2i+1); NeoX the halves (x_i, x_i+dk/2).
-        T& a = kind_ == Rotary::Torchscale ? row[2 * i] : row[i];
-        T& b = kind_ == Rotary::Torchscale ? row[2 * i + 1] : row[i + half_];
+        T& u = kind_ == Rotary::Torchscale ? row[2 * i] : row[i];
+        T& w = kind_ == Rotary::Torchscale ? row[2 * i + 1] : row[i + half_];
         const T ci = static_cast<T>(c[i]), si = sign * static_cast<T>(s[i]);
-        const T a0 = a, b0 = b;
-        a = a0 * ci - b0 * si;
-        b = b0 * ci + a0 * si;
+        const T u0 = u, w0 = w;
+        u = u0 * ci - w0 * si;
+        w = w0 * ci + u0 * si;
       }
     }
+  }
+
+  // Rotates rows first_row.. of sequence `seq` of the tabulated call.
+  template <typename T>
+  void apply(T* x, int64_t ld, size_t seq, int64_t first_row, int64_t rows, bool inverse) const {
+    if (kind_ == Rotary::None) return;
+    rotate(x, ld, rows, table_, base_[seq] + first_row, inverse);
   }
 
  private:
   Rotary kind_;
   int64_t half_;
+  std::vector<double> theta_, step_cos_, step_sin_;  // theta_i, cos/sin(theta_i)
   std::vector<int64_t> base_;
-  std::vector<double> cos_, sin_;
+  Angles table_;
 };
 
 // torchscale's decay normaliser 1/sqrt(S_{p+1}), S_j = (1 - gamma^j)/(1 - gamma), without

@@ -1,6 +1,6 @@
 // CPU kernels. Work is split over (batch, head) with at::parallel_for; inside, the chunkwise form
-// runs as batched BLAS matmuls over segments of chunks, so the state scan is the only sequential
-// part and memory stays O(T) per head in flight. The parallel form is the chunk form with a single
+// walks the chunks of one head with a few BLAS GEMMs per chunk on per-thread buffers, so the
+// [dk, dv] state and one chunk's rows stay in cache and memory stays O(T) per head in flight. The parallel form is the chunk form with a single
 // chunk spanning the whole sequence; the recurrent form is a plain token loop (a genuinely
 // different algorithm, which is what makes it useful as a cross-check).
 #include <algorithm>
@@ -16,120 +16,67 @@
 
 #include "checks.h"
 #include "cpu/blas_threads.h"
+#include "cpu/gemm.h"
 #include "cpu/layer_fusion.h"
 
 namespace retention {
 namespace {
-
-// Rows of a segment of chunks handled by one batch of matmuls: big enough that ATen call overhead
-// vanishes against the FLOPs, small enough that the per-chunk states of a segment stay in cache.
-constexpr int64_t kSegmentRows = 1024;
 
 std::vector<double> log_decay_values(const at::Tensor& log_decay) {
   auto ld = log_decay.detach().to(at::kCPU, at::kDouble).contiguous();
   return std::vector<double>(ld.data_ptr<double>(), ld.data_ptr<double>() + ld.numel());
 }
 
-// Decay powers of one head for chunks of C rows, from one table gamma^d, d = 0..C (exponents are
-// never positive: no overflow, whatever T).
+// Decay powers of one head for chunks of up to C rows, from one table gamma^d, d = 0..C
+// (exponents are never positive: no overflow, whatever T).
 struct ChunkDecay {
-  int64_t C;
   double log_gamma;
   std::vector<double> pow;  // gamma^d
-  at::Tensor q_decay;       // [C, 1]: gamma^(i+1), weight of the incoming state for row i
 
-  ChunkDecay(double log_gamma_, int64_t chunk, at::ScalarType acc)
-      : C(chunk), log_gamma(log_gamma_), pow(chunk + 1) {
+  ChunkDecay(double log_gamma_, int64_t C) : log_gamma(log_gamma_), pow(C + 1) {
     // gamma^0 = 1 also for gamma = 0 (log_gamma = -inf), where 0 * -inf would give NaN.
     pow[0] = 1.0;
     for (int64_t d = 1; d <= C; ++d) pow[d] = std::exp(d * log_gamma);
-    q_decay = at::tensor(std::vector<double>(pow.begin() + 1, pow.end()), at::kDouble)
-                  .unsqueeze(1)
-                  .to(acc);
   }
-  // [C, 1]: gamma^(L-1-j) for the L real rows of a chunk (weight of row j in the outgoing state).
-  at::Tensor k_decay(int64_t L, at::ScalarType acc) const {
-    std::vector<double> w(C, 0.0);
-    for (int64_t j = 0; j < L; ++j) w[j] = pow[L - 1 - j];
-    return at::tensor(w, at::kDouble).unsqueeze(1).to(acc);
-  }
-  // 1 - gamma^L without cancellation: the scan uses S - (1 - gamma^L) S, because gamma^L rounded
-  // to fp32 is off by up to 2^-25 near 1, a relative error of 2^-25 / (1 - gamma^L) in the decay
-  // that the scan would compound over every chunk the state remembers.
+  // 1 - gamma^L without cancellation: the state update is S - (1 - gamma^L) S, because gamma^L
+  // rounded to fp32 is off by up to 2^-25 near 1, a relative error of 2^-25 / (1 - gamma^L) in
+  // the decay that the recurrence would compound over every chunk the state remembers.
   double one_minus_chunk_decay(int64_t L) const { return -std::expm1(double(L) * log_gamma); }
 
-  // Scores [n, C, C] (contiguous) -> scores * gamma^(i-j) on and below the diagonal, 0 above.
-  // Applied in place instead of multiplying by a C x C mask: no mask to build or keep per head.
-  void apply_causal_decay(const at::Tensor& A) const {
-    AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "apply_causal_decay", [&] {
-      std::vector<scalar_t> p(pow.begin(), pow.end());
-      scalar_t* a = A.data_ptr<scalar_t>();
-      for (int64_t r = 0; r < A.size(0) * C; ++r) {
-        scalar_t* row = a + r * C;
-        const int64_t i = r % C;
-        for (int64_t j = 0; j <= i; ++j) row[j] *= p[i - j];
-        std::fill(row + i + 1, row + C, scalar_t(0));
-      }
-    });
-  }
-};
-
-// A run of consecutive chunks [c0, c1) of one (b, h), padded with zero rows to full chunks.
-struct Segment {
-  int64_t t0, rows, n_chunks;
-  std::vector<int64_t> lengths;  // real rows of each chunk
-
-  Segment(int64_t c0, int64_t c1, int64_t C, int64_t T) : t0(c0 * C), n_chunks(c1 - c0) {
-    rows = std::min(T, c1 * C) - t0;
-    for (int64_t c = c0; c < c1; ++c) lengths.push_back(std::min(C, T - c * C));
-  }
-  // [n_chunks, C, d] copy of rows t0.. of x ([T, d], any strides and dtype) in the acc dtype.
-  at::Tensor load(const at::Tensor& x, int64_t C, at::ScalarType acc) const {
-    auto buf = at::zeros({n_chunks * C, x.size(1)}, x.options().dtype(acc));
-    buf.narrow(0, 0, rows).copy_(x.narrow(0, t0, rows));
-    return buf.view({n_chunks, C, x.size(1)});
-  }
-  void store(const at::Tensor& y, const at::Tensor& out) const {
-    out.narrow(0, t0, rows).copy_(y.reshape({-1, y.size(2)}).narrow(0, 0, rows));
-  }
-  // [n_chunks, C, 1] weights gamma^(L_c-1-j).
-  at::Tensor k_decay(const ChunkDecay& dec, at::ScalarType acc) const {
-    std::vector<at::Tensor> w;
-    for (auto L : lengths) w.push_back(dec.k_decay(L, acc));
-    return at::stack(w);
-  }
-};
-
-template <typename F>
-void for_each_segment(int64_t T, int64_t C, bool reverse, F&& f) {
-  const int64_t n_chunks = (T + C - 1) / C;
-  const int64_t per_segment = std::max<int64_t>(1, kSegmentRows / C);
-  const int64_t n_segments = (n_chunks + per_segment - 1) / per_segment;
-  for (int64_t i = 0; i < n_segments; ++i) {
-    const int64_t s = reverse ? n_segments - 1 - i : i;
-    const int64_t c0 = s * per_segment;
-    f(Segment(c0, std::min(n_chunks, c0 + per_segment), C, T));
-  }
-}
-
-// S <- gamma^(L_c) S + X[c] over the chunks of a segment (last to first when `reverse`), in
-// place on S ([dk, dv], contiguous); returns S as it was before each chunk's step, [n, dk, dv].
-at::Tensor scan_chunks(const at::Tensor& S, const at::Tensor& X, const ChunkDecay& dec,
-                       const Segment& seg, bool reverse) {
-  auto before = at::empty_like(X);
-  AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "scan_chunks", [&] {
-    scalar_t* s = S.data_ptr<scalar_t>();
-    const int64_t n = S.numel();
-    for (int64_t i = 0; i < seg.n_chunks; ++i) {
-      const int64_t c = reverse ? seg.n_chunks - 1 - i : i;
-      const scalar_t* x = X[c].data_ptr<scalar_t>();
-      std::copy(s, s + n, before[c].data_ptr<scalar_t>());
-      const auto a = static_cast<scalar_t>(dec.one_minus_chunk_decay(seg.lengths[c]));
-      for (int64_t e = 0; e < n; ++e) s[e] = s[e] - a * s[e] + x[e];
+  // Scores [L, L] -> scores * gamma^(i-j) on and below the diagonal, 0 above. In place: no mask
+  // to build or keep per head.
+  template <typename T>
+  void causal(T* A, int64_t L) const {
+    for (int64_t i = 0; i < L; ++i) {
+      T* row = A + i * L;
+      for (int64_t j = 0; j <= i; ++j) row[j] *= static_cast<T>(pow[i - j]);
+      std::fill(row + i + 1, row + L, T(0));
     }
-  });
-  return before;
-}
+  }
+  // dst[i, :] = src[i, :] * gamma^(i+1) (weight of the incoming state for row i), [L, n].
+  template <typename T>
+  void by_query_decay(const T* src, int64_t L, int64_t n, T* dst) const {
+    for (int64_t i = 0; i < L; ++i) scale_row(src + i * n, n, pow[i + 1], dst + i * n);
+  }
+  // dst[j, :] = src[j, :] * gamma^(L-1-j) (weight of row j in the outgoing state), [L, n].
+  template <typename T>
+  void by_key_decay(const T* src, int64_t L, int64_t n, T* dst) const {
+    for (int64_t j = 0; j < L; ++j) scale_row(src + j * n, n, pow[L - 1 - j], dst + j * n);
+  }
+  // S <- gamma^L S, as S - (1 - gamma^L) S.
+  template <typename T>
+  void decay_state(T* S, int64_t n, int64_t L) const {
+    const T a = static_cast<T>(one_minus_chunk_decay(L));
+    for (int64_t e = 0; e < n; ++e) S[e] = S[e] - a * S[e];
+  }
+
+ private:
+  template <typename T>
+  static void scale_row(const T* src, int64_t n, double w, T* dst) {
+    const T f = static_cast<T>(w);
+    for (int64_t e = 0; e < n; ++e) dst[e] = src[e] * f;
+  }
+};
 
 // Worker threads do not inherit the caller's dispatch state; nothing below must record autograd.
 #define RETENTION_WORKER_GUARD at::AutoDispatchBelowADInplaceOrView below_autograd_guard
@@ -145,7 +92,7 @@ struct Layer {
   // The raw ops: every batch row is a sequence at position 0, nothing around the retention.
   static Layer raw(const Dims& d) {
     return Layer{make_sequences(d.B, d.T, at::Tensor(), at::Tensor()),
-                 RotaryTable(Rotary::None, d.dk, {}), Epilogue{}, at::Tensor(), at::Tensor()};
+                 RotaryTable(Rotary::None, d.dk), Epilogue{}, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -154,87 +101,134 @@ at::Tensor rows_of(const at::Tensor& x, const Sequence& seq, int64_t h) {
   return x.select(0, seq.b).narrow(0, seq.t0, seq.len).select(1, h);
 }
 
-// Loads the rows of a segment in the accumulation type, rotated (prologue of the fused layer).
-at::Tensor load_rotated(const Layer& L, const Segment& seg, const at::Tensor& x, size_t s,
-                        int64_t C, at::ScalarType acc) {
-  auto buf = seg.load(x, C, acc);
-  AT_DISPATCH_FLOATING_TYPES(acc, "load_rotated", [&] {
-    L.rotary.apply(buf.data_ptr<scalar_t>(), buf.size(2), s, seg.t0, seg.rows, false);
-  });
-  return buf;
-}
-
-// Writes dX ([n, C, d] acc, gradient w.r.t. rotated rows) back through the rotation.
-void store_unrotated(const Layer& L, const Segment& seg, at::Tensor dX, size_t s,
-                     const at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES(dX.scalar_type(), "store_unrotated", [&] {
-    L.rotary.apply(dX.data_ptr<scalar_t>(), dX.size(2), s, seg.t0, seg.rows, true);
-  });
-  seg.store(dX, out);
-}
-
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;
 
-template <typename scalar_t>
-constexpr at::ScalarType acc_scalar_type() {
-  return c10::CppTypeToScalarType<acc_type<scalar_t>>::value;
+// Rows t0.. of a [len, d] view (any strides, input dtype) -> contiguous [rows, d] acc rows.
+template <typename scalar_t, typename acc_t>
+void load_rows(const at::Tensor& x, int64_t t0, int64_t rows, acc_t* out) {
+  const int64_t d = x.size(1), rs = x.stride(0), cs = x.stride(1);
+  const scalar_t* p = x.data_ptr<scalar_t>() + t0 * rs;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < d; ++j) out[r * d + j] = static_cast<acc_t>(p[r * rs + j * cs]);
+  }
 }
 
-// y rows of a segment from the raw retention rows O ([n, C, dv] acc, contiguous).
-template <typename scalar_t>
-void finish_segment(const Layer& L, const Segment& seg, const Sequence& seq, int64_t h,
-                    double log_gamma, const at::Tensor& O, const at::Tensor& y_rows) {
-  using acc_t = acc_type<scalar_t>;
-  if (L.epilogue.identity()) return seg.store(O, y_rows);
-  const int64_t dv = O.size(2);
-  acc_t* u = O.data_ptr<acc_t>();
+// Contiguous [rows, d] acc rows -> rows t0.. of a [len, d] view.
+template <typename scalar_t, typename acc_t>
+void store_rows(const acc_t* in, int64_t t0, int64_t rows, const at::Tensor& x) {
+  const int64_t d = x.size(1), rs = x.stride(0), cs = x.stride(1);
+  scalar_t* p = x.data_ptr<scalar_t>() + t0 * rs;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < d; ++j) p[r * rs + j * cs] = static_cast<scalar_t>(in[r * d + j]);
+  }
+}
+
+// Per-thread buffers of the chunk kernels, reused by every (sequence, head) and chunk the thread
+// handles: one chunk's rows and scores stay in cache, and nothing is allocated per chunk.
+template <typename acc_t>
+struct ChunkBuffers {
+  std::vector<acc_t> Q, K, V, dO, A, dA, Tk, Tv, Rk, Rv;
+  std::vector<acc_t> dU;  // fused backward: cotangent of the raw retention rows, [len, dv]
+  RotaryTable::Angles angles;
+
+  ChunkBuffers(int64_t C, int64_t dk, int64_t dv)
+      : Q(C * dk), K(C * dk), V(C * dv), dO(C * dv), A(C * C), dA(C * C), Tk(C * dk),
+        Tv(C * dv), Rk(C * dk), Rv(C * dv) {}
+
+  // Rows t0.. of one (sequence, head), rotated: q (times scale) and k.
+  template <typename scalar_t>
+  void load_qk(const Layer& L, const at::Tensor& x, int64_t t0, int64_t rows, double scale,
+               std::vector<acc_t>& out) {
+    const int64_t dk = x.size(1);
+    load_rows<scalar_t>(x, t0, rows, out.data());
+    L.rotary.rotate(out.data(), dk, rows, angles, 0, false);
+    if (scale != 1.0) {
+      const auto f = static_cast<acc_t>(scale);
+      for (int64_t e = 0; e < rows * dk; ++e) out[e] *= f;
+    }
+  }
+};
+
+// The largest chunk of a sequence: a chunk longer than the sequence is the sequence, so the
+// parallel form (C = T) and short sequences get no C x C buffers beyond their length.
+int64_t chunk_of(int64_t chunk_size, const std::vector<Sequence>& seqs) {
+  int64_t longest = 1;
+  for (const auto& s : seqs) longest = std::max(longest, s.len);
+  return std::min(chunk_size, longest);
+}
+
+// y rows t0.. of one (sequence, head) from the raw retention rows O ([rows, dv] acc, contiguous;
+// overwritten by the epilogue).
+template <typename scalar_t, typename acc_t>
+void finish_rows(const Layer& L, const Sequence& seq, int64_t h, double log_gamma, int64_t t0,
+                 int64_t rows, acc_t* O, int64_t dv, const at::Tensor& y_rows) {
+  if (L.epilogue.identity()) return store_rows<scalar_t>(O, t0, rows, y_rows);
   const acc_t* w = L.weight.defined() ? L.weight.data_ptr<acc_t>() : nullptr;
   at::Tensor g_rows = L.g.defined() ? rows_of(L.g, seq, h) : at::Tensor();
-  for (int64_t r = 0; r < seg.rows; ++r) {
-    const int64_t t = seg.t0 + r;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = t0 + r;
     const double alpha = L.epilogue.decay_norm ? decay_normaliser(log_gamma, seq.pos0 + t) : 1.0;
     const scalar_t* g = g_rows.defined() ? g_rows.data_ptr<scalar_t>() + t * g_rows.stride(0)
                                          : nullptr;
-    L.epilogue.forward(u + r * dv, dv, alpha, g, g_rows.defined() ? g_rows.stride(1) : 0, w,
+    L.epilogue.forward(O + r * dv, dv, alpha, g, g_rows.defined() ? g_rows.stride(1) : 0, w,
                        y_rows.data_ptr<scalar_t>() + t * y_rows.stride(0), y_rows.stride(1));
   }
 }
 
+// Chunk c of rows [t0, t0 + n): with Q = rot(q) * scale, K = rot(k) and D the causal decay mask,
+//   O   = (Q K^T ∘ D) V + diag(gamma^(i+1)) Q S        (S: the state entering the chunk)
+//   S' = gamma^n S + (diag(gamma^(n-1-j)) K)^T V
+// as six GEMMs on one chunk's rows, so the [dk, dv] state never leaves the cache.
 template <typename scalar_t>
 void chunk_forward_impl(const Dims& d, const Layer& L, const at::Tensor& q, const at::Tensor& k,
                         const at::Tensor& v, const std::vector<double>& log_gamma, double scale,
                         int64_t chunk_size, const at::Tensor& y, const at::Tensor& state) {
-  const auto acc = acc_scalar_type<scalar_t>();
+  using acc_t = acc_type<scalar_t>;
   const int64_t N = static_cast<int64_t>(L.seqs.size());
+  const int64_t C = chunk_of(chunk_size, L.seqs);
   const SingleThreadedBlas blas_guard;
   at::parallel_for(0, N * d.H, 1, [&](int64_t begin, int64_t end) {
     RETENTION_WORKER_GUARD;
+    ChunkBuffers<acc_t> b(C, d.dk, d.dv);
     for (int64_t sh = begin; sh < end; ++sh) {
       const int64_t s = sh / d.H, h = sh % d.H;
       const Sequence& seq = L.seqs[s];
       auto q_sh = rows_of(q, seq, h), k_sh = rows_of(k, seq, h), v_sh = rows_of(v, seq, h);
       auto y_sh = rows_of(y, seq, h);
-      auto S = state.select(0, s).select(0, h);  // [dk, dv], contiguous, carried across chunks
-      // A chunk longer than the sequence is the sequence: no C x C buffers for C >> T.
-      const int64_t C = std::min(chunk_size, std::max<int64_t>(1, seq.len));
-      const ChunkDecay dec(log_gamma[h], C, acc);
-      for_each_segment(seq.len, C, /*reverse=*/false, [&](const Segment& seg) {
-        auto Q = load_rotated(L, seg, q_sh, s, C, acc).mul_(scale);
-        auto K = load_rotated(L, seg, k_sh, s, C, acc);
-        auto V = seg.load(v_sh, C, acc);
-        auto A = at::bmm(Q, K.transpose(1, 2));
-        dec.apply_causal_decay(A);
-        auto O = at::bmm(A, V);
-        auto KV = at::bmm((K * seg.k_decay(dec, acc)).transpose(1, 2), V);  // [n, dk, dv]
-        auto S_in = scan_chunks(S, KV, dec, seg, /*reverse=*/false);
-        O.baddbmm_(Q * dec.q_decay, S_in);
-        finish_segment<scalar_t>(L, seg, seq, h, log_gamma[h], O, y_sh);
-      });
+      acc_t* S = state.select(0, s).select(0, h).data_ptr<acc_t>();  // [dk, dv], contiguous
+      const ChunkDecay dec(log_gamma[h], C);
+      for (int64_t t0 = 0; t0 < seq.len; t0 += C) {
+        const int64_t n = std::min(C, seq.len - t0);
+        L.rotary.angles(seq.pos0 + t0, n, b.angles);
+        b.template load_qk<scalar_t>(L, q_sh, t0, n, scale, b.Q);
+        b.template load_qk<scalar_t>(L, k_sh, t0, n, 1.0, b.K);
+        load_rows<scalar_t>(v_sh, t0, n, b.V.data());
+        gemm<acc_t>(false, true, n, n, d.dk, 1, b.Q.data(), d.dk, b.K.data(), d.dk, 0,
+                    b.A.data(), n);
+        dec.causal(b.A.data(), n);
+        dec.by_query_decay(b.Q.data(), n, d.dk, b.Tk.data());
+        gemm<acc_t>(false, false, n, d.dv, d.dk, 1, b.Tk.data(), d.dk, S, d.dv, 0, b.Rv.data(),
+                    d.dv);
+        gemm<acc_t>(false, false, n, d.dv, n, 1, b.A.data(), n, b.V.data(), d.dv, 1,
+                    b.Rv.data(), d.dv);
+        finish_rows<scalar_t>(L, seq, h, log_gamma[h], t0, n, b.Rv.data(), d.dv, y_sh);
+        dec.decay_state(S, d.dk * d.dv, n);
+        dec.by_key_decay(b.K.data(), n, d.dk, b.Tk.data());
+        gemm<acc_t>(true, false, d.dk, d.dv, n, 1, b.Tk.data(), d.dk, b.V.data(), d.dv, 1, S,
+                    d.dv);
+      }
     }
   });
 }
 
+// Two sweeps per (sequence, head). Forward: the state entering each chunk gives dQ (and, for a
+// fused layer, the raw rows that the epilogue backward turns into dU, kept for the second
+// sweep). Reverse: the cotangent dS of the state leaving each chunk gives dK and dV:
+//   dA = (dO V^T) ∘ D
+//   dQ = scale * (dA K + diag(gamma^(i+1)) dO S^T)
+//   dK = dA^T Q + diag(gamma^(n-1-j)) V dS^T,   dV = (Q K^T ∘ D)^T dO + diag(gamma^(n-1-j)) K dS
+//   dS <- gamma^n dS + (diag(gamma^(i+1)) Q)^T dO
 template <typename scalar_t>
 void chunk_backward_impl(const Dims& d, const Layer& L, const at::Tensor& grad_y,
                          const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -244,81 +238,126 @@ void chunk_backward_impl(const Dims& d, const Layer& L, const at::Tensor& grad_y
                          const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& dS0,
                          const at::Tensor& dg, const at::Tensor& dw_partial /* [N*H, dv] */) {
   using acc_t = acc_type<scalar_t>;
-  const auto acc = acc_scalar_type<scalar_t>();
   const int64_t N = static_cast<int64_t>(L.seqs.size());
+  const int64_t C = chunk_of(chunk_size, L.seqs);
   const bool fused = !L.epilogue.identity();
   const SingleThreadedBlas blas_guard;
   at::parallel_for(0, N * d.H, 1, [&](int64_t begin, int64_t end) {
     RETENTION_WORKER_GUARD;
-    std::vector<acc_t> nhat(d.dv);
+    ChunkBuffers<acc_t> b(C, d.dk, d.dv);
+    std::vector<acc_t> S(d.dk * d.dv), nhat(d.dv);
     for (int64_t sh = begin; sh < end; ++sh) {
       const int64_t s = sh / d.H, h = sh % d.H;
       const Sequence& seq = L.seqs[s];
       auto q_sh = rows_of(q, seq, h), k_sh = rows_of(k, seq, h), v_sh = rows_of(v, seq, h);
       auto dy_sh = rows_of(grad_y, seq, h);
-      const int64_t C = std::min(chunk_size, std::max<int64_t>(1, seq.len));
-      const ChunkDecay dec(log_gamma[h], C, acc);
-      // Cotangent of the raw retention rows: grad_y itself for the raw ops; for a fused layer it
-      // comes out of the epilogue backward in the forward sweep and the reverse sweep reuses it.
-      auto dU = fused ? at::empty({seq.len, d.dv}, dS0.options()) : dy_sh;
+      auto dq_sh = rows_of(dq, seq, h), dk_sh = rows_of(dk, seq, h), dv_sh = rows_of(dv, seq, h);
+      const ChunkDecay dec(log_gamma[h], C);
+      if (fused) b.dU.resize(seq.len * d.dv);
+      // dO rows of a chunk: dU (fused, computed in the forward sweep) or grad_y itself.
+      auto chunk_dO = [&](int64_t t0, int64_t n) -> const acc_t* {
+        if (fused) return b.dU.data() + t0 * d.dv;
+        load_rows<scalar_t>(dy_sh, t0, n, b.dO.data());
+        return b.dO.data();
+      };
 
-      // Forward sweep: dq needs the state entering each chunk (and the fused epilogue the raw
-      // output, recomputed here rather than stored by the forward pass).
-      auto S = initial_state.select(0, s).select(0, h).clone();
-      for_each_segment(seq.len, C, /*reverse=*/false, [&](const Segment& seg) {
-        auto K = load_rotated(L, seg, k_sh, s, C, acc), V = seg.load(v_sh, C, acc);
-        auto KV = at::bmm((K * seg.k_decay(dec, acc)).transpose(1, 2), V);
-        auto S_in = scan_chunks(S, KV, dec, seg, /*reverse=*/false);
+      // Forward sweep.
+      const acc_t* S0 = initial_state.select(0, s).select(0, h).data_ptr<acc_t>();
+      std::copy(S0, S0 + d.dk * d.dv, S.begin());
+      for (int64_t t0 = 0; t0 < seq.len; t0 += C) {
+        const int64_t n = std::min(C, seq.len - t0);
+        L.rotary.angles(seq.pos0 + t0, n, b.angles);
+        b.template load_qk<scalar_t>(L, k_sh, t0, n, 1.0, b.K);
+        load_rows<scalar_t>(v_sh, t0, n, b.V.data());
         if (fused) {
-          auto Q = load_rotated(L, seg, q_sh, s, C, acc).mul_(scale);
-          auto A = at::bmm(Q, K.transpose(1, 2));
-          dec.apply_causal_decay(A);
-          auto O = at::bmm(A, V).baddbmm_(Q * dec.q_decay, S_in);
-          const acc_t* u = O.template data_ptr<acc_t>();
+          // The raw rows again (cheaper than keeping them from the forward pass in memory), then
+          // the epilogue backward row by row into dU.
+          b.template load_qk<scalar_t>(L, q_sh, t0, n, scale, b.Q);
+          gemm<acc_t>(false, true, n, n, d.dk, 1, b.Q.data(), d.dk, b.K.data(), d.dk, 0,
+                      b.A.data(), n);
+          dec.causal(b.A.data(), n);
+          dec.by_query_decay(b.Q.data(), n, d.dk, b.Tk.data());
+          gemm<acc_t>(false, false, n, d.dv, d.dk, 1, b.Tk.data(), d.dk, S.data(), d.dv, 0,
+                      b.Rv.data(), d.dv);
+          gemm<acc_t>(false, false, n, d.dv, n, 1, b.A.data(), n, b.V.data(), d.dv, 1,
+                      b.Rv.data(), d.dv);
           const acc_t* w = L.weight.defined() ? L.weight.data_ptr<acc_t>() : nullptr;
           auto g_sh = L.g.defined() ? rows_of(L.g, seq, h) : at::Tensor();
           auto dg_sh = L.g.defined() ? rows_of(dg, seq, h) : at::Tensor();
           acc_t* dw = dw_partial.defined() ? dw_partial[sh].data_ptr<acc_t>() : nullptr;
-          for (int64_t r = 0; r < seg.rows; ++r) {
-            const int64_t t = seg.t0 + r;
+          for (int64_t r = 0; r < n; ++r) {
+            const int64_t t = t0 + r;
             const double alpha =
                 L.epilogue.decay_norm ? decay_normaliser(log_gamma[h], seq.pos0 + t) : 1.0;
             L.epilogue.backward(
-                u + r * d.dv, d.dv, alpha, dy_sh.data_ptr<scalar_t>() + t * dy_sh.stride(0),
-                dy_sh.stride(1),
+                b.Rv.data() + r * d.dv, d.dv, alpha,
+                dy_sh.data_ptr<scalar_t>() + t * dy_sh.stride(0), dy_sh.stride(1),
                 g_sh.defined() ? g_sh.data_ptr<scalar_t>() + t * g_sh.stride(0) : nullptr,
-                g_sh.defined() ? g_sh.stride(1) : 0, w, dU.data_ptr<acc_t>() + t * d.dv,
+                g_sh.defined() ? g_sh.stride(1) : 0, w, b.dU.data() + t * d.dv,
                 dg_sh.defined() ? dg_sh.data_ptr<scalar_t>() + t * dg_sh.stride(0) : nullptr,
                 dg_sh.defined() ? dg_sh.stride(1) : 0, dw, nhat.data());
           }
         }
-        auto dO = seg.load(dU, C, acc);
-        auto dA = at::bmm(dO, V.transpose(1, 2));
-        dec.apply_causal_decay(dA);
-        auto dQ = at::bmm(dA, K).baddbmm_(dO * dec.q_decay, S_in.transpose(1, 2)).mul_(scale);
-        store_unrotated(L, seg, dQ, s, rows_of(dq, seq, h));
-      });
+        const acc_t* dO = chunk_dO(t0, n);
+        gemm<acc_t>(false, true, n, n, d.dv, 1, dO, d.dv, b.V.data(), d.dv, 0, b.dA.data(), n);
+        dec.causal(b.dA.data(), n);
+        gemm<acc_t>(false, false, n, d.dk, n, 1, b.dA.data(), n, b.K.data(), d.dk, 0,
+                    b.Rk.data(), d.dk);
+        dec.by_query_decay(dO, n, d.dv, b.Tv.data());
+        gemm<acc_t>(false, true, n, d.dk, d.dv, 1, b.Tv.data(), d.dv, S.data(), d.dv, 1,
+                    b.Rk.data(), d.dk);
+        const auto f = static_cast<acc_t>(scale);
+        for (int64_t e = 0; e < n * d.dk; ++e) b.Rk[e] *= f;
+        L.rotary.rotate(b.Rk.data(), d.dk, n, b.angles, 0, true);
+        store_rows<scalar_t>(b.Rk.data(), t0, n, dq_sh);
+        dec.decay_state(S.data(), d.dk * d.dv, n);
+        dec.by_key_decay(b.K.data(), n, d.dk, b.Tk.data());
+        gemm<acc_t>(true, false, d.dk, d.dv, n, 1, b.Tk.data(), d.dk, b.V.data(), d.dv, 1,
+                    S.data(), d.dv);
+      }
 
-      // Reverse sweep: dk, dv need the cotangent of the state leaving each chunk.
-      auto dS = has(grad_final_state)
-                    ? grad_final_state->select(0, s).select(0, h).to(acc).contiguous().clone()
-                    : at::zeros({d.dk, d.dv}, dS0.options());
-      for_each_segment(seq.len, C, /*reverse=*/true, [&](const Segment& seg) {
-        auto Q = load_rotated(L, seg, q_sh, s, C, acc).mul_(scale);
-        auto K = load_rotated(L, seg, k_sh, s, C, acc);
-        auto V = seg.load(v_sh, C, acc), dO = seg.load(dU, C, acc);
-        auto R = at::bmm((Q * dec.q_decay).transpose(1, 2), dO);  // [n, dk, dv]
-        auto dS_out = scan_chunks(dS, R, dec, seg, /*reverse=*/true);
-        auto kd = seg.k_decay(dec, acc);
-        auto A = at::bmm(Q, K.transpose(1, 2)), dA = at::bmm(dO, V.transpose(1, 2));
-        dec.apply_causal_decay(A);
-        dec.apply_causal_decay(dA);
-        auto dK = at::bmm(dA.transpose(1, 2), Q).baddbmm_(V * kd, dS_out.transpose(1, 2));
-        auto dV = at::bmm(A.transpose(1, 2), dO).baddbmm_(K * kd, dS_out);
-        store_unrotated(L, seg, dK, s, rows_of(dk, seq, h));
-        seg.store(dV, rows_of(dv, seq, h));
-      });
-      dS0.select(0, s).select(0, h).copy_(dS);
+      // Reverse sweep; S now holds dS, the cotangent of the state leaving the current chunk.
+      if (has(grad_final_state)) {
+        auto gS = grad_final_state->select(0, s).select(0, h).to(dS0.scalar_type()).contiguous();
+        std::copy(gS.data_ptr<acc_t>(), gS.data_ptr<acc_t>() + d.dk * d.dv, S.begin());
+      } else {
+        std::fill(S.begin(), S.end(), acc_t(0));
+      }
+      const int64_t n_chunks = (seq.len + C - 1) / C;
+      for (int64_t c = n_chunks - 1; c >= 0; --c) {
+        const int64_t t0 = c * C, n = std::min(C, seq.len - t0);
+        L.rotary.angles(seq.pos0 + t0, n, b.angles);
+        b.template load_qk<scalar_t>(L, q_sh, t0, n, scale, b.Q);
+        b.template load_qk<scalar_t>(L, k_sh, t0, n, 1.0, b.K);
+        load_rows<scalar_t>(v_sh, t0, n, b.V.data());
+        const acc_t* dO = chunk_dO(t0, n);
+        gemm<acc_t>(false, true, n, n, d.dk, 1, b.Q.data(), d.dk, b.K.data(), d.dk, 0,
+                    b.A.data(), n);
+        dec.causal(b.A.data(), n);
+        gemm<acc_t>(false, true, n, n, d.dv, 1, dO, d.dv, b.V.data(), d.dv, 0, b.dA.data(), n);
+        dec.causal(b.dA.data(), n);
+        // dK
+        gemm<acc_t>(true, false, n, d.dk, n, 1, b.dA.data(), n, b.Q.data(), d.dk, 0,
+                    b.Rk.data(), d.dk);
+        dec.by_key_decay(b.V.data(), n, d.dv, b.Tv.data());
+        gemm<acc_t>(false, true, n, d.dk, d.dv, 1, b.Tv.data(), d.dv, S.data(), d.dv, 1,
+                    b.Rk.data(), d.dk);
+        L.rotary.rotate(b.Rk.data(), d.dk, n, b.angles, 0, true);
+        store_rows<scalar_t>(b.Rk.data(), t0, n, dk_sh);
+        // dV
+        gemm<acc_t>(true, false, n, d.dv, n, 1, b.A.data(), n, dO, d.dv, 0, b.Rv.data(), d.dv);
+        dec.by_key_decay(b.K.data(), n, d.dk, b.Tk.data());
+        gemm<acc_t>(false, false, n, d.dv, d.dk, 1, b.Tk.data(), d.dk, S.data(), d.dv, 1,
+                    b.Rv.data(), d.dv);
+        store_rows<scalar_t>(b.Rv.data(), t0, n, dv_sh);
+        // dS for the previous chunk
+        dec.decay_state(S.data(), d.dk * d.dv, n);
+        dec.by_query_decay(b.Q.data(), n, d.dk, b.Tk.data());
+        gemm<acc_t>(true, false, d.dk, d.dv, n, 1, b.Tk.data(), d.dk, dO, d.dv, 1, S.data(),
+                    d.dv);
+      }
+      auto dS_out = dS0.select(0, s).select(0, h);
+      std::copy(S.begin(), S.end(), dS_out.data_ptr<acc_t>());
     }
   });
 }
@@ -514,15 +553,15 @@ void check_msr_values(const char* op, int64_t T, const OptTensor& cu_seqlens) {
 
 Layer make_layer(const Dims& d, const at::Tensor& q, const OptTensor& g,
                  const OptTensor& cu_seqlens, const OptTensor& offsets, int64_t rotary, bool norm,
-                 const OptTensor& norm_weight, double eps, bool decay_norm) {
+                 const OptTensor& norm_weight, double eps, bool decay_norm, bool token_loop) {
   const auto acc = state_dtype(q.scalar_type());
   Layer L{make_sequences(d.B, d.T, has(cu_seqlens) ? *cu_seqlens : at::Tensor(),
                          has(offsets) ? *offsets : at::Tensor()),
-          RotaryTable(Rotary::None, d.dk, {}),
+          RotaryTable(static_cast<Rotary>(rotary), d.dk),
           Epilogue{decay_norm, norm, eps, has(g)},
           has(g) ? g->detach() : at::Tensor(),
           has(norm_weight) && norm ? norm_weight->detach().to(acc).contiguous() : at::Tensor()};
-  L.rotary = RotaryTable(static_cast<Rotary>(rotary), d.dk, L.seqs);
+  if (token_loop) L.rotary.tabulate(L.seqs);
   return L;
 }
 
@@ -541,7 +580,7 @@ std::tuple<at::Tensor, at::Tensor> msr_forward_cpu(
   auto y = at::empty({d.B, d.T, d.H, d.dv}, q.options());
   auto state = new_state(m.N, d, q, initial_state);
   const auto L = make_layer(d, q, g, cu_seqlens, offsets, rotary, norm, norm_weight, eps,
-                            decay_norm);
+                            decay_norm, static_cast<Form>(form) == Form::Recurrent);
   const auto log_gamma = log_decay_values(log_decay);
   RETENTION_DISPATCH_FLOATS(q.scalar_type(), "msr_forward", [&] {
     if (static_cast<Form>(form) == Form::Recurrent) {
@@ -574,7 +613,7 @@ msr_backward_cpu(const at::Tensor& grad_y, const OptTensor& grad_final_state, co
   auto dk = at::empty_like(k, at::MemoryFormat::Contiguous);
   auto dv = at::empty_like(v, at::MemoryFormat::Contiguous);
   const auto L = make_layer(d, q, g, cu_seqlens, offsets, rotary, norm, norm_weight, eps,
-                            decay_norm);
+                            decay_norm, /*token_loop=*/false);
   // Rows outside every packed sequence (none when cu_seqlens covers T) get zero gradients.
   if (has(cu_seqlens)) {
     dq.zero_();
@@ -612,7 +651,8 @@ at::Tensor msr_step_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
                            {"log_decay", &log_decay}, {"offsets", has(offsets) ? &*offsets : nullptr},
                            {"norm_weight", has(norm_weight) ? &*norm_weight : nullptr}});
   const auto& d = m.d;
-  const auto L = make_layer(d, q4, g4, {}, offsets, rotary, norm, norm_weight, eps, decay_norm);
+  const auto L = make_layer(d, q4, g4, {}, offsets, rotary, norm, norm_weight, eps, decay_norm,
+                            /*token_loop=*/true);
   auto y = at::empty({d.B, 1, d.H, d.dv}, q.options());
   RETENTION_DISPATCH_FLOATS(q.scalar_type(), "msr_step", [&] {
     recurrent_impl<scalar_t>(d, L, q4.detach(), k4.detach(), v4.detach(),
