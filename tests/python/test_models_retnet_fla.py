@@ -170,19 +170,44 @@ def test_generate_greedy_left_padded_batch(tmp_path, device):
         assert bool((chosen >= ref.max(1).values - slack).all()), (b, out[b, T:], ref.argmax(1))
 
 
-def test_generate_sampling(tmp_path):
+def test_generate_sampling_left_padded(tmp_path):
     path, cfg, _ = _checkpoint(tmp_path, "base")
     model = RetNetForCausalLM.from_pretrained(path).eval()
     ids = _ids(cfg["vocab_size"], 2, 6)
-    kw = dict(max_new_tokens=10, do_sample=True, top_k=20, temperature=0.8, pad_token_id=0,
-              eos_token_id=None, num_return_sequences=2)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    ids[1, :2] = 0
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0, eos_token_id=None)
+    sample = dict(kw, do_sample=True, top_k=20, temperature=0.8, num_return_sequences=2)
     torch.manual_seed(5)
-    a = model.generate(input_ids=ids, **kw)
+    a = model.generate(**sample)
     torch.manual_seed(5)
-    b = model.generate(input_ids=ids, **kw)
+    b = model.generate(**sample)
     assert a.shape == (4, 16) and torch.equal(a, b)
     assert torch.equal(a[:, :6], ids.repeat_interleave(2, 0))
     assert int(a.max()) < cfg["vocab_size"]
+    # top_k = 1 sampling is greedy decoding
+    assert torch.equal(model.generate(**kw, do_sample=True, top_k=1), model.generate(**kw, do_sample=False))
+
+
+def test_padded_training_loss_and_gradients(tmp_path):
+    path, cfg, sd = _checkpoint(tmp_path, "gqa_tied_odd")
+    model = RetNetForCausalLM.from_pretrained(path).train()
+    T, lengths = 10, [10, 6]
+    ids = _ids(cfg["vocab_size"], 2, T)
+    mask = torch.ones_like(ids)
+    mask[1, lengths[1]:] = 0              # right padding, as in training batches
+    labels = ids.masked_fill(mask == 0, -100)
+    loss = model(ids, attention_mask=mask, labels=labels).loss
+    terms = []
+    for b, L in enumerate(lengths):
+        ref = reference_logits(sd, cfg, ids[b, :L])
+        terms.append(torch.nn.functional.cross_entropy(ref[:-1], ids[b, 1:L], reduction="none"))
+    want = torch.cat(terms).mean()
+    assert abs(loss.item() - want.item()) < 1e-5 * want.item()
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
 
 
 # ------------------------------------------------------------------------------------------------

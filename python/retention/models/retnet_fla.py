@@ -30,7 +30,8 @@ from torch import nn
 
 try:
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+    from transformers import (AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin,
+                              PretrainedConfig, PreTrainedModel)
     from transformers.activations import ACT2FN
     from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -377,10 +378,18 @@ class RetNetPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """``transformers``' loader, after :func:`check_checkpoint_dir` on a local directory (clear
         errors naming the file and field instead of warnings and randomly initialised weights)."""
-        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isdir(
-                pretrained_model_name_or_path):
+        local = isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.isdir(
+            pretrained_model_name_or_path)
+        if local:
             check_checkpoint_dir(pretrained_model_name_or_path, tensors=cls is RetNetForCausalLM)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        gen_file = os.path.join(os.fspath(pretrained_model_name_or_path), "generation_config.json")
+        model_obj = model[0] if isinstance(model, tuple) else model
+        if local and not os.path.exists(gen_file) and getattr(model_obj, "generation_config", None) is not None:
+            # transformers 5 leaves generation settings empty without this file; FLA's checkpoints
+            # keep bos/eos in config.json, so generate() stops at their eos as it would have in 4.x
+            model_obj.generation_config = GenerationConfig.from_model_config(model_obj.config)
+        return model
 
 
 class RetNetModel(RetNetPreTrainedModel):
