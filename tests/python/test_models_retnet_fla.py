@@ -103,6 +103,10 @@ def test_low_precision_checkpoints(tmp_path, dtype, tol):
         logits = model(ids).logits
     assert logits.dtype == dtype
     assert_close_rel(logits[0].double(), reference_logits(sd, cfg, ids[0]), tol, max_factor=40)
+    # decoding in this dtype: fp32 states, the fused step takes the low-precision q, k, v, g
+    out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                         eos_token_id=None)
+    assert out.shape == (1, 24)
 
 
 def test_sharded_checkpoint_and_tied_weights(tmp_path):
@@ -254,6 +258,14 @@ def test_train_save_and_load_into_fla(tmp_path):
             again = RetNetForCausalLM.from_pretrained(path)
             for k, v in again.state_dict().items():
                 assert torch.equal(v, ours[k]), k
+        for dtype in (torch.bfloat16, torch.float16):
+            path = str(tmp_path / f"{name}-{dtype}")
+            low = RetNetForCausalLM(model.config)
+            low.load_state_dict(model.state_dict())
+            low.to(dtype).save_pretrained(path)
+            fla_model = fla_models.RetNetForCausalLM.from_pretrained(path, dtype=dtype)
+            for k, v in low.state_dict().items():
+                assert fla_model.state_dict()[k].dtype == dtype and torch.equal(fla_model.state_dict()[k], v), k
 
 
 def test_loss_is_flas_shifted_cross_entropy(tmp_path):

@@ -257,12 +257,12 @@ class GatedMLP(nn.Module):
 
 
 def _pack(mask):
-    """Left/right padding mask [B, T] -> (flat indices of real tokens, int32 cu_seqlens [B + 1],
-    int64 lengths [B])."""
+    """Padding mask [B, T] (0 = pad, left or right) -> (flat indices of the real tokens, int32
+    cu_seqlens [B + 1]), computed once per forward and shared by the layers."""
     keep = mask.reshape(-1) != 0
     lengths = (mask != 0).sum(1)
     cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
-    return keep.nonzero().squeeze(1), cu, lengths.to(torch.int64)
+    return keep.nonzero().squeeze(1), cu
 
 
 class MultiScaleRetention(nn.Module):
@@ -295,7 +295,8 @@ class MultiScaleRetention(nn.Module):
             self._log_decay[device] = _rf.retnet_log_decay(self.num_heads, device=device)
         return self._log_decay[device]
 
-    def forward(self, x, attention_mask=None, cache=None, use_cache=False):
+    def forward(self, x, pack=None, cache=None, use_cache=False):
+        """pack: None (no padding among these T tokens) or _pack's (indices, cu_seqlens)."""
         B, T, _ = x.shape
         H, Hkv, dk, dv = self.num_heads, self.num_kv_heads, self.head_k_dim, self.head_v_dim
         q = self.q_proj(x).view(B, T, H, dk)
@@ -313,21 +314,20 @@ class MultiScaleRetention(nn.Module):
 
         state = cache.states[self.layer_idx] if cache is not None else None
         offsets = cache.offsets if state is not None else None
-        real = None if attention_mask is None else attention_mask[:, -T:]
-        if state is not None and T == 1 and (real is None or bool(real.all())):
+        if state is not None and T == 1 and pack is None:
             # decode: the recurrent form, one fused step; the state is updated in place
             y = _rf.msr_step(q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0], log_decay,
                              state, offsets=offsets, **opts)
             return self.o_proj(y.reshape(B, 1, H * dv))
         want_state = use_cache and cache is not None
-        if real is None or bool(real.all()):
+        if pack is None:
             y, new_state = _rf.msr(q, k, v, g, log_decay, form="chunk", initial_state=state,
                                    offsets=offsets, output_final_state=True, **opts)
             y = y.reshape(B, T, H * dv)
         else:
             # padded batch: pack the real tokens into B variable-length sequences (FLA unpads the
             # same way), so pads update no state and take no position; pads' outputs are zero
-            idx, cu, _ = _pack(real)
+            idx, cu = pack
 
             def packed(t):
                 return None if t is None else t.reshape(B * T, *t.shape[2:]).index_select(0, idx)[None]
@@ -350,8 +350,8 @@ class RetNetBlock(nn.Module):
         self.mlp_norm = RetNetRMSNorm(config.hidden_size, config.norm_eps)
         self.mlp = GatedMLP(config.hidden_size, inter)
 
-    def forward(self, x, attention_mask=None, cache=None, use_cache=False):
-        h = x + self.attn(self.attn_norm(x), attention_mask, cache, use_cache)
+    def forward(self, x, pack=None, cache=None, use_cache=False):
+        h = x + self.attn(self.attn_norm(x), pack, cache, use_cache)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -422,7 +422,9 @@ class RetNetModel(RetNetPreTrainedModel):
             if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
                 raise ValueError(f"attention_mask must be a 0/1 padding mask [B, >= T] = [{B}, >= {T}], "
                                  f"got {list(attention_mask.shape)}")
-            attention_mask = attention_mask.to(x.device)
+            attention_mask = attention_mask[:, -T:].to(x.device)  # the columns of these tokens
+        # one host sync per forward (not per layer): is there any padding among these tokens?
+        pack = None if attention_mask is None or bool(attention_mask.all()) else _pack(attention_mask)
         cache = past_key_values
         if cache is not None and not isinstance(cache, RetNetCache):
             raise TypeError(f"past_key_values must be a RetNetCache, got {type(cache).__name__}")
@@ -434,12 +436,12 @@ class RetNetModel(RetNetPreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 hidden += (x,)
-            x = layer(x, attention_mask, cache, use_cache)
+            x = layer(x, pack, cache, use_cache)
         x = self.norm(x)
         if output_hidden_states:
             hidden += (x,)
         if cache is not None and use_cache:
-            real = (attention_mask[:, -T:] != 0).sum(1) if attention_mask is not None else T
+            real = (attention_mask != 0).sum(1) if attention_mask is not None else T
             cache.offsets = cache.offsets + real
             cache.seen_tokens += T
         if not use_cache:
