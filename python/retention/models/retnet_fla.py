@@ -320,9 +320,9 @@ class MultiScaleRetention(nn.Module):
                              state, offsets=offsets, **opts)
             return self.o_proj(y.reshape(B, 1, H * dv))
         want_state = use_cache and cache is not None
+        opts.update(form="chunk", initial_state=state, offsets=offsets, output_final_state=True)
         if pack is None:
-            y, new_state = _rf.msr(q, k, v, g, log_decay, form="chunk", initial_state=state,
-                                   offsets=offsets, output_final_state=True, **opts)
+            y, new_state = _rf.msr(q, k, v, g, log_decay, **opts)
             y = y.reshape(B, T, H * dv)
         else:
             # padded batch: pack the real tokens into B variable-length sequences (FLA unpads the
@@ -332,8 +332,7 @@ class MultiScaleRetention(nn.Module):
             def packed(t):
                 return None if t is None else t.reshape(B * T, *t.shape[2:]).index_select(0, idx)[None]
             y_p, new_state = _rf.msr(packed(q), packed(k), packed(v), packed(g), log_decay,
-                                     form="chunk", initial_state=state, offsets=offsets,
-                                     cu_seqlens=cu, output_final_state=True, **opts)
+                                     cu_seqlens=cu, **opts)
             y = x.new_zeros(B * T, H * dv).index_copy(0, idx, y_p[0].reshape(-1, H * dv).to(x.dtype))
             y = y.view(B, T, H * dv)
         if want_state:
