@@ -45,9 +45,11 @@ inline std::vector<Sequence> make_sequences(int64_t B, int64_t T, const at::Tens
 // trigonometry once per head.
 class RotaryTable {
  public:
-  // cos/sin [rows, dk/2] of consecutive positions.
+  // cos/sin [rows, dk/2] of consecutive positions, computed in float64 and stored as T (the
+  // rotation's arithmetic type: rounding them once here is what the rotation did at each use).
+  template <typename T>
   struct Angles {
-    std::vector<double> cos, sin;
+    std::vector<T> cos, sin;
   };
 
   RotaryTable(Rotary kind, int64_t dk) : kind_(kind), half_(dk / 2) {
@@ -69,28 +71,32 @@ class RotaryTable {
   // Angles of positions p0 .. p0 + rows - 1. With `exact`, std::cos/std::sin of every angle (the
   // token loops: a step at position p gives the same bits as the recurrent form over the
   // sequence). Otherwise (the chunk kernels) one std::cos/std::sin per frequency every 64 rows and
-  // angle-addition steps in between: the steps add ~2^-53 relative error per row, far below fp32
-  // and the fp64 tests' tolerances, and the trigonometry becomes a small part of the rotation.
-  void angles(int64_t p0, int64_t rows, Angles& a, bool exact = false) const {
+  // angle-addition steps in float64 in between: the steps add ~2^-53 relative error per row, far
+  // below fp32 and the fp64 tests' tolerances, and the trigonometry becomes a small part of the
+  // rotation.
+  template <typename T>
+  void angles(int64_t p0, int64_t rows, Angles<T>& a, bool exact = false) const {
     if (!active()) return;
     a.cos.resize(rows * half_);
     a.sin.resize(rows * half_);
     constexpr int64_t kExact = 64;
+    std::vector<double> c(half_), s(half_);
     for (int64_t r = 0; r < rows; ++r) {
-      double* c = &a.cos[r * half_];
-      double* s = &a.sin[r * half_];
       if (exact || r % kExact == 0) {
         for (int64_t i = 0; i < half_; ++i) {
           c[i] = std::cos(double(p0 + r) * theta_[i]);
           s[i] = std::sin(double(p0 + r) * theta_[i]);
         }
       } else {
-        const double* cp = c - half_;
-        const double* sp = s - half_;
         for (int64_t i = 0; i < half_; ++i) {
-          c[i] = cp[i] * step_cos_[i] - sp[i] * step_sin_[i];
-          s[i] = sp[i] * step_cos_[i] + cp[i] * step_sin_[i];
+          const double ci = c[i] * step_cos_[i] - s[i] * step_sin_[i];
+          s[i] = s[i] * step_cos_[i] + c[i] * step_sin_[i];
+          c[i] = ci;
         }
+      }
+      for (int64_t i = 0; i < half_; ++i) {
+        a.cos[r * half_ + i] = static_cast<T>(c[i]);
+        a.sin[r * half_ + i] = static_cast<T>(s[i]);
       }
     }
   }
@@ -105,7 +111,7 @@ class RotaryTable {
     }
     table_.cos.resize(rows * half_);
     table_.sin.resize(rows * half_);
-    Angles a;
+    Angles<double> a;
     for (size_t s = 0; s < seqs.size(); ++s) {
       angles(seqs[s].pos0, seqs[s].len, a, /*exact=*/true);
       std::copy(a.cos.begin(), a.cos.end(), table_.cos.begin() + base_[s] * half_);
@@ -115,22 +121,33 @@ class RotaryTable {
 
   // Rotates `rows` rows (row stride `ld`) with angles rows first.. of `a`; the transpose
   // (rotation by -angle) when `inverse`, which maps gradients back to the inputs.
-  template <typename T>
-  void rotate(T* x, int64_t ld, int64_t rows, const Angles& a, int64_t first, bool inverse) const {
+  template <typename T, typename A>
+  void rotate(T* x, int64_t ld, int64_t rows, const Angles<A>& a, int64_t first,
+              bool inverse) const {
     if (kind_ == Rotary::None) return;
     const T sign = inverse ? T(-1) : T(1);
     for (int64_t r = 0; r < rows; ++r) {
-      const double* c = &a.cos[(first + r) * half_];
-      const double* s = &a.sin[(first + r) * half_];
+      const A* c = &a.cos[(first + r) * half_];
+      const A* s = &a.sin[(first + r) * half_];
       T* row = x + r * ld;
-      for (int64_t i = 0; i < half_; ++i) {
-        // torchscale rotates interleaved pairs (x_2i, x_2i+1); NeoX the halves (x_i, x_i+dk/2).
-        T& u = kind_ == Rotary::Torchscale ? row[2 * i] : row[i];
-        T& w = kind_ == Rotary::Torchscale ? row[2 * i + 1] : row[i + half_];
-        const T ci = static_cast<T>(c[i]), si = sign * static_cast<T>(s[i]);
-        const T u0 = u, w0 = w;
-        u = u0 * ci - w0 * si;
-        w = w0 * ci + u0 * si;
+      // One loop per layout, so each vectorises: torchscale rotates interleaved pairs
+      // (x_2i, x_2i+1), NeoX the halves (x_i, x_i+dk/2).
+      if (kind_ == Rotary::Torchscale) {
+        for (int64_t i = 0; i < half_; ++i) {
+          const T ci = static_cast<T>(c[i]), si = sign * static_cast<T>(s[i]);
+          const T u = row[2 * i], w = row[2 * i + 1];
+          row[2 * i] = u * ci - w * si;
+          row[2 * i + 1] = w * ci + u * si;
+        }
+      } else {
+        T* lo = row;
+        T* hi = row + half_;
+        for (int64_t i = 0; i < half_; ++i) {
+          const T ci = static_cast<T>(c[i]), si = sign * static_cast<T>(s[i]);
+          const T u = lo[i], w = hi[i];
+          lo[i] = u * ci - w * si;
+          hi[i] = w * ci + u * si;
+        }
       }
     }
   }
@@ -147,7 +164,7 @@ class RotaryTable {
   int64_t half_;
   std::vector<double> theta_, step_cos_, step_sin_;  // theta_i, cos/sin(theta_i)
   std::vector<int64_t> base_;
-  Angles table_;
+  Angles<double> table_;
 };
 
 // torchscale's decay normaliser 1/sqrt(S_{p+1}), S_j = (1 - gamma^j)/(1 - gamma), without

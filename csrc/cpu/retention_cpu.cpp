@@ -29,49 +29,50 @@ std::vector<double> log_decay_values(const at::Tensor& log_decay) {
 
 // Decay powers of one head for chunks of up to C rows, from one table gamma^d, d = 0..C
 // (exponents are never positive: no overflow, whatever T).
+template <typename T>
 struct ChunkDecay {
+  int64_t C;
   double log_gamma;
   std::vector<double> pow;  // gamma^d
+  std::vector<T> rev;       // rev[C - d] = gamma^d: row i of the causal mask is rev[C - i ..]
 
-  ChunkDecay(double log_gamma_, int64_t C) : log_gamma(log_gamma_), pow(C + 1) {
+  ChunkDecay(double log_gamma_, int64_t chunk) : C(chunk), log_gamma(log_gamma_), pow(chunk + 1),
+                                                 rev(chunk + 1) {
     // gamma^0 = 1 also for gamma = 0 (log_gamma = -inf), where 0 * -inf would give NaN.
     pow[0] = 1.0;
     for (int64_t d = 1; d <= C; ++d) pow[d] = std::exp(d * log_gamma);
+    for (int64_t d = 0; d <= C; ++d) rev[C - d] = static_cast<T>(pow[d]);
   }
   // 1 - gamma^L without cancellation: the state update is S - (1 - gamma^L) S, because gamma^L
   // rounded to fp32 is off by up to 2^-25 near 1, a relative error of 2^-25 / (1 - gamma^L) in
   // the decay that the recurrence would compound over every chunk the state remembers.
   double one_minus_chunk_decay(int64_t L) const { return -std::expm1(double(L) * log_gamma); }
 
-  // Scores [L, L] -> scores * gamma^(i-j) on and below the diagonal, 0 above. In place: no mask
-  // to build or keep per head.
-  template <typename T>
+  // Scores [L, L] -> scores * gamma^(i-j) on and below the diagonal, 0 above. In place, with the
+  // powers read forwards so the loop vectorises; no C x C mask (the parallel form has C = T).
   void causal(T* A, int64_t L) const {
     for (int64_t i = 0; i < L; ++i) {
       T* row = A + i * L;
-      for (int64_t j = 0; j <= i; ++j) row[j] *= static_cast<T>(pow[i - j]);
+      const T* m = rev.data() + (C - i);
+      for (int64_t j = 0; j <= i; ++j) row[j] *= m[j];
       std::fill(row + i + 1, row + L, T(0));
     }
   }
   // dst[i, :] = src[i, :] * gamma^(i+1) (weight of the incoming state for row i), [L, n].
-  template <typename T>
   void by_query_decay(const T* src, int64_t L, int64_t n, T* dst) const {
     for (int64_t i = 0; i < L; ++i) scale_row(src + i * n, n, pow[i + 1], dst + i * n);
   }
   // dst[j, :] = src[j, :] * gamma^(L-1-j) (weight of row j in the outgoing state), [L, n].
-  template <typename T>
   void by_key_decay(const T* src, int64_t L, int64_t n, T* dst) const {
     for (int64_t j = 0; j < L; ++j) scale_row(src + j * n, n, pow[L - 1 - j], dst + j * n);
   }
   // S <- gamma^L S, as S - (1 - gamma^L) S.
-  template <typename T>
   void decay_state(T* S, int64_t n, int64_t L) const {
     const T a = static_cast<T>(one_minus_chunk_decay(L));
     for (int64_t e = 0; e < n; ++e) S[e] = S[e] - a * S[e];
   }
 
  private:
-  template <typename T>
   static void scale_row(const T* src, int64_t n, double w, T* dst) {
     const T f = static_cast<T>(w);
     for (int64_t e = 0; e < n; ++e) dst[e] = src[e] * f;
@@ -110,7 +111,13 @@ void load_rows(const at::Tensor& x, int64_t t0, int64_t rows, acc_t* out) {
   const int64_t d = x.size(1), rs = x.stride(0), cs = x.stride(1);
   const scalar_t* p = x.data_ptr<scalar_t>() + t0 * rs;
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < d; ++j) out[r * d + j] = static_cast<acc_t>(p[r * rs + j * cs]);
+    const scalar_t* src = p + r * rs;
+    acc_t* dst = out + r * d;
+    if (cs == 1) {  // the usual [B, T, H, d] layout: a vectorised copy per row
+      for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<acc_t>(src[j]);
+    } else {
+      for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<acc_t>(src[j * cs]);
+    }
   }
 }
 
@@ -120,7 +127,13 @@ void store_rows(const acc_t* in, int64_t t0, int64_t rows, const at::Tensor& x) 
   const int64_t d = x.size(1), rs = x.stride(0), cs = x.stride(1);
   scalar_t* p = x.data_ptr<scalar_t>() + t0 * rs;
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < d; ++j) p[r * rs + j * cs] = static_cast<scalar_t>(in[r * d + j]);
+    const acc_t* src = in + r * d;
+    scalar_t* dst = p + r * rs;
+    if (cs == 1) {
+      for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+    } else {
+      for (int64_t j = 0; j < d; ++j) dst[j * cs] = static_cast<scalar_t>(src[j]);
+    }
   }
 }
 
@@ -130,7 +143,10 @@ template <typename acc_t>
 struct ChunkBuffers {
   std::vector<acc_t> Q, K, V, dO, A, dA, Tk, Tv, Rk, Rv;
   std::vector<acc_t> dU;  // fused backward: cotangent of the raw retention rows, [len, dv]
-  RotaryTable::Angles angles;
+  // Backward: the masked scores (fused layer) and score gradients of every chunk of one
+  // (sequence, head), kept from the forward sweep for the reverse one, [chunks, C, C].
+  std::vector<acc_t> A_kept, dA_kept;
+  RotaryTable::Angles<acc_t> angles;
 
   ChunkBuffers(int64_t C, int64_t dk, int64_t dv)
       : Q(C * dk), K(C * dk), V(C * dv), dO(C * dv), A(C * C), dA(C * C), Tk(C * dk),
@@ -197,7 +213,7 @@ void chunk_forward_impl(const Dims& d, const Layer& L, const at::Tensor& q, cons
       auto q_sh = rows_of(q, seq, h), k_sh = rows_of(k, seq, h), v_sh = rows_of(v, seq, h);
       auto y_sh = rows_of(y, seq, h);
       acc_t* S = state.select(0, s).select(0, h).data_ptr<acc_t>();  // [dk, dv], contiguous
-      const ChunkDecay dec(log_gamma[h], C);
+      const ChunkDecay<acc_t> dec(log_gamma[h], C);
       for (int64_t t0 = 0; t0 < seq.len; t0 += C) {
         const int64_t n = std::min(C, seq.len - t0);
         L.rotary.angles(seq.pos0 + t0, n, b.angles);
@@ -252,8 +268,17 @@ void chunk_backward_impl(const Dims& d, const Layer& L, const at::Tensor& grad_y
       auto q_sh = rows_of(q, seq, h), k_sh = rows_of(k, seq, h), v_sh = rows_of(v, seq, h);
       auto dy_sh = rows_of(grad_y, seq, h);
       auto dq_sh = rows_of(dq, seq, h), dk_sh = rows_of(dk, seq, h), dv_sh = rows_of(dv, seq, h);
-      const ChunkDecay dec(log_gamma[h], C);
+      const ChunkDecay<acc_t> dec(log_gamma[h], C);
       if (fused) b.dU.resize(seq.len * d.dv);
+      // With one chunk (the parallel form, short sequences) the live buffers are the history.
+      const int64_t n_chunks = (seq.len + C - 1) / C;
+      const bool keep = n_chunks > 1;
+      if (keep) {
+        b.dA_kept.resize(n_chunks * C * C);
+        if (fused) b.A_kept.resize(n_chunks * C * C);
+      }
+      auto A_of = [&](int64_t c) { return keep && fused ? b.A_kept.data() + c * C * C : b.A.data(); };
+      auto dA_of = [&](int64_t c) { return keep ? b.dA_kept.data() + c * C * C : b.dA.data(); };
       // dO rows of a chunk: dU (fused, computed in the forward sweep) or grad_y itself.
       auto chunk_dO = [&](int64_t t0, int64_t n) -> const acc_t* {
         if (fused) return b.dU.data() + t0 * d.dv;
@@ -273,14 +298,14 @@ void chunk_backward_impl(const Dims& d, const Layer& L, const at::Tensor& grad_y
           // The raw rows again (cheaper than keeping them from the forward pass in memory), then
           // the epilogue backward row by row into dU.
           b.template load_qk<scalar_t>(L, q_sh, t0, n, scale, b.Q);
-          gemm<acc_t>(false, true, n, n, d.dk, 1, b.Q.data(), d.dk, b.K.data(), d.dk, 0,
-                      b.A.data(), n);
-          dec.causal(b.A.data(), n);
+          acc_t* A = A_of(t0 / C);
+          gemm<acc_t>(false, true, n, n, d.dk, 1, b.Q.data(), d.dk, b.K.data(), d.dk, 0, A, n);
+          dec.causal(A, n);
           dec.by_query_decay(b.Q.data(), n, d.dk, b.Tk.data());
           gemm<acc_t>(false, false, n, d.dv, d.dk, 1, b.Tk.data(), d.dk, S.data(), d.dv, 0,
                       b.Rv.data(), d.dv);
-          gemm<acc_t>(false, false, n, d.dv, n, 1, b.A.data(), n, b.V.data(), d.dv, 1,
-                      b.Rv.data(), d.dv);
+          gemm<acc_t>(false, false, n, d.dv, n, 1, A, n, b.V.data(), d.dv, 1, b.Rv.data(),
+                      d.dv);
           const acc_t* w = L.weight.defined() ? L.weight.data_ptr<acc_t>() : nullptr;
           auto g_sh = L.g.defined() ? rows_of(L.g, seq, h) : at::Tensor();
           auto dg_sh = L.g.defined() ? rows_of(dg, seq, h) : at::Tensor();
@@ -299,10 +324,10 @@ void chunk_backward_impl(const Dims& d, const Layer& L, const at::Tensor& grad_y
           }
         }
         const acc_t* dO = chunk_dO(t0, n);
-        gemm<acc_t>(false, true, n, n, d.dv, 1, dO, d.dv, b.V.data(), d.dv, 0, b.dA.data(), n);
-        dec.causal(b.dA.data(), n);
-        gemm<acc_t>(false, false, n, d.dk, n, 1, b.dA.data(), n, b.K.data(), d.dk, 0,
-                    b.Rk.data(), d.dk);
+        acc_t* dA = dA_of(t0 / C);
+        gemm<acc_t>(false, true, n, n, d.dv, 1, dO, d.dv, b.V.data(), d.dv, 0, dA, n);
+        dec.causal(dA, n);
+        gemm<acc_t>(false, false, n, d.dk, n, 1, dA, n, b.K.data(), d.dk, 0, b.Rk.data(), d.dk);
         dec.by_query_decay(dO, n, d.dv, b.Tv.data());
         gemm<acc_t>(false, true, n, d.dk, d.dv, 1, b.Tv.data(), d.dv, S.data(), d.dv, 1,
                     b.Rk.data(), d.dk);
@@ -323,7 +348,6 @@ void chunk_backward_impl(const Dims& d, const Layer& L, const at::Tensor& grad_y
       } else {
         std::fill(S.begin(), S.end(), acc_t(0));
       }
-      const int64_t n_chunks = (seq.len + C - 1) / C;
       for (int64_t c = n_chunks - 1; c >= 0; --c) {
         const int64_t t0 = c * C, n = std::min(C, seq.len - t0);
         L.rotary.angles(seq.pos0 + t0, n, b.angles);
@@ -331,21 +355,22 @@ void chunk_backward_impl(const Dims& d, const Layer& L, const at::Tensor& grad_y
         b.template load_qk<scalar_t>(L, k_sh, t0, n, 1.0, b.K);
         load_rows<scalar_t>(v_sh, t0, n, b.V.data());
         const acc_t* dO = chunk_dO(t0, n);
-        gemm<acc_t>(false, true, n, n, d.dk, 1, b.Q.data(), d.dk, b.K.data(), d.dk, 0,
-                    b.A.data(), n);
-        dec.causal(b.A.data(), n);
-        gemm<acc_t>(false, true, n, n, d.dv, 1, dO, d.dv, b.V.data(), d.dv, 0, b.dA.data(), n);
-        dec.causal(b.dA.data(), n);
+        const acc_t* A = A_of(c);
+        const acc_t* dA = dA_of(c);
+        if (!fused) {  // the raw backward's forward sweep had no use for the scores
+          gemm<acc_t>(false, true, n, n, d.dk, 1, b.Q.data(), d.dk, b.K.data(), d.dk, 0,
+                      b.A.data(), n);
+          dec.causal(b.A.data(), n);
+        }
         // dK
-        gemm<acc_t>(true, false, n, d.dk, n, 1, b.dA.data(), n, b.Q.data(), d.dk, 0,
-                    b.Rk.data(), d.dk);
+        gemm<acc_t>(true, false, n, d.dk, n, 1, dA, n, b.Q.data(), d.dk, 0, b.Rk.data(), d.dk);
         dec.by_key_decay(b.V.data(), n, d.dv, b.Tv.data());
         gemm<acc_t>(false, true, n, d.dk, d.dv, 1, b.Tv.data(), d.dv, S.data(), d.dv, 1,
                     b.Rk.data(), d.dk);
         L.rotary.rotate(b.Rk.data(), d.dk, n, b.angles, 0, true);
         store_rows<scalar_t>(b.Rk.data(), t0, n, dk_sh);
         // dV
-        gemm<acc_t>(true, false, n, d.dv, n, 1, b.A.data(), n, dO, d.dv, 0, b.Rv.data(), d.dv);
+        gemm<acc_t>(true, false, n, d.dv, n, 1, A, n, dO, d.dv, 0, b.Rv.data(), d.dv);
         dec.by_key_decay(b.K.data(), n, d.dk, b.Tk.data());
         gemm<acc_t>(false, false, n, d.dv, d.dk, 1, b.Tk.data(), d.dk, S.data(), d.dv, 1,
                     b.Rv.data(), d.dv);
