@@ -142,8 +142,12 @@ def test_decode_with_cache_matches_full_forward(tmp_path, device):
     ids = _ids(cfg["vocab_size"], 2, 30).to(device)
     with torch.no_grad():
         full = model(ids).logits
-        out = model(ids[:, :20], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
+        out = model(ids[:, :12], use_cache=True)
+        steps = [out.logits]
+        # a second prefill chunk continues from the state at position 12 (chunk form, offsets)
+        out = model(ids[:, 12:20], past_key_values=out.past_key_values, use_cache=True)
+        cache = out.past_key_values
+        steps.append(out.logits)
         for t in range(20, 30):   # one fused recurrent step per token
             out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
             cache = out.past_key_values
