@@ -178,12 +178,24 @@ inline double decay_normaliser(double log_gamma, int64_t p) {
 // Per-row epilogue y = silu(g) * RMSNorm(a * u) * w (each part optional), in the accumulation
 // type acc_t; statistics over the dv values of one (token, head).
 struct Epilogue {
+  static constexpr int64_t kBlock = 64;  // values per pass of the gate's loops (stack buffers)
+
   bool decay_norm = false;
   bool norm = false;
   double eps = 0.0;
   bool gate = false;
 
   bool identity() const { return !decay_norm && !norm && !gate; }
+
+  // n values at stride `stride` in the accumulation type.
+  template <typename scalar_t, typename acc_t>
+  static void load_block(const scalar_t* x, int64_t stride, int64_t n, acc_t* out) {
+    if (stride == 1) {
+      for (int64_t j = 0; j < n; ++j) out[j] = static_cast<acc_t>(x[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) out[j] = static_cast<acc_t>(x[j * stride]);
+    }
+  }
 
   // u: the raw retention row (overwritten); g, y: rows with element stride gs, ys; w: [dv] or null.
   template <typename scalar_t, typename acc_t>
@@ -198,12 +210,20 @@ struct Epilogue {
       for (int64_t j = 0; j < dv; ++j) u[j] *= w ? r * w[j] : r;
     }
     if (gate) {
-      for (int64_t j = 0; j < dv; ++j) {
-        const acc_t gj = static_cast<acc_t>(g[j * gs]);
-        u[j] *= gj / (acc_t(1) + std::exp(-gj));
+      acc_t gb[kBlock], eb[kBlock];
+      for (int64_t j0 = 0; j0 < dv; j0 += kBlock) {
+        const int64_t n = std::min(kBlock, dv - j0);
+        load_block(g + j0 * gs, gs, n, gb);
+        // exp() on its own, so the loop of divides below vectorises.
+        for (int64_t j = 0; j < n; ++j) eb[j] = std::exp(-gb[j]);
+        for (int64_t j = 0; j < n; ++j) u[j0 + j] *= gb[j] / (acc_t(1) + eb[j]);
       }
     }
-    for (int64_t j = 0; j < dv; ++j) y[j * ys] = static_cast<scalar_t>(u[j]);
+    if (ys == 1) {
+      for (int64_t j = 0; j < dv; ++j) y[j] = static_cast<scalar_t>(u[j]);
+    } else {
+      for (int64_t j = 0; j < dv; ++j) y[j * ys] = static_cast<scalar_t>(u[j]);
+    }
   }
 
   // Gradient of forward() w.r.t. u (written to du), g (dg row) and w (accumulated into dw),
@@ -220,20 +240,28 @@ struct Epilogue {
       r = acc_t(1) / std::sqrt(ss / acc_t(dv) + static_cast<acc_t>(eps));
     }
     for (int64_t j = 0; j < dv; ++j) nhat[j] = a * u[j] * r;  // normalised, before the weight
-    for (int64_t j = 0; j < dv; ++j) {
-      acc_t dz = static_cast<acc_t>(dy[j * dys]);
+    for (int64_t j0 = 0; j0 < dv; j0 += kBlock) {
+      const int64_t n = std::min(kBlock, dv - j0);
+      acc_t dz[kBlock], gb[kBlock], sig[kBlock];
+      load_block(dy + j0 * dys, dys, n, dz);
       if (gate) {
-        const acc_t gj = static_cast<acc_t>(g[j * gs]);
-        const acc_t sig = acc_t(1) / (acc_t(1) + std::exp(-gj));
-        const acc_t z = (norm && w) ? nhat[j] * w[j] : nhat[j];
-        dg[j * dgs] = static_cast<scalar_t>(dz * z * sig * (acc_t(1) + gj * (acc_t(1) - sig)));
-        dz *= gj * sig;
+        load_block(g + j0 * gs, gs, n, gb);
+        for (int64_t j = 0; j < n; ++j) sig[j] = std::exp(-gb[j]);  // alone, as in forward()
+        for (int64_t j = 0; j < n; ++j) sig[j] = acc_t(1) / (acc_t(1) + sig[j]);
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t z = (norm && w) ? nhat[j0 + j] * w[j0 + j] : nhat[j0 + j];
+          dg[(j0 + j) * dgs] =
+              static_cast<scalar_t>(dz[j] * z * sig[j] * (acc_t(1) + gb[j] * (acc_t(1) - sig[j])));
+          dz[j] *= gb[j] * sig[j];
+        }
       }
       if (norm && w) {
-        dw[j] += dz * nhat[j];
-        dz *= w[j];
+        for (int64_t j = 0; j < n; ++j) {
+          dw[j0 + j] += dz[j] * nhat[j0 + j];
+          dz[j] *= w[j0 + j];
+        }
       }
-      du[j] = dz;  // gradient w.r.t. the normalised row
+      for (int64_t j = 0; j < n; ++j) du[j0 + j] = dz[j];  // gradient w.r.t. the normalised row
     }
     if (norm) {
       acc_t m = 0;
