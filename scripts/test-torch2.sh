@@ -27,9 +27,16 @@ targets=()
 for t in "$@"; do targets+=("$ROOT/tests/python/$t"); done
 [ ${#targets[@]} -gt 0 ] || targets=("$ROOT/tests/python")
 key=$(sha256sum "$req" | cut -c1-12)
-cache=${RETENTION_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/retention}/torch2-$key
+base=${RETENTION_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/retention}
+cache=$base/torch2-$key
 venv=$cache/venv
 wheels=$cache/wheels
+# Wheels an earlier requirements set already downloaded (torch alone is ~3 GB) are taken from
+# there: a changed pin downloads only what changed.
+known=()
+for w in "$base"/torch2-*/wheels; do
+  [ -d "$w" ] && [ "$w" != "$wheels" ] && known+=(--find-links "$w")
+done
 py=$venv/bin/python
 
 healthy() {
@@ -46,7 +53,7 @@ else
   # interrupted environment is rebuilt without downloading again.
   t0=$(date +%s)
   /usr/bin/python3 -m venv "$venv"
-  "$py" -m pip download -q --disable-pip-version-check -d "$wheels" -r "$req"
+  "$py" -m pip download -q --disable-pip-version-check -d "$wheels" "${known[@]}" -r "$req"
   echo "   wheels: $(du -sh "$wheels" | cut -f1) ($(($(date +%s) - t0)) s)"
   "$py" -m pip install -q --disable-pip-version-check --no-index --find-links "$wheels" -r "$req"
   touch "$venv/.complete"

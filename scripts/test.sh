@@ -56,6 +56,12 @@ PYTHONPATH=python "$PYTHON" bench/fused_layer.py --quick --out "$fl_out"
 test -s "$(ls "$fl_out"/fused_layer_*.md)"
 rm -rf "$fl_out"
 
+stage "CPU retention benchmark, quick mode (runs and writes valid output; timings not asserted)"
+cr_out=$(mktemp -d)
+PYTHONPATH=python "$PYTHON" bench/cpu_retention.py --quick --out "$cr_out" >/dev/null
+grep -q "^| 48 | 40 | 100 | 2 |" "$cr_out"/cpu_retention_*.md
+rm -rf "$cr_out"
+
 stage "distributed"
 bash scripts/test-distributed.sh
 

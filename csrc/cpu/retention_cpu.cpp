@@ -639,13 +639,14 @@ msr_backward_cpu(const at::Tensor& grad_y, const OptTensor& grad_final_state, co
   auto dv = at::empty_like(v, at::MemoryFormat::Contiguous);
   const auto L = make_layer(d, q, g, cu_seqlens, offsets, rotary, norm, norm_weight, eps,
                             decay_norm, /*token_loop=*/false);
-  // Rows outside every packed sequence (none when cu_seqlens covers T) get zero gradients.
+  auto dg = has(g) ? at::empty_like(*g, at::MemoryFormat::Contiguous) : at::Tensor();
+  // The kernel writes every row of every sequence; rows outside every packed sequence (none
+  // when cu_seqlens covers T) get zero gradients.
   if (has(cu_seqlens)) {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
+    for (auto* t : {&dq, &dk, &dv, &dg}) {
+      if (t->defined()) t->zero_();
+    }
   }
-  auto dg = has(g) ? at::zeros_like(*g, at::MemoryFormat::Contiguous) : at::Tensor();
   auto S0 = new_state(m.N, d, q, initial_state);
   auto dS0 = at::empty_like(S0);
   auto dw_partial = L.weight.defined() ? at::zeros({m.N * d.H, d.dv}, S0.options()) : at::Tensor();
