@@ -44,7 +44,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import functional as _F
+from . import functional as rf
+from .nn import MultiScaleRetention
 
 __all__ = [
     "SliceLayout",
@@ -55,8 +56,6 @@ __all__ = [
     "slice_bounds",
     "local_slice",
 ]
-
-_ops = torch.ops.retention
 
 
 def _group_rank_size(group):
@@ -143,12 +142,8 @@ class _RawCore:
         self.form, self.log_decay, self.scale, self.chunk_size = form, log_decay, scale, chunk_size
 
     def forward(self, inputs, s_in, start):
-        q, k, v = inputs
-        if self.form == "chunk":
-            return _ops.chunk_forward(q, k, v, self.log_decay, self.scale, self.chunk_size, s_in)
-        if self.form == "parallel":
-            return _ops.parallel_forward(q, k, v, self.log_decay, self.scale, s_in)
-        return _ops.recurrent_forward(q, k, v, self.log_decay, self.scale, s_in)
+        return rf.retention(*inputs, self.log_decay, form=self.form, scale=self.scale,
+                            chunk_size=self.chunk_size, initial_state=s_in, output_final_state=True)
 
     def _position_decay(self, q, dtype):
         """g_h^(n+1) for local positions n: [1, L, H, 1]."""
@@ -174,34 +169,24 @@ class _RawCore:
 
     def backward(self, grad_out, grad_final, inputs, s_in, start):
         q, k, v = inputs
+        args = dict(grad_o=grad_out, grad_final_state=grad_final, q=q, k=k, v=v,
+                    log_decay=self.log_decay, scale=self.scale, initial_state=s_in)
         if self.form == "parallel":
-            dq, dk, dv, _ = _ops.parallel_backward(grad_out, grad_final, q, k, v, self.log_decay,
-                                                   self.scale, s_in)
-        else:  # the recurrent scan's gradient is the chunk form's (as in the op's own autograd)
-            dq, dk, dv, _ = _ops.chunk_backward(grad_out, grad_final, q, k, v, self.log_decay,
-                                                self.scale, self.chunk_size, s_in)
-        return dq, dk, dv
+            return rf.call_op("parallel_backward", **args)[:3]
+        # the recurrent scan's gradient is the chunk form's (as in the op's own autograd)
+        return rf.call_op("chunk_backward", chunk_size=self.chunk_size, **args)[:3]
 
 
 class _MsrCore:
-    """The fused layer core (rotation at absolute positions, norm, gate): inputs q, k, v and
-    optionally g and norm_weight.  Its epilogue is not linear in the state, so the outputs are
-    recomputed with S_in and the state gradient needs one backward pass of its own."""
+    """The fused layer core (rotation at absolute positions, norm, gate): inputs q, k, v, g and
+    norm_weight (g and norm_weight may be None).  Its epilogue is not linear in the state, so the
+    outputs are recomputed with S_in and the state gradient needs one backward pass of its own."""
 
     linear_in_state = False
 
-    def __init__(self, log_decay, scale, form, chunk_size, offsets, rotary, norm, eps, decay_norm,
-                 has_g, has_norm_weight):
-        self.log_decay, self.scale, self.form, self.chunk_size = log_decay, scale, form, chunk_size
-        self.base_offsets, self.rotary, self.norm, self.eps = offsets, rotary, norm, eps
-        self.decay_norm, self.has_g, self.has_norm_weight = decay_norm, has_g, has_norm_weight
-
-    def _unpack(self, inputs):
-        q, k, v = inputs[:3]
-        rest = list(inputs[3:])
-        g = rest.pop(0) if self.has_g else None
-        nw = rest.pop(0) if self.has_norm_weight else None
-        return q, k, v, g, nw
+    def __init__(self, log_decay, form, offsets, options):
+        self.log_decay, self.form, self.base_offsets = log_decay, form, offsets
+        self.options = options  # the op arguments that are the same in every call
 
     def _offsets(self, q, start):
         base = self.base_offsets
@@ -210,18 +195,18 @@ class _MsrCore:
         return base + start
 
     def forward(self, inputs, s_in, start):
-        q, k, v, g, nw = self._unpack(inputs)
-        return _ops.msr_forward(q, k, v, g, self.log_decay, self.scale, self.form, self.chunk_size,
-                                s_in, self._offsets(q, start), None, self.rotary, self.norm, nw,
-                                self.eps, self.decay_norm)
+        q, k, v, g, nw = inputs
+        return rf.call_op("msr_forward", q=q, k=k, v=v, g=g, log_decay=self.log_decay, form=self.form,
+                          initial_state=s_in, offsets=self._offsets(q, start), cu_seqlens=None,
+                          norm_weight=nw, **self.options)
 
     def _grads(self, grad_out, grad_final, inputs, s_in, start):
-        q, k, v, g, nw = self._unpack(inputs)
-        dq, dk, dv, dg, d_init, dnw = _ops.msr_backward(
-            grad_out, grad_final, q, k, v, g, self.log_decay, self.scale, self.chunk_size, s_in,
-            self._offsets(q, start), None, self.rotary, self.norm, nw, self.eps, self.decay_norm)
-        grads = [dq, dk, dv] + ([dg] if self.has_g else []) + ([dnw] if self.has_norm_weight else [])
-        return grads, d_init
+        q, k, v, g, nw = inputs
+        dq, dk, dv, dg, d_init, dnw = rf.call_op(
+            "msr_backward", grad_y=grad_out, grad_final_state=grad_final, q=q, k=k, v=v, g=g,
+            log_decay=self.log_decay, initial_state=s_in, offsets=self._offsets(q, start),
+            cu_seqlens=None, norm_weight=nw, **self.options)
+        return [dq, dk, dv, None if g is None else dg, None if nw is None else dnw], d_init
 
     def initial_grad(self, grad_out, inputs, s_in, start):
         grads, d_init = self._grads(grad_out, None, inputs, s_in, start)
@@ -304,11 +289,12 @@ class _ContextParallel(torch.autograd.Function):
 
 
 def _check_not_packed(cu_seqlens):
-    if cu_seqlens is not None:
+    if cu_seqlens is not None:  # (the layers pack an attention_mask's batch into cu_seqlens)
         raise ValueError(
-            "context parallel: packed sequences (cu_seqlens) are not supported: a sequence that "
-            "crosses a slice boundary would need its own state hand-over; split packed batches "
-            "by sequence across ranks (data parallel) instead")
+            "context parallel: packed or padded sequences (cu_seqlens, attention_mask) are not "
+            "supported: a sequence that crosses a slice boundary would need its own state "
+            "hand-over; pass unpadded sequences of equal length, or split packed batches by "
+            "sequence across ranks (data parallel) instead")
 
 
 def _run(core, group, inputs, initial_state, output_final_state, shape_key):
@@ -338,11 +324,9 @@ def context_parallel_retention(q, k, v, log_decay, *, group=None, form="chunk", 
     replicated on every rank.  Every rank must call it (and run the backward) together.
     """
     _check_not_packed(cu_seqlens)
-    if form not in ("chunk", "parallel", "recurrent"):
-        raise ValueError(f"form must be 'chunk', 'parallel' or 'recurrent', got {form!r}")
-    core = _RawCore(form, log_decay, _F._scale(q, scale), int(chunk_size))
-    out, final, _ = _run(core, group, (q, k, v), initial_state, output_final_state,
-                         [_F._FORM_CODES[form], int(chunk_size)])
+    shape_key = [rf.form_code(form), int(chunk_size)]
+    core = _RawCore(form, log_decay, rf.resolve_scale(q, scale), int(chunk_size))
+    out, final, _ = _run(core, group, (q, k, v), initial_state, output_final_state, shape_key)
     return (out, final) if output_final_state else out
 
 
@@ -358,18 +342,16 @@ def context_parallel_msr(q, k, v, g, log_decay, *, group=None, form="chunk", sca
     the group).  See ``context_parallel_retention`` for the other conventions.
     """
     _check_not_packed(cu_seqlens)
-    if form not in _F._FORM_CODES:
-        raise ValueError(f"form must be one of {sorted(_F._FORM_CODES)}, got {form!r}")
+    shape_key = [rf.form_code(form), int(chunk_size), rf.rotary_code(rotary), int(bool(norm)),
+                 int(bool(decay_norm)), int(g is not None), int(norm_weight is not None)]
     if offsets is not None:
         offsets = torch.as_tensor(offsets, dtype=torch.int64, device=q.device).reshape(-1)
         offsets = offsets.expand(q.shape[0]) if offsets.numel() == 1 else offsets
-    core = _MsrCore(log_decay, _F._scale(q, scale), _F._FORM_CODES[form], int(chunk_size), offsets,
-                    _F._rotary_code(rotary), bool(norm), float(eps), bool(decay_norm),
-                    g is not None, norm_weight is not None)
-    inputs = (q, k, v) + ((g,) if g is not None else ()) + ((norm_weight,) if norm_weight is not None else ())
-    shape_key = [_F._FORM_CODES[form], int(chunk_size), core.rotary, int(core.norm), int(core.decay_norm),
-                 int(g is not None), int(norm_weight is not None)]
-    out, final, layout = _run(core, group, inputs, initial_state, output_final_state, shape_key)
+    options = dict(scale=rf.resolve_scale(q, scale), chunk_size=chunk_size, rotary=rotary, norm=norm,
+                   eps=eps, decay_norm=decay_norm)
+    core = _MsrCore(log_decay, form, offsets, options)
+    out, final, layout = _run(core, group, (q, k, v, g, norm_weight), initial_state,
+                              output_final_state, shape_key)
     if _return_layout:
         return out, final, layout
     return (out, final) if output_final_state else out
@@ -377,37 +359,6 @@ def context_parallel_msr(q, k, v, g, log_decay, *, group=None, form="chunk", sca
 
 # ---------------------------------------------------------------------------------------------
 # Layers
-
-def msr_layer_forward(module, x, form="chunk", state=None, chunk_size=None, cu_seqlens=None,
-                      attention_mask=None):
-    """Context-parallel forward of a ``retention.nn.MultiScaleRetention`` (its forward calls this
-    when ``module.context_parallel_group`` is set): x is this rank's slice [B, L_r, D]; the
-    returned state is the replicated state after the whole sequence."""
-    from .nn import RetentionState, _FORMS, _clone_offset
-
-    _check_not_packed(cu_seqlens)
-    if attention_mask is not None:
-        raise ValueError("context parallel: attention_mask (padded batches) is not supported; "
-                         "pass unpadded sequences of equal length")
-    if not module.fused:
-        raise ValueError("context parallel needs the fused layer (gate_fn 'swish', fused=True)")
-    if form not in _FORMS:
-        raise ValueError(f"form must be 'parallel', 'chunk' or 'recurrent', got {form!r}")
-    B, L, _ = x.shape
-    init, offset = module._check_state(state, B)
-    q, k, v, g = module._project(x)
-    offsets = state.offsets() if state is not None else None
-    y, final, layout = context_parallel_msr(
-        q, k, v, g, module.log_decay, form=_FORMS[form],
-        group=None if module.context_parallel_group is WORLD else module.context_parallel_group,
-        chunk_size=int(chunk_size if chunk_size is not None else module.chunk_size),
-        initial_state=init, offsets=offsets, output_final_state=True, _return_layout=True,
-        **module._fused_options())
-    out = module.out_proj(y.reshape(B, L, module.value_dim))
-    new_state = RetentionState(final, _clone_offset(offset))
-    new_state.advance(layout.total)
-    return out, new_state
-
 
 class _DefaultGroup:
     """The default (world) group, looked up at each call. A layer never holds the default group
@@ -421,6 +372,25 @@ class _DefaultGroup:
 WORLD = _DefaultGroup()
 
 
+class _ContextParallelCore:
+    """A ``MultiScaleRetention.core``: ``context_parallel_msr`` over ``group`` (``WORLD`` or a
+    group).  The layer's input is this rank's slice; the call covers the whole sequence, whose
+    length it returns with the replicated final state."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, q, k, v, g, log_decay, *, output_final_state=False, **kwargs):
+        group = None if self.group is WORLD else self.group
+        y, final, layout = context_parallel_msr(q, k, v, g, log_decay, group=group,
+                                                output_final_state=output_final_state,
+                                                _return_layout=True, **kwargs)
+        return (y, final, layout.total) if output_final_state else y
+
+    def __repr__(self):
+        return f"context_parallel_msr(group={self.group!r})"
+
+
 def enable_context_parallel(model: torch.nn.Module, group=None) -> torch.nn.Module:
     """Make every ``MultiScaleRetention`` in ``model`` (e.g. a ``RetNet``) context parallel over
     ``group`` (default: the whole world, looked up at each call); ``group=False`` turns it off.
@@ -428,16 +398,16 @@ def enable_context_parallel(model: torch.nn.Module, group=None) -> torch.nn.Modu
 
     Each rank then feeds its slice of the sequence (``local_slice``) and gets the logits of its
     slice; sum the parameter gradients over the group (``all_reduce_gradients``). The layers hold
-    an explicit ``group`` until it is turned off: do that before ``destroy_process_group``."""
-    from .nn import MultiScaleRetention
-
+    an explicit ``group`` until it is turned off: do that before ``destroy_process_group``.
+    Packed or padded batches (``cu_seqlens``, ``attention_mask``) and unfused layers are
+    refused; ``step`` (decoding) stays local to each rank."""
     if group is None and not dist.is_initialized():
         raise RuntimeError("enable_context_parallel: call torch.distributed.init_process_group "
                            "first (or pass a group)")
-    value = None if group is False else (WORLD if group is None else group)
+    core = rf.msr if group is False else _ContextParallelCore(WORLD if group is None else group)
     for m in model.modules():
         if isinstance(m, MultiScaleRetention):
-            m.context_parallel_group = value
+            m.core = core
     return model
 
 

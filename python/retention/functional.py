@@ -14,22 +14,58 @@ import math
 import torch
 
 _ops = torch.ops.retention
-
-
-def _scale(q, scale):
-    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-
-
 _FORM_CODES = {"chunk": 0, "parallel": 1, "recurrent": 2}
 _ROTARY_CODES = {None: 0, "none": 0, "torchscale": 1, "neox": 2}
 
 
-def _raw_varlen(form, q, k, v, log_decay, scale, chunk_size, initial_state, cu_seqlens,
-                output_final_state):
-    """Raw retention of packed sequences: the fused op with nothing around the retention."""
-    o, state = _ops.msr_forward(q, k, v, None, log_decay, _scale(q, scale), _FORM_CODES[form],
-                                int(chunk_size), initial_state, None, cu_seqlens, 0, False, None,
-                                0.0, False)
+def resolve_scale(q, scale=None):
+    """The ops' ``scale``: ``scale``, or ``dk ** -0.5`` (dk = ``q.shape[-1]``) when None."""
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def form_code(form):
+    """The op schemas' code of a form: "chunk" 0, "parallel" 1, "recurrent" 2."""
+    if form not in _FORM_CODES:
+        raise ValueError(f"form must be one of {sorted(_FORM_CODES)}, got {form!r}")
+    return _FORM_CODES[form]
+
+
+def rotary_code(rotary):
+    """The op schemas' code of a rotation: None 0, "torchscale" 1, "neox" 2."""
+    if rotary not in _ROTARY_CODES:
+        raise ValueError(f"rotary must be 'torchscale', 'neox' or None, got {rotary!r}")
+    return _ROTARY_CODES[rotary]
+
+
+_CONVERT = {"form": form_code, "rotary": rotary_code, "chunk_size": int, "eps": float,
+            "norm": bool, "decay_norm": bool}
+
+
+def call_op(name, **args):
+    """``torch.ops.retention.<name>`` called with its schema's argument names as keywords.
+
+    Every Python call of the ops goes through here.  Every argument of the schema is given
+    (None for an absent optional tensor), in Python terms: ``form`` and ``rotary`` by name,
+    ``scale=None`` for ``dk ** -0.5``; they are converted to the schema's codes and types.
+    """
+    for key, convert in _CONVERT.items():
+        if key in args:
+            args[key] = convert(args[key])
+    if "scale" in args:
+        args["scale"] = resolve_scale(args["q"], args["scale"])
+    return getattr(_ops, name)(**args)
+
+
+def _raw(form, q, k, v, log_decay, scale, chunk_size, initial_state, output_final_state,
+         cu_seqlens):
+    if cu_seqlens is not None:  # packed sequences: the fused op with nothing around the retention
+        o, state = msr(q, k, v, None, log_decay, form=form, scale=scale, chunk_size=chunk_size,
+                       rotary=None, norm=False, eps=0.0, initial_state=initial_state,
+                       cu_seqlens=cu_seqlens, output_final_state=True)
+    else:
+        extra = {"chunk_size": chunk_size} if form == "chunk" else {}
+        o, state = call_op(form + "_forward", q=q, k=k, v=v, log_decay=log_decay, scale=scale,
+                           initial_state=initial_state, **extra)
     return (o, state) if output_final_state else o
 
 
@@ -40,38 +76,22 @@ def chunk_retention(q, k, v, log_decay, *, scale=None, chunk_size=64, initial_st
     Returns ``o``, or ``(o, final_state)`` when ``output_final_state``.  ``cu_seqlens``
     (int32/int64 ``[N + 1]``, B == 1): packed sequences, states ``[N, H, dk, dv]``.
     """
-    if cu_seqlens is not None:
-        return _raw_varlen("chunk", q, k, v, log_decay, scale, chunk_size, initial_state,
-                           cu_seqlens, output_final_state)
-    o, state = _ops.chunk_forward(q, k, v, log_decay, _scale(q, scale), int(chunk_size),
-                                  initial_state)
-    return (o, state) if output_final_state else o
+    return _raw("chunk", q, k, v, log_decay, scale, chunk_size, initial_state, output_final_state,
+                cu_seqlens)
 
 
 def parallel_retention(q, k, v, log_decay, *, scale=None, initial_state=None,
                        output_final_state=False, cu_seqlens=None):
     """Parallel (quadratic) form: one T x T score matrix per head; best for short sequences."""
-    if cu_seqlens is not None:
-        return _raw_varlen("parallel", q, k, v, log_decay, scale, 64, initial_state, cu_seqlens,
-                           output_final_state)
-    o, state = _ops.parallel_forward(q, k, v, log_decay, _scale(q, scale), initial_state)
-    return (o, state) if output_final_state else o
+    return _raw("parallel", q, k, v, log_decay, scale, 64, initial_state, output_final_state,
+                cu_seqlens)
 
 
 def recurrent_retention(q, k, v, log_decay, *, scale=None, initial_state=None,
                         output_final_state=False, cu_seqlens=None):
     """Token-by-token recurrent scan (reference and short prompts); differentiable."""
-    if cu_seqlens is not None:
-        return _raw_varlen("recurrent", q, k, v, log_decay, scale, 64, initial_state, cu_seqlens,
-                           output_final_state)
-    o, state = _ops.recurrent_forward(q, k, v, log_decay, _scale(q, scale), initial_state)
-    return (o, state) if output_final_state else o
-
-
-def _rotary_code(rotary):
-    if rotary not in _ROTARY_CODES:
-        raise ValueError(f"rotary must be 'torchscale', 'neox' or None, got {rotary!r}")
-    return _ROTARY_CODES[rotary]
+    return _raw("recurrent", q, k, v, log_decay, scale, 64, initial_state, output_final_state,
+                cu_seqlens)
 
 
 def msr(q, k, v, g, log_decay, *, form="chunk", scale=None, chunk_size=64, rotary="torchscale",
@@ -92,12 +112,10 @@ def msr(q, k, v, g, log_decay, *, form="chunk", scale=None, chunk_size=64, rotar
     (dtype of q), or ``(y, final_state [N, H, dk, dv])`` when ``output_final_state``.
     Differentiable in q, k, v, g, initial_state and norm_weight.
     """
-    if form not in _FORM_CODES:
-        raise ValueError(f"form must be one of {sorted(_FORM_CODES)}, got {form!r}")
-    y, state = _ops.msr_forward(q, k, v, g, log_decay, _scale(q, scale), _FORM_CODES[form],
-                                int(chunk_size), initial_state, offsets, cu_seqlens,
-                                _rotary_code(rotary), bool(norm), norm_weight, float(eps),
-                                bool(decay_norm))
+    y, state = call_op("msr_forward", q=q, k=k, v=v, g=g, log_decay=log_decay, scale=scale,
+                       form=form, chunk_size=chunk_size, initial_state=initial_state,
+                       offsets=offsets, cu_seqlens=cu_seqlens, rotary=rotary, norm=norm,
+                       norm_weight=norm_weight, eps=eps, decay_norm=decay_norm)
     return (y, state) if output_final_state else y
 
 
@@ -108,9 +126,9 @@ def msr_step(q, k, v, g, log_decay, state, *, offsets=None, scale=None, rotary="
     ``q, k``: ``[B, H, dk]`` or ``[B, 1, H, dk]``; ``v, g`` likewise with dv.  ``state``
     ``[B, H, dk, dv]`` is updated in place; the caller advances ``offsets``.  Inference only.
     """
-    return _ops.msr_step(q, k, v, g, log_decay, _scale(q, scale), state, offsets,
-                         _rotary_code(rotary), bool(norm), norm_weight, float(eps),
-                         bool(decay_norm))
+    return call_op("msr_step", q=q, k=k, v=v, g=g, log_decay=log_decay, scale=scale, state=state,
+                   offsets=offsets, rotary=rotary, norm=norm, norm_weight=norm_weight, eps=eps,
+                   decay_norm=decay_norm)
 
 
 _FORMS = {
@@ -135,7 +153,7 @@ def recurrent_step(q, k, v, log_decay, state, *, scale=None):
     ``q, k``: ``[B, H, dk]`` or ``[B, 1, H, dk]``; ``v`` likewise with dv. Returns ``o`` in the
     layout of ``q``. Inference only.
     """
-    return _ops.recurrent_step(q, k, v, log_decay, _scale(q, scale), state)
+    return call_op("recurrent_step", q=q, k=k, v=v, log_decay=log_decay, scale=scale, state=state)
 
 
 def retnet_log_decay(num_heads, device=None):

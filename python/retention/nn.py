@@ -28,12 +28,13 @@ State / decoding semantics
 * ``RetNet`` uses the same conventions with a :class:`RetNetState` (one RetentionState per layer).
 """
 
-import importlib
 from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import functional as rf
 
 __all__ = [
     "RetentionState",
@@ -44,10 +45,6 @@ __all__ = [
     "RetNetDecoderLayer",
     "RetNet",
 ]
-
-# The package is still initialising when it imports this module (its __init__ ends with
-# `from . import nn`), so resolve the functional API lazily through the package object.
-_pkg = importlib.import_module(__package__) if __package__ else importlib.import_module("retention")
 
 _FORMS = {"parallel": "parallel", "chunk": "chunk", "chunkwise": "chunk", "recurrent": "recurrent"}
 
@@ -231,6 +228,12 @@ class MultiScaleRetention(nn.Module):
 
     decay: "retnet" (γ_h = 1-2^(-5-h)), "linspace" (paper's 1-exp(linspace(log 1/32, log 1/512, H)))
            or a tensor [H] of natural-log decays log γ_h <= 0.
+
+    core: what the fused layer runs between its projections: ``retention.msr`` or a callable with its
+          signature (``retention.distributed.enable_context_parallel`` sets the context-parallel
+          one).  Called with ``output_final_state=True``, it returns ``(y, final_state)``, or
+          ``(y, final_state, length)`` when it covers ``length`` positions of each sequence, not
+          the input's (context parallel: the whole sequence the input is a slice of).
     """
 
     def __init__(
@@ -272,9 +275,9 @@ class MultiScaleRetention(nn.Module):
 
         if isinstance(decay, str):
             if decay == "retnet":
-                ld = _pkg.retnet_log_decay(num_heads)
+                ld = rf.retnet_log_decay(num_heads)
             elif decay == "linspace":
-                ld = _pkg.linspace_log_decay(num_heads)
+                ld = rf.linspace_log_decay(num_heads)
             else:
                 raise ValueError(f"decay must be 'retnet', 'linspace' or a tensor, got {decay!r}")
         else:
@@ -288,8 +291,7 @@ class MultiScaleRetention(nn.Module):
             ld = ld.to(torch.float64 if ld.dtype == torch.float64 else torch.float32)
         self.register_buffer("log_decay", ld.to(torch.float32) if ld.dtype != torch.float64 else ld, persistent=False)
         self._angle_cache = {}
-        # A torch.distributed group when this layer is context parallel (retention.distributed).
-        self.context_parallel_group = None
+        self.core = rf.msr
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -388,9 +390,6 @@ class MultiScaleRetention(nn.Module):
             raise ValueError(f"form must be 'parallel', 'chunk' or 'recurrent', got {form!r}")
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must have shape [B, T, {self.embed_dim}], got {list(x.shape)}")
-        if self.context_parallel_group is not None:  # x is this rank's slice of the sequence
-            from .distributed import msr_layer_forward
-            return msr_layer_forward(self, x, form, state, chunk_size, cu_seqlens, attention_mask)
         if attention_mask is not None:
             if cu_seqlens is not None:
                 raise ValueError("pass either cu_seqlens or attention_mask, not both")
@@ -400,27 +399,29 @@ class MultiScaleRetention(nn.Module):
         init, offset = self._check_state(state, N)
         q, k, v, g = self._project(x)
         chunk = int(chunk_size if chunk_size is not None else self.chunk_size)
+        length = T if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         if self.fused:
-            offsets = None
-            if isinstance(offset, Tensor) or offset != 0:
-                offsets = state.offsets()
-            y, final_state = _pkg.msr(q, k, v, g, self.log_decay, form=_FORMS[form], chunk_size=chunk,
-                                      initial_state=init, offsets=offsets, cu_seqlens=cu_seqlens,
-                                      output_final_state=True, **self._fused_options())
+            offsets = state.offsets() if isinstance(offset, Tensor) or offset != 0 else None
+            res = self.core(q, k, v, g, self.log_decay, form=_FORMS[form], chunk_size=chunk,
+                            initial_state=init, offsets=offsets, cu_seqlens=cu_seqlens,
+                            output_final_state=True, **self._fused_options())
+            y, final_state = res[:2]
+            length = res[2] if len(res) > 2 else length
             out = self.out_proj(y.reshape(B, T, self.value_dim))
         else:
+            if self.core is not rf.msr:
+                raise ValueError(f"the retention core {self.core!r} needs the fused layer (fused=True and "
+                                 f"gate_fn 'swish'), this one has fused=False or gate_fn={self.gate_fn!r}")
             if cu_seqlens is not None:
                 raise ValueError(f"cu_seqlens needs the fused layer (gate_fn 'swish'), this one has gate_fn={self.gate_fn!r}")
             positions = torch.arange(T, device=x.device, dtype=torch.float64)
             positions = positions + (offset.to(x.device, torch.float64)[:, None] if isinstance(offset, Tensor) else offset)
-            kwargs = dict(scale=1.0, initial_state=init, output_final_state=True)
-            if _FORMS[form] == "chunk":
-                kwargs["chunk_size"] = chunk
-            raw, final_state = _pkg.retention(self._rotate(q, positions), self._rotate(k, positions), v,
-                                              self.log_decay, form=_FORMS[form], **kwargs)
+            raw, final_state = rf.retention(self._rotate(q, positions), self._rotate(k, positions), v,
+                                            self.log_decay, form=_FORMS[form], scale=1.0, chunk_size=chunk,
+                                            initial_state=init, output_final_state=True)
             out = self.out_proj(self._finish(raw, g, positions, x.dtype))
         new_state = RetentionState(final_state, _clone_offset(offset))
-        new_state.advance(T if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]).long())
+        new_state.advance(length)
         return out, new_state
 
     def _forward_masked(self, x, attention_mask, form, state, chunk_size):
@@ -464,14 +465,14 @@ class MultiScaleRetention(nn.Module):
         state.state = S
         q, k, v, g = self._project(x)
         if self.fused:
-            y = _pkg.msr_step(q, k, v, g, self.log_decay, S, offsets=state.offsets(), **self._fused_options())
+            y = rf.msr_step(q, k, v, g, self.log_decay, S, offsets=state.offsets(), **self._fused_options())
             out = self.out_proj(y.reshape(B, 1, self.value_dim))
         else:
             off = state.offset
             positions = (off.to(x.device, torch.float64)[:, None] if isinstance(off, Tensor)
                          else torch.full((1,), float(off), dtype=torch.float64, device=x.device))
-            raw = _pkg.recurrent_step(self._rotate(q, positions), self._rotate(k, positions), v,
-                                      self.log_decay, S, scale=1.0)  # [B,1,H,dv]; S updated
+            raw = rf.recurrent_step(self._rotate(q, positions), self._rotate(k, positions), v,
+                                    self.log_decay, S, scale=1.0)  # [B,1,H,dv]; S updated
             out = self.out_proj(self._finish(raw, g, positions, x.dtype))
         state.advance(1)
         return (out[:, 0] if squeeze else out), state

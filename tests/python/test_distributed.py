@@ -256,6 +256,27 @@ def test_enable_context_parallel_needs_a_process_group():
         rd.enable_context_parallel(_small_retnet()[1])
 
 
+def test_enable_context_parallel_swaps_the_layer_core():
+    _, model = _small_retnet()
+    layer = model.layers[0].retention
+    x = torch.randn(1, 6, layer.embed_dim)
+    group = object()  # held as given; these calls are refused before anything is communicated
+    assert rd.enable_context_parallel(model, group) is model
+    cores = [m.retention.core for m in model.layers]
+    assert cores[0] is not retention.msr and all(c is cores[0] for c in cores)
+    assert cores[0].group is group
+    with pytest.raises(ValueError, match="attention_mask"):
+        layer(x, attention_mask=torch.ones(1, 6))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        layer(x, cu_seqlens=torch.tensor([0, 6]))
+    unfused = rd.enable_context_parallel(retention.nn.MultiScaleRetention(16, 16, 2, fused=False), group)
+    with pytest.raises(ValueError, match="needs the fused layer"):
+        unfused(x)
+    rd.enable_context_parallel(model, False)
+    assert all(m.retention.core is retention.msr for m in model.layers)
+    assert model(torch.randint(0, 37, (1, 6)))[1].offset == 6
+
+
 def test_mismatched_ranks_raise_on_every_rank(pool):
     res = pool.run("mismatched_shapes", 2)
     for r in res:
@@ -316,6 +337,7 @@ before = threads()
 dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
 with_group = threads()
 rd.enable_context_parallel(model)
+assert model.layers[0].retention.core.group is rd.WORLD
 logits = model(rd.local_slice(tokens))[0]
 logits.sum().backward()
 del logits  # (its graph holds the group it ran on until a training step's locals go)

@@ -150,3 +150,27 @@ def test_non_swish_gate_uses_unfused_path():
     assert y.shape == (1, 5, D)
     with pytest.raises(ValueError, match="cu_seqlens needs the fused layer"):
         m(torch.randn(1, 5, D), cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
+
+
+def test_layer_core_is_replaceable(seed):
+    import retention
+
+    m, unfused = make_pair(torch.float64)
+    assert m.core is retention.msr
+    x = torch.randn(2, 21, D, dtype=torch.float64)
+    y0, s0 = m(x, form="parallel")
+    calls = []
+
+    def core(*args, **kwargs):  # retention.msr's signature; covers 100 positions per sequence
+        calls.append(kwargs)
+        y, final = retention.msr(*args, **kwargs)
+        return y, final, 100
+
+    m.core = core
+    y1, s1 = m(x, form="parallel")
+    assert torch.equal(y0, y1) and torch.equal(s0.state, s1.state)
+    assert (s0.offset, s1.offset) == (21, 100)
+    assert calls[0]["form"] == "parallel" and calls[0]["output_final_state"] is True
+    unfused.core = core
+    with pytest.raises(ValueError, match="needs the fused layer"):
+        unfused(x)
