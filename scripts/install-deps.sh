@@ -15,6 +15,8 @@ packages=(
   hipcc libamdhip64-dev rocm-device-libs  # HIP compile checks for gfx90a
   libboost-context-dev gcovr  # host execution backend of the kernels (fibers), its coverage report
   nlohmann-json3-dev  # checkpoint metadata (csrc/model)
+  libsentencepiece-dev pkgconf  # retention-generate: FLA directories' tokenizer.model (found by pkg-config)
+  sentencepiece  # spm_train, spm_encode: the tokenizer the FLA round-trip test trains
   python3-pip unzip  # bench/gpu_prepare.sh: FLA's wheels for the GPU machine, their metadata
 )
 

@@ -27,7 +27,7 @@ configure() {  # <build dir> <sanitizer flags>
 asan_flags="-fsanitize=address,undefined -fno-sanitize=vptr -fno-sanitize-recover=all"
 echo "== sanitizers: ASan+UBSan build (library, C++ tests, Python extension)"
 configure build/asan "$asan_flags"
-cmake --build build/asan -j "$JOBS" --target retention test_api test_model test_threads
+cmake --build build/asan -j "$JOBS" --target retention test_api test_model test_fla_model test_threads
 
 # The Python extension: the module stub linked against the instrumented library (which holds
 # every op), in a copy of the package beside a copy of the tests, because tests/python/conftest.py

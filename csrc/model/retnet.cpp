@@ -4,13 +4,12 @@
 #include "retention/model.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
-#include <ctime>
 
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
+#include "model/decoding.h"
 #include "retention/safetensors.h"
 
 namespace retention {
@@ -31,12 +30,6 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
 }
 
 bool is_swish(const std::string& name) { return name == "swish" || name == "silu"; }
-
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-double cpu_seconds_since(std::clock_t c0) { return static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC; }
 
 // Parameter names of Python's RetNet with their shapes under `c`.
 std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes(const RetNetConfig& c) {
@@ -356,32 +349,9 @@ Tensor RetNet::head(const Tensor& x) const {
 
 std::pair<Tensor, RetNetState> RetNet::forward(const Tensor& tokens, const Tensor& cu_seqlens,
                                                const RetNetState* state, bool last_only) const {
-  TORCH_CHECK(tokens.dim() == 1 && !at::isFloatingType(tokens.scalar_type()),
-              "RetNet::forward: tokens must be an integer tensor [T], got ", tokens.scalar_type(),
-              " ", tokens.sizes());
-  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 2 &&
-                  (cu_seqlens.scalar_type() == at::kLong || cu_seqlens.scalar_type() == at::kInt),
-              "RetNet::forward: cu_seqlens must be int32/int64 [N + 1] with N >= 1");
-  const auto cu_cpu = cu_seqlens.to(at::kCPU, at::kLong).contiguous();
-  const int64_t* cu = cu_cpu.data_ptr<int64_t>();
-  const int64_t N = cu_cpu.numel() - 1, T = tokens.numel();
-  TORCH_CHECK(cu[0] == 0 && cu[N] == T, "RetNet::forward: cu_seqlens must start at 0 and end at T = ",
-              T, ", got ", cu[0], " ... ", cu[N]);
-  for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK(cu[i + 1] >= cu[i] + (last_only ? 1 : 0), "RetNet::forward: cu_seqlens must be ",
-                last_only ? "increasing (every sequence needs a token)" : "non-decreasing",
-                ", got cu_seqlens[", i, "] = ", cu[i], ", cu_seqlens[", i + 1, "] = ", cu[i + 1]);
-  }
-  if (T > 0) {
-    const auto lo = tokens.min().item<int64_t>(), hi = tokens.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < config_.vocab_size, "RetNet::forward: token ids must be in [0, ",
-                config_.vocab_size, "), got ", lo < 0 ? lo : hi);
-  }
-  if (state != nullptr) {
-    TORCH_CHECK(state->num_sequences() == N && state->layers.size() == layers_.size(),
-                "RetNet::forward: state holds ", state->num_sequences(), " sequences of ",
-                state->layers.size(), " layers, expected ", N, " of ", layers_.size());
-  }
+  const auto cu_cpu = detail::check_packed("RetNet::forward", tokens, cu_seqlens, config_.vocab_size,
+                                           last_only, state, layers_.size());
+  const int64_t N = cu_cpu.numel() - 1;
   const auto cu_dev = cu_cpu.to(device());
   const auto opts = msr_options();
   RetNetState next;
@@ -406,35 +376,17 @@ std::pair<Tensor, RetNetState> RetNet::forward(const Tensor& tokens, const Tenso
 }
 
 std::pair<Tensor, RetNetState> RetNet::prefill(const std::vector<std::vector<int64_t>>& prompts) const {
-  TORCH_CHECK(!prompts.empty(), "RetNet::prefill: no prompts");
-  std::vector<int64_t> flat, cu = {0};
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    TORCH_CHECK(!prompts[i].empty(), "RetNet::prefill: prompt ", i, " is empty (needs >= 1 token)");
-    flat.insert(flat.end(), prompts[i].begin(), prompts[i].end());
-    cu.push_back(static_cast<int64_t>(flat.size()));
-  }
-  return forward(at::tensor(flat, at::kLong), at::tensor(cu, at::kLong), nullptr, /*last_only=*/true);
+  const auto [tokens, cu] = detail::pack_prompts("RetNet::prefill", prompts);
+  return forward(tokens, cu, nullptr, /*last_only=*/true);
 }
 
 Tensor RetNet::step(const Tensor& tokens, RetNetState& state) const {
-  const int64_t N = state.num_sequences();
-  TORCH_CHECK(tokens.dim() == 1 && tokens.numel() == N && !at::isFloatingType(tokens.scalar_type()),
-              "RetNet::step: tokens must be an integer tensor [N] = [", N, "] (one per sequence), got ",
-              tokens.sizes());
-  TORCH_CHECK(state.layers.size() == layers_.size(), "RetNet::step: state has ", state.layers.size(),
-              " layers, the model ", layers_.size());
-  const auto ids = tokens.to(device(), at::kLong);
-  if (N > 0) {
-    const auto lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < config_.vocab_size, "RetNet::step: token ids must be in [0, ",
-                config_.vocab_size, "), got ", lo < 0 ? lo : hi);
-  }
+  const auto ids = detail::check_step("RetNet::step", tokens, state, config_.vocab_size,
+                                      layers_.size(), device());
   const auto opts = msr_options();
   Tensor x = at::embedding(embed_, ids).unsqueeze(1);  // [N, 1, D]
   for (size_t l = 0; l < layers_.size(); ++l) {
     Tensor& S = state.layers[l];
-    TORCH_CHECK(S.is_contiguous() && S.device() == device(), "RetNet::step: state of layer ", l,
-                " must be contiguous and on ", device());
     x = block(layers_[l], x, [&](const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g) {
       return msr_step(q, k, v, g, log_decay_, S, opts, state.offsets);
     });
@@ -447,33 +399,7 @@ std::vector<std::vector<int64_t>> RetNet::generate(const std::vector<std::vector
                                                    int64_t max_new_tokens, Sampler& sampler,
                                                    GenerateStats* stats,
                                                    const std::function<void(int64_t, const Tensor&)>& on_logits) const {
-  TORCH_CHECK(max_new_tokens >= 0, "RetNet::generate: max_new_tokens must be >= 0");
-  std::vector<std::vector<int64_t>> out(prompts.size());
-  auto t0 = std::chrono::steady_clock::now();
-  auto c0 = std::clock();
-  auto [logits, state] = prefill(prompts);
-  if (on_logits && max_new_tokens > 0) on_logits(0, logits);
-  auto tok = sampler(logits);  // syncs with the device: the prefill time is complete
-  GenerateStats s;
-  s.prefill_seconds = seconds_since(t0);
-  s.prefill_cpu_seconds = cpu_seconds_since(c0);
-  for (const auto& p : prompts) s.prefill_tokens += static_cast<int64_t>(p.size());
-  t0 = std::chrono::steady_clock::now();
-  c0 = std::clock();
-  for (int64_t i = 0; i < max_new_tokens; ++i) {
-    const int64_t* t = tok.data_ptr<int64_t>();
-    for (size_t b = 0; b < prompts.size(); ++b) out[b].push_back(t[b]);
-    if (i + 1 < max_new_tokens) {
-      logits = step(tok, state);
-      if (on_logits) on_logits(i + 1, logits);
-      tok = sampler(logits);
-    }
-  }
-  s.decode_seconds = seconds_since(t0);
-  s.decode_cpu_seconds = cpu_seconds_since(c0);
-  s.decode_tokens = std::max<int64_t>(max_new_tokens - 1, 0) * static_cast<int64_t>(prompts.size());
-  if (stats != nullptr) *stats = s;
-  return out;
+  return detail::generate(*this, prompts, max_new_tokens, sampler, stats, on_logits);
 }
 
 }  // namespace retention

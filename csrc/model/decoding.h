@@ -1,0 +1,83 @@
+// What retention::RetNet and retention::FlaRetNet share around their layers (internal, not
+// installed): the argument checks of a packed forward and of a decode step, packing prompts, and
+// the generate loop. Both models keep the same state (RetNetState) and batch conventions, so an
+// app serves either the same way.
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <ctime>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "retention/model.h"
+
+namespace retention {
+namespace detail {
+
+// Checks tokens (integer [T]), cu_seqlens (int32/int64 [N + 1], 0 .. T, non-decreasing, increasing
+// when last_only), token ids in [0, vocab_size) and, when given, that `state` holds N sequences
+// of `num_layers` layers. Returns cu_seqlens as int64 on the CPU. Errors start with `who`.
+at::Tensor check_packed(const char* who, const at::Tensor& tokens, const at::Tensor& cu_seqlens,
+                        int64_t vocab_size, bool last_only, const RetNetState* state,
+                        size_t num_layers);
+
+// Checks one decode step's tokens (integer [N], ids in range) against `state`; returns them as
+// int64 on `device`.
+at::Tensor check_step(const char* who, const at::Tensor& tokens, const RetNetState& state,
+                      int64_t vocab_size, size_t num_layers, at::Device device);
+
+// Prompts (each >= 1 token) -> (tokens [T], cu_seqlens [N + 1]), int64 on the CPU.
+std::pair<at::Tensor, at::Tensor> pack_prompts(const char* who,
+                                               const std::vector<std::vector<int64_t>>& prompts);
+
+// Prefill, then max_new_tokens sampled tokens per prompt (Python's RetNet.generate order: the
+// first new token comes from the prefill's logits). Model: prefill(prompts) and step(tokens, state).
+template <typename Model>
+std::vector<std::vector<int64_t>> generate(const Model& model,
+                                           const std::vector<std::vector<int64_t>>& prompts,
+                                           int64_t max_new_tokens, Sampler& sampler,
+                                           RetNet::GenerateStats* stats,
+                                           const std::function<void(int64_t, const at::Tensor&)>& on_logits) {
+  TORCH_CHECK(max_new_tokens >= 0, "generate: max_new_tokens must be >= 0");
+  auto seconds_since = [](std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  auto cpu_seconds_since = [](std::clock_t c0) {
+    return static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC;
+  };
+  std::vector<std::vector<int64_t>> out(prompts.size());
+  auto t0 = std::chrono::steady_clock::now();
+  auto c0 = std::clock();
+  auto [logits, state] = model.prefill(prompts);
+  if (on_logits && max_new_tokens > 0) on_logits(0, logits);
+  at::Tensor tok = sampler(logits);  // syncs with the device: the prefill time is complete
+  RetNet::GenerateStats s;
+  s.prefill_seconds = seconds_since(t0);
+  s.prefill_cpu_seconds = cpu_seconds_since(c0);
+  for (const auto& p : prompts) s.prefill_tokens += static_cast<int64_t>(p.size());
+  t0 = std::chrono::steady_clock::now();
+  c0 = std::clock();
+  for (int64_t i = 0; i < max_new_tokens; ++i) {
+    const int64_t* t = tok.data_ptr<int64_t>();
+    for (size_t b = 0; b < prompts.size(); ++b) out[b].push_back(t[b]);
+    if (i + 1 < max_new_tokens) {
+      logits = model.step(tok, state);
+      if (on_logits) on_logits(i + 1, logits);
+      tok = sampler(logits);
+    }
+  }
+  s.decode_seconds = seconds_since(t0);
+  s.decode_cpu_seconds = cpu_seconds_since(c0);
+  s.decode_tokens = std::max<int64_t>(max_new_tokens - 1, 0) * static_cast<int64_t>(prompts.size());
+  if (stats != nullptr) *stats = s;
+  return out;
+}
+
+}  // namespace detail
+}  // namespace retention
