@@ -204,6 +204,20 @@ def chunk_rows(label, shape, impl, fla, retention, args, emit):
     return rows  # the inputs go with this frame; the caller empties the cache
 
 
+def device_ops_per_call(fn):
+    """(kernels, copies and memsets) one call of fn puts on the device, counted with
+    torch.profiler after a warm-up call (the decode-step design says one kernel, no copy)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    copies = sum(1 for n in names if n.lower().startswith(("memcpy", "memset")))
+    return len(names) - copies, copies
+
+
 def decode_rows(shape, retention, args, emit):
     B, H, dk, dv = shape
     dev, dtype = "cuda", torch.bfloat16
@@ -220,7 +234,10 @@ def decode_rows(shape, retention, args, emit):
         base = {"op": op, "key": gpu_model.shape_key(op, shape), "label": "decode", "B": B, "H": H, "dk": dk,
                 "dv": dv, "dtype": "bfloat16"}
         try:
-            rows += emit([{**base, "impl": "retention", "ms": timeit(fn, reps=args.reps * 5)}])
+            kernels, copies = device_ops_per_call(fn)
+            rows += emit([{**base, "impl": "retention", "ms": timeit(fn, reps=args.reps * 5),
+                           "kernels_per_call": kernels, "copies_per_call": copies,
+                           "note": f"{kernels} kernels + {copies} copies/memsets per call"}])
             rows += emit([{**base, "impl": "retention_graph", "ms": graph_time(fn)}])
         except Exception as e:
             rows += emit([{**base, "impl": "retention", "ms": None, "note": f"error: {e!r}"[:300]}])

@@ -105,6 +105,7 @@ inline error_t free_device(void* p) { return emu::free_device(p); }
 // (Zero-byte copies of empty buffers are legal on the GPU runtimes; memcpy of a null pointer
 // is not, hence the size checks.)
 inline error_t copy_to_device(void* dst, const void* src, std::size_t bytes) {
+  emu::count_upload();
   if (bytes != 0) std::memcpy(dst, src, bytes);
   return kSuccess;
 }
@@ -114,6 +115,7 @@ inline error_t copy_to_host(void* dst, const void* src, std::size_t bytes) {
   return kSuccess;
 }
 inline error_t memset_device(void* p, int byte, std::size_t bytes) {
+  emu::count_memset();
   if (bytes != 0) std::memset(p, byte, bytes);
   return kSuccess;
 }

@@ -95,6 +95,16 @@ T& block_shared_object(Site, const char* file, int line) {
   return *static_cast<T*>(block_shared(&site, sizeof(T), false, file, line));
 }
 
+// What the host has asked of the device so far: kernel launches that ran, device-to-host and
+// host-to-device copies, memsets. A test takes two snapshots around one API call to assert what
+// the call costs (one launch, no copy: a decode step that a CUDA graph can capture).
+struct OpCounts {
+  std::uint64_t launches = 0, downloads = 0, uploads = 0, memsets = 0;
+};
+OpCounts op_counts();
+void count_upload();
+void count_memset();
+
 // Memory and runtime shims: exact-size host allocations (an overrun is an ASan error).
 Error malloc_device(void** p, std::size_t bytes);
 Error free_device(void* p);

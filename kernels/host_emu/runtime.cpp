@@ -72,6 +72,7 @@ dim3 g_block_dim;
 dim3 g_grid_dim;
 
 namespace {
+OpCounts g_op_counts;  // op_counts()
 
 constexpr int kWarp = RETENTION_EMU_WARP;
 constexpr std::size_t kStackBytes = std::size_t(1) << 20;  // per fiber; mapped lazily
@@ -702,6 +703,7 @@ Error launch_grid(dim3 grid, dim3 block, std::size_t dynamic_smem, const void* k
     std::fprintf(stderr, "%s\n", buf);
     return g_last_error = Error::kInvalidConfiguration;
   }
+  ++g_op_counts.launches;
   g_launch = {dynamic_smem, body, ctx};
   g_grid_dim = grid;
   g_block_dim = block;
@@ -756,7 +758,12 @@ void digest_begin_test(const char* name) {
   g_digest_count = 0;
 }
 
+OpCounts op_counts() { return g_op_counts; }
+void count_upload() { ++g_op_counts.uploads; }
+void count_memset() { ++g_op_counts.memsets; }
+
 void record_download(const void* src, std::size_t bytes) {
+  ++g_op_counts.downloads;
   const std::string& path = options().digest_path;
   if (path.empty()) return;
   std::uint64_t h = 1469598103934665603ull;  // FNV-1a

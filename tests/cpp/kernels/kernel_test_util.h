@@ -23,6 +23,24 @@ inline bool has_device() {
   return gpu::device_count(&n) == gpu::kSuccess && n > 0 && gpu::check_warp_size() == gpu::kSuccess;
 }
 
+// What one API call asks of the device: exactly one kernel launch and no copy or memset, so a
+// decode step costs one launch and a CUDA graph can capture it. The emulator counts these; on a
+// device the check is empty (bench/gpu_check.sh counts kernels with torch.profiler there).
+struct OneLaunch {
+#if defined(RETENTION_HOST_EMU)
+  retention::emu::OpCounts before = retention::emu::op_counts();
+  void check(const char* what) const {
+    const auto after = retention::emu::op_counts();
+    EXPECT_EQ(after.launches - before.launches, 1u) << what << ": kernel launches per call";
+    EXPECT_EQ(after.downloads - before.downloads, 0u) << what << ": device-to-host copies per call";
+    EXPECT_EQ(after.uploads - before.uploads, 0u) << what << ": host-to-device copies per call";
+    EXPECT_EQ(after.memsets - before.memsets, 0u) << what << ": memsets per call";
+  }
+#else
+  void check(const char*) const {}
+#endif
+};
+
 #define SKIP_WITHOUT_DEVICE()                                    \
   do {                                                           \
     if (!has_device()) GTEST_SKIP() << "no GPU device available"; \

@@ -322,7 +322,9 @@ TEST_P(RecurrentStep, UpdatesStateInPlace) {
   prm.log_decay = decay.as<float>();
   prm.scale = static_cast<float>(p.scale);
   prm.state = state.as<float>();
+  const OneLaunch one;
   GPU_OK(rk::launch_recurrent_step(prm));
+  one.check("recurrent_step");
   GPU_OK(gpu::synchronize());
 
   expect_close(decode(t, dO.download()), ref.o, tolerance(t), "o");

@@ -625,7 +625,9 @@ TEST_P(MsrStep, MatchesReference) {
   p.state = state.as<float>();
   p.offsets = m.offsets.empty() ? nullptr : d.offsets.as<std::int64_t>();
   p.opt = d.opt(m);
+  const OneLaunch one;
   GPU_OK(rk::launch_msr_step(p));
+  one.check("msr_step");
   GPU_OK(gpu::synchronize());
 
   expect_close(decode(c.dtype, y.download()), ref.y, tolerance(c.dtype), "y");
