@@ -4,12 +4,17 @@
 A fresh machine has only Debian's essential packages, the compilers of the project's machine kind
 and whatever the install list brings, so every build input must come from a Debian package that
 the list names or that a named package depends on (Depends / Pre-Depends, recursively), or from
-Debian's essential set. Three kinds of input are checked, after the builds have run:
+Debian's essential set. Four kinds of input are checked, after the builds have run:
 
   headers   every header in the compilers' dependency output of the builds under build/
             (ninja's deps log of each Ninja tree: CMake library, tests, serve app, sanitizer
             builds, the Python extensions; and the -MD files of the emulated kernel suite and
             the GPU compile checks), mapped to its package through dpkg's file lists;
+  libraries every shared library that the binaries and extensions under build/ were linked
+            against (their NEEDED entries, found as the dynamic loader finds them), as the file
+            the linker read: lib<name>.so beside the library where that exists (its -dev package),
+            else the library itself (a header can come with a wider package, e.g. boost's, while
+            the library it needs does not);
   modules   every module imported by the Python files of tests/, scripts/, examples/ and bench/
             (outside the standard library and the project), as Debian's python3 finds it;
   commands  every command in a command position of the shell scripts (.ci/, scripts/, bench/),
@@ -106,16 +111,18 @@ class Owners:
                     self.owner.setdefault(line.rstrip("\n"), pkg)
 
     def of(self, path):
-        cands = [path, os.path.realpath(path)]
-        for c in list(cands):
+        # the name itself before its target: a -dev package's lib<name>.so is a symlink to the
+        # runtime package's file
+        for name in (path, os.path.realpath(path)):
+            cands = [name]
             for a, b in (("/usr/lib/", "/lib/"), ("/usr/bin/", "/bin/"), ("/usr/sbin/", "/sbin/")):
-                if c.startswith(a):
-                    cands.append(b + c[len(a):])
-                elif c.startswith(b):
-                    cands.append(a + c[len(b):])
-        for c in cands:
-            if c in self.owner:
-                return self.owner[c]
+                if name.startswith(a):
+                    cands.append(b + name[len(a):])
+                elif name.startswith(b):
+                    cands.append(a + name[len(b):])
+            for c in cands:
+                if c in self.owner:
+                    return self.owner[c]
         return None
 
 
@@ -205,6 +212,54 @@ def header_uses(build):
         for target, deps in rules.items():
             for dep in deps:
                 add(os.path.join(os.path.dirname(d), target), dep, os.path.dirname(d))
+    return uses
+
+
+# -- linked libraries ----------------------------------------------------------------------------
+
+def elf_files(build):
+    """Executables and shared objects the builds produced (CMake's compiler probes left out)."""
+    for dirpath, dirnames, filenames in os.walk(build):
+        dirnames[:] = [d for d in dirnames if d != "CMakeFiles"]
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if name.endswith(".o") or os.path.islink(path):
+                continue
+            if not (".so" in name or os.access(path, os.X_OK)):
+                continue
+            with open(path, "rb") as f:
+                if f.read(4) == b"\x7fELF":
+                    yield path
+
+
+def loader_cache():
+    """{soname: path} of the x86-64 libraries in the dynamic loader's cache."""
+    out = subprocess.run(["/sbin/ldconfig", "-p"], check=True, capture_output=True, text=True).stdout
+    found = {}
+    for m in re.finditer(r"^\s+(\S+) \(libc6,x86-64[^)]*\) => (\S+)$", out, re.M):
+        found.setdefault(m.group(1), m.group(2))
+    return found
+
+
+def library_uses(build):
+    """{library file the linker read: first binary linked against it} over the ELF files under
+    build/. A library the loader cannot find here is left to the tests that load it."""
+    cache = loader_cache()
+    uses = {}
+    for elf in sorted(elf_files(build)):
+        out = subprocess.run(["readelf", "-d", elf], capture_output=True, text=True).stdout
+        needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", out)
+        runpath = [d.replace("$ORIGIN", os.path.dirname(elf))
+                   for m in re.findall(r"\((?:RUNPATH|RPATH)\)\s+Library (?:runpath|rpath): \[(.+?)\]", out)
+                   for d in m.split(":")]
+        for soname in needed:
+            lib = next((os.path.join(d, soname) for d in runpath
+                        if os.path.exists(os.path.join(d, soname))), cache.get(soname))
+            if lib is None:
+                continue
+            link_name = os.path.join(os.path.dirname(lib), soname.split(".so")[0] + ".so")
+            uses.setdefault(link_name if os.path.exists(link_name) else lib,
+                            os.path.relpath(elf, ROOT))
     return uses
 
 
@@ -340,6 +395,12 @@ def main():
         more = f" (and {len(hits) - 1} more headers)" if len(hits) > 1 else ""
         problems.append(f"header: {obj} includes {classify(header, owners, allowed, venvs)}{more}")
 
+    libs = library_uses(args.build)
+    for lib, elf in sorted(libs.items()):
+        why = classify(lib, owners, allowed, venvs)
+        if why:
+            problems.append(f"library: {elf} is linked against {why}")
+
     mods = imported_modules()
     debian = module_origins("/usr/bin/python3", sorted(mods))
     venv_py = [os.path.join(v, "bin", "python") for v in venvs]
@@ -367,7 +428,8 @@ def main():
             problems.append(f"command: {where} runs {cmd}: {why}")
 
     print(f"check-deps: {len(named)} named packages bring {len(allowed)} (with the essential set); "
-          f"checked {len(uses)} headers, {len(mods)} modules, {n_found} commands")
+          f"checked {len(uses)} headers, {len(libs)} libraries, {len(mods)} modules, "
+          f"{n_found} commands")
     if not uses:
         problems.append(f"no dependency output under {args.build}: run the builds first")
     for p in problems:
