@@ -142,9 +142,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
              const at::Tensor&, const OptTensor&, const at::Tensor&, double, int64_t,
              const OptTensor&, const OptTensor&, const OptTensor&, int64_t, bool,
              const OptTensor&, double, bool)>("retention::msr_backward");
-  const int64_t chunk = o.form == Form::Chunk ? o.chunk_size
-                        : o.form == Form::Parallel ? std::max<int64_t>(1, q.size(1))
-                                                   : kDefaultChunkSize;
+  // Every form has the same gradient, and the chunked backward computes it in O(T) time and
+  // memory, where one chunk spanning the sequence (the parallel form's T x T scores) is O(T^2).
+  const int64_t chunk = o.form == Form::Chunk ? o.chunk_size : kDefaultChunkSize;
   return handle.call(grad_y, grad_final_state, q, k, v, g, log_decay,
                      scale_or_default(o.scale, q), chunk, initial_state, offsets, cu_seqlens,
                      static_cast<int64_t>(o.rotary), o.norm, norm_weight, o.eps, o.decay_norm);

@@ -520,8 +520,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> parallel_backward_cpu
     const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
     const OptTensor& initial_state) {
+  // Same gradient as the chunk form's, in O(T) (see msr_backward in ops.cpp).
   return chunked_backward("retention::parallel_backward", grad_o, grad_final_state, q, k, v,
-                          log_decay, scale, whole_sequence(q), initial_state);
+                          log_decay, scale, kDefaultChunkSize, initial_state);
 }
 
 std::tuple<at::Tensor, at::Tensor> recurrent_forward_cpu(const at::Tensor& q, const at::Tensor& k,
