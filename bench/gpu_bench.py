@@ -14,6 +14,8 @@ prediction (rows carry the model's `key`).  bf16 inputs, RetNet decays.
     the eager chunkwise form (--eager)
   * decode: recurrent_step and the fused msr_step, eager and replayed from a CUDA graph (the
     graph time is the kernel time the model predicts; eager adds the host's op overhead)
+  * RetNet.generate (4 layers at FLA 1.3B's width) at B = 1 and 8, eager and with
+    cuda_graph=True: tokens/s, same tokens, the kernels of one RetNet.step, host syncs
 
 Times are CUDA-event medians after warm-up.  Rows are written to --out as JSON lines as soon as
 each shape is done (a run cut short keeps what it measured); --time-budget stops starting new
@@ -244,6 +246,61 @@ def decode_rows(shape, retention, args, emit):
     return rows
 
 
+# RetNet decode loop: FLA 1.3B's head shape (hidden 2048, 8 heads: dk 256, dv 512), 4 layers.
+GENERATE_CONFIG = dict(vocab_size=32000, embed_dim=2048, value_dim=4096, num_heads=8, num_layers=4,
+                       ffn_dim=4096)
+GENERATE_BATCHES = (1, 8)
+
+
+def generate_rows(B, retention, args, emit):
+    """Tokens/s of RetNet.generate (greedy, bf16) with and without the CUDA graph, whether both
+    give the same tokens, the kernels of one RetNet.step, and whether a step synchronises with
+    the host (torch.cuda.set_sync_debug_mode raises on a synchronising call)."""
+    from retention.nn import RetNet
+    torch.manual_seed(0)
+    model = RetNet(**GENERATE_CONFIG).to("cuda", torch.bfloat16).eval()
+    prompt = torch.randint(0, GENERATE_CONFIG["vocab_size"], (B, 16), device="cuda")
+    n = 64 if args.quick else 256
+    base = {"op": "generate", "key": f"generate_B{B}_L{GENERATE_CONFIG['num_layers']}_D2048_H8",
+            "label": "decode", "B": B, "H": 8, "dk": 256, "dv": 512, "dtype": "bfloat16"}
+    rows, tokens = [], {}
+    for impl, graph in (("retention", False), ("retention_graph", True)):
+        try:
+            model.generate(prompt, 4, temperature=0.0, cuda_graph=graph)  # warm-up (and capture)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            tokens[impl] = model.generate(prompt, n, temperature=0.0, cuda_graph=graph)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            rows += emit([{**base, "impl": impl, "ms": 1e3 * dt / n, "tokens_per_s": B * n / dt,
+                           "note": f"{B * n / dt:.0f} tokens/s over {n} steps (prefill included)"}])
+        except Exception as e:
+            rows += emit([{**base, "impl": impl, "ms": None, "note": f"error: {e!r}"[:300]}])
+    if len(tokens) == 2:
+        same = bool(torch.equal(tokens["retention"], tokens["retention_graph"]))
+        rows += emit([{**base, "impl": "graph_vs_eager", "ms": None, "same_tokens": same,
+                       "note": "graph tokens == eager tokens" if same else "GRAPH TOKENS DIFFER"}])
+    _, state = model(prompt, form="chunk")
+    tok = prompt[:, -1]
+    try:
+        kernels, copies = device_ops_per_call(lambda: model.step(tok, state))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model.step(tok, state)
+            sync = "no host synchronisation"
+        except RuntimeError as e:
+            sync = f"synchronises: {e}"[:200]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        per_layer = kernels / GENERATE_CONFIG["num_layers"]
+        rows += emit([{**base, "impl": "step_ops", "ms": None, "kernels_per_call": kernels,
+                       "copies_per_call": copies, "note": f"RetNet.step: {kernels} kernels "
+                       f"({per_layer:.1f} per layer incl. the FFN and norms) + {copies} copies; {sync}"}])
+    except Exception as e:
+        rows += emit([{**base, "impl": "step_ops", "ms": None, "note": f"error: {e!r}"[:300]}])
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench_gpu.json")
@@ -269,6 +326,8 @@ def main():
             print("planned", label, gpu_model.shape_key("chunk_fwd", tuple(shape)), "+ fwd+bwd")
         for shape in decode_shapes:
             print("planned", gpu_model.shape_key("decode_step", shape), "+ msr_step")
+        for B in GENERATE_BATCHES:
+            print("planned", f"generate_B{B}", "(eager, CUDA graph, kernels per RetNet.step)")
         print(f"dry run: {len(CHECK_SHAPES)} check shapes, {len(chunk_shapes)} chunk shapes, "
               f"{len(decode_shapes)} decode shapes; FLA {'importable' if fla else 'NOT importable'}")
         return
@@ -308,6 +367,7 @@ def main():
     all_rows = report_checks(emit(check_rows(
         "retention", lambda ld: (lambda a, b, c: retention.chunk_retention(a, b, c, ld)), retention)))
     phases = [("retention", s) for s in chunk_shapes] + [("decode", s) for s in decode_shapes] + \
+             [("generate", b) for b in GENERATE_BATCHES] + \
              [("sdpa_causal", s) for s in chunk_shapes] + ([("eager", s) for s in chunk_shapes] if args.eager else [])
     if fla is not None:
         phases += [("fla_check", None)] + [("fla", s) for s in chunk_shapes]
@@ -316,6 +376,8 @@ def main():
             break
         if impl == "decode":
             all_rows += report(decode_rows(shape, retention, args, emit))
+        elif impl == "generate":
+            all_rows += report(generate_rows(shape, retention, args, emit))
         elif impl == "fla_check":
             all_rows += report_checks(emit(check_rows("fla", lambda ld: (lambda a, b, c: fla(a, b, c)[0]),
                                                       retention)))

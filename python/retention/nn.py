@@ -44,6 +44,7 @@ __all__ = [
     "GLU",
     "RetNetDecoderLayer",
     "RetNet",
+    "StaticDecodeStep",
 ]
 
 _FORMS = {"parallel": "parallel", "chunk": "chunk", "chunkwise": "chunk", "recurrent": "recurrent"}
@@ -619,28 +620,97 @@ class RetNet(nn.Module):
     @torch.no_grad()
     def generate(self, prompt_tokens: Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 chunk_size: Optional[int] = None) -> Tensor:
+                 chunk_size: Optional[int] = None, cuda_graph: bool = False) -> Tensor:
         """Sample max_new_tokens after prompt_tokens ([T] or [B, T], T >= 1).
 
         Prefill: one chunk-form forward over the prompt; then one token at a time with
         ``step`` (recurrent form).  temperature <= 0 means greedy.  Returns prompt + new tokens
-        with the prompt's layout ([T + n] or [B, T + n])."""
+        with the prompt's layout ([T + n] or [B, T + n]).  ``cuda_graph=True`` (CUDA only)
+        captures one decode step in a CUDA graph and replays it for every token
+        (:class:`StaticDecodeStep`); the tokens are the same as without it."""
         squeeze = prompt_tokens.dim() == 1
         prompt = prompt_tokens[None] if squeeze else prompt_tokens
         if prompt.dim() != 2 or prompt.shape[1] < 1:
             raise ValueError("prompt_tokens must be [T] or [B, T] with T >= 1")
+        if cuda_graph and prompt.device.type != "cuda":
+            raise RuntimeError("generate(cuda_graph=True) replays the decode step from a CUDA graph and needs "
+                               f"the model and prompt_tokens on a CUDA device, got {prompt.device}")
         was_training = self.training
         self.eval()
         try:
             logits, state = self.forward(prompt, form="chunk", chunk_size=chunk_size)
             next_logits = logits[:, -1]
+            decode = StaticDecodeStep(self, state, cuda_graph=True) if cuda_graph and max_new_tokens > 1 else None
             out = [prompt]
             for i in range(max_new_tokens):
                 tok = self._sample(next_logits, temperature, top_k, generator).to(prompt.dtype)
                 out.append(tok[:, None])
                 if i + 1 < max_new_tokens:
-                    next_logits, state = self.step(tok, state)
+                    if decode is not None:
+                        next_logits = decode(tok)
+                    else:
+                        next_logits, state = self.step(tok, state)
         finally:
             self.train(was_training)
         res = torch.cat(out, dim=1)
         return res[0] if squeeze else res
+
+
+class StaticDecodeStep:
+    """``RetNet.step`` on fixed buffers, so that one step can be captured in a CUDA graph and
+    replayed for every token.
+
+    The token buffer, every layer's state tensor and its offsets keep their storage from call to
+    call: the state is updated in place by the step kernels, and the offsets (made an int64 [B]
+    tensor per layer) are written back into the same tensor after each step, because
+    ``RetentionState.advance`` rebinds them to a new one.  ``decode(tokens [B])`` runs one step
+    and returns the logits [B, vocab]; with ``cuda_graph=True`` these logits live in the graph's
+    output buffer, overwritten by the next call.  ``state`` is advanced in place like ``step``'s.
+    """
+
+    def __init__(self, model: "RetNet", state: RetNetState, cuda_graph: bool = False):
+        if not isinstance(state, RetNetState) or len(state) != model.num_layers:
+            raise ValueError(f"state must be a RetNetState with {model.num_layers} layers")
+        N = state.layers[0].state.shape[0]
+        device = state.layers[0].state.device
+        if cuda_graph and device.type != "cuda":
+            raise RuntimeError(f"StaticDecodeStep(cuda_graph=True) needs a state on a CUDA device, got {device}")
+        for st in state.layers:
+            st.state = st.state.detach().contiguous()
+            st.offset = st.offsets().clone()
+        self.model, self.state = model, state
+        self.offsets = [st.offset for st in state.layers]
+        self.tokens = torch.zeros(N, dtype=torch.long, device=device)
+        self.graph = None
+        self.logits = None
+        if cuda_graph:
+            self._capture()
+
+    @torch.no_grad()
+    def _step(self) -> Tensor:
+        logits, _ = self.model.step(self.tokens, self.state)
+        for st, off in zip(self.state.layers, self.offsets):
+            off.copy_(st.offset)
+            st.offset = off
+        return logits
+
+    def _capture(self):
+        # Capture records kernels without running them, so the state is untouched; the warm-up
+        # (lazy library initialisation, which a capture must not see) runs on a copy.
+        warm = StaticDecodeStep(self.model, self.state.clone())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                warm._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        self.tokens.copy_(tokens.reshape(-1))
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        return self.logits

@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import retention  # noqa: E402,F401
-from retention.nn import MultiScaleRetention, RetentionState, RetNet, RetNetState  # noqa: E402
+from retention.nn import MultiScaleRetention, RetentionState, RetNet, RetNetState, StaticDecodeStep  # noqa: E402
 from torchscale_reference import TorchscaleMSR  # noqa: E402
 
 FORMS = ("parallel", "chunk", "recurrent")
@@ -365,6 +365,55 @@ def test_retnet_forms_prefill_decode_generate(device):
     s2 = lm.generate(tokens[0, :4], 20, temperature=0.8, top_k=5, generator=g2)
     assert s1.shape == (24,) and torch.equal(s1, s2)
     assert lm.training  # generate restores the training mode
+
+
+def test_static_decode_step_keeps_buffers_and_matches_step(device):
+    """The buffers a CUDA graph of one step would replay on (token buffer, every layer's state
+    and offsets) keep their storage, and the tokens and logits equal the ordinary step's.
+    Sequences start at different positions (per-sequence offsets)."""
+    lm = small_lm(torch.float32, device=device).eval()
+    torch.manual_seed(41)
+    prompt = torch.randint(0, 37, (3, 6), device=device)
+    _, st = lm(prompt, form="chunk")
+    for layer in st.layers:
+        layer.offset = torch.tensor([6, 11, 3], device=device)
+    ref_state = st.clone()
+    decode = StaticDecodeStep(lm, st)
+    ptrs = [(x.state.data_ptr(), x.offset.data_ptr()) for x in st.layers] + [decode.tokens.data_ptr()]
+    tok_a = tok_b = prompt[:, -1]
+    for i in range(9):
+        la = decode(tok_a)
+        lb, ref_state = lm.step(tok_b, ref_state)
+        assert torch.equal(la, lb), i
+        tok_a, tok_b = la.argmax(-1), lb.argmax(-1)
+    assert [(x.state.data_ptr(), x.offset.data_ptr()) for x in st.layers] + [decode.tokens.data_ptr()] == ptrs
+    for x, y in zip(st.layers, ref_state.layers):
+        assert torch.equal(x.offset, torch.tensor([15, 20, 12], device=device))
+        assert torch.equal(x.state, y.state)
+
+
+def test_generate_cuda_graph(device):
+    lm = small_lm(torch.float32, device=device)
+    prompt = torch.randint(0, 37, (2, 5), generator=torch.Generator().manual_seed(42)).to(device)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match=r"cuda_graph=True\) .*CUDA device, got cpu"):
+            lm.generate(prompt, 4, cuda_graph=True)
+        return
+    eager = lm.generate(prompt, 24, temperature=0.0)
+    graph = lm.generate(prompt, 24, temperature=0.0, cuda_graph=True)
+    assert torch.equal(graph, eager)
+
+
+def test_retnet_step_reads_no_tensor_values():
+    """A decode step that never reads a tensor's values on the host (no .item(), no
+    value-dependent shape or branch) is one a CUDA graph can capture, and one that does not
+    wait for the device: on the meta device, which has no values, any such read raises."""
+    lm = small_lm(torch.float32).to("meta").eval()
+    for offset in (7, torch.tensor([3, 9], device="meta")):
+        st = RetNetState([RetentionState(torch.zeros(2, 2, 16, 24, device="meta"), offset)
+                          for _ in range(lm.num_layers)])
+        logits, st = lm.step(torch.zeros(2, dtype=torch.long, device="meta"), st)
+        assert logits.shape == (2, 37) and logits.device.type == "meta"
 
 
 def test_retnet_gradients_reach_every_parameter(device):
