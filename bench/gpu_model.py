@@ -140,6 +140,8 @@ def chunk_traits(max_dk, state_regs, elem=ELEM):
 STATE_REGS = {"chunk_forward": 64, "chunk_backward_dq": 64, "chunk_backward_dkv": 32}
 SMEM_KEY = {"chunk_forward": "smem_fwd", "chunk_backward_dq": "smem_dq", "chunk_backward_dkv": "smem_dkv"}
 STEP_COLS, STEP_GROUPS, STEP_ROWS_IN_FLIGHT = 64, 4, 8  # msr_step.cu
+STEP_CTAS_PER_SM, STEP_COUNTERS = 4, 1024  # kStepCtasPerSm (msr_step.cu), kMsrStepCounters (msr_kernels.h)
+STEP_MIN_SLICE_ROWS = STEP_GROUPS * STEP_ROWS_IN_FLIGHT
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,29 +290,48 @@ def elementwise_kernel(name, nbytes, ctas=None):
             "stream": True}
 
 
+def step_plan(B, H, dk, dv, norm, may_split, sms=132):
+    """plan_step of msr_step.cu: (CTAs along dv, dk slices, rows per slice, meet)."""
+    heads, col_tiles = B * H, -(-dv // STEP_COLS)
+    if not may_split or heads > STEP_COUNTERS or heads * (1 if norm else col_tiles) >= sms:
+        return (1 if norm else col_tiles), 1, dk, False
+    want = STEP_CTAS_PER_SM * sms // (heads * col_tiles)
+    slices = max(1, min(want, -(-dk // STEP_MIN_SLICE_ROWS)))
+    rows = (-(-dk // slices) + STEP_GROUPS - 1) // STEP_GROUPS * STEP_GROUPS
+    slices = -(-dk // rows)
+    return col_tiles, slices, rows, slices > 1 or (norm and col_tiles > 1)
+
+
 def decode_kernel(kind, B, H, dk, dv, ptx):
-    # One kernel serves both steps (msr_step.cu; the raw step is it without prologue/epilogue).
+    # One kernel serves both steps (msr_step.cu; the raw step is it without prologue/epilogue,
+    # and never split: it has no workspace).
     rec = ptx.get(("msr_step", "bf16"), {}) if ptx else {}
     regs = rec.get("regs")
     smem = rec.get("smem_static", 0)
     threads = STEP_COLS * STEP_GROUPS
+    norm = kind == "msr_step"
+    col_grid, slices, rows, meet = step_plan(B, H, dk, dv, norm, may_split=norm)
     col_blocks = -(-dv // STEP_COLS)
-    rows_per_group = -(-dk // STEP_GROUPS)
     # Each thread issues STEP_ROWS_IN_FLIGHT state loads before its first store (the compiler
     # cannot hoist a load above a store that may alias it, so the kernel batches them by hand):
-    # a 64-column block costs ceil(dk / 4 / 8) dependent round trips, plus the barrier of the
-    # q S reduction
-    trips_block = -(-rows_per_group // STEP_ROWS_IN_FLIGHT) + 1
-    if kind == "recurrent_step":  # no norm: a CTA per (b, h, column block)
-        ctas, trips = B * H * col_blocks, 1 + trips_block  # q / k / v loads, then the rows
-    else:  # msr_step with RMSNorm: one CTA per head walks all column blocks; rotary angles first
-        ctas, trips = B * H, 3 + col_blocks * trips_block  # angles, q / k / v, rows, epilogue
+    # a column block costs ceil(rows / 4 / 8) dependent round trips, plus the barrier of the
+    # q S reduction.  The first batch goes out with the prologue's loads (q / k / v, the decay),
+    # before the rotary angles, so one round trip covers the prologue and that batch.
+    trips_block = -(-(-(-rows // STEP_GROUPS)) // STEP_ROWS_IN_FLIGHT) + 1
+    blocks_per_cta = -(-col_blocks // col_grid)
+    trips = 1 + blocks_per_cta * trips_block - 1
+    if meet:  # slots stored and fenced, the ticket (an atomic), the last CTA reads the slots
+        trips += 3
+    ctas = B * H * col_grid * slices
     per_sm, limiter = occupancy(threads, regs, smem)
+    if regs is None:  # no ptxas report: the register budget of __launch_bounds__
+        per_sm, limiter = min(per_sm, STEP_CTAS_PER_SM), "regs"
     nbytes = B * H * (8 * dk * dv + ELEM * (2 * dk + 2 * dv))
-    return {"kernel": kind, "grid": str(ctas), "ctas": ctas, "threads": threads, "BV": None, "dv_tiles": col_blocks,
-            "regs": regs, "smem": smem, "per_sm": per_sm, "limiter": limiter, "chunks": 1, "trips": trips,
-            "cta_flops": 0, "flops_alg": 4 * B * H * dk * dv, "flops": 4 * B * H * dk * dv,
-            "bytes_min": nbytes, "bytes": nbytes, "qk_reads": None}
+    ws = 8 * B * H * slices * dv if meet else 0  # partial u written and read once (as HBM: an upper bound)
+    return {"kernel": kind, "grid": f"{B * H}x{col_grid}x{slices}", "ctas": ctas, "threads": threads, "BV": None,
+            "dv_tiles": col_blocks, "regs": regs, "smem": smem, "per_sm": per_sm, "limiter": limiter, "chunks": 1,
+            "trips": trips, "cta_flops": 0, "flops_alg": 4 * B * H * dk * dv, "flops": 4 * B * H * dk * dv,
+            "bytes_min": nbytes, "bytes": nbytes + ws, "qk_reads": None}
 
 
 def kernel_time_us(k, dev, a=None):

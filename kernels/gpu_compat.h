@@ -289,6 +289,14 @@ RT_DEVICE T warp_reduce_max(T v) {
   return v;
 }
 
+// Hand-off of data between CTAs of one launch (a ticket from a counter): fence_device orders
+// this thread's global-memory accesses before it against those after it for every thread of
+// the device (CUDA and HIP __threadfence: device scope, release and acquire), so a CTA fences
+// after writing what it hands over and before taking a ticket, and the CTA that draws the last
+// ticket fences before reading the others' data.  atomic_add: device-scope, returns the old value.
+RT_DEVICE void fence_device() { __threadfence(); }
+RT_DEVICE unsigned atomic_add(unsigned* p, unsigned v) { return atomicAdd(p, v); }
+
 RT_DEVICE std::uint32_t float_as_bits(float f) { return __float_as_uint(f); }
 RT_DEVICE float bits_as_float(std::uint32_t u) { return __uint_as_float(u); }
 

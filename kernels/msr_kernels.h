@@ -74,17 +74,27 @@ struct MsrBackwardParams : ChunkBackwardParams {
 // u = scale q~ S, then the epilogue.  One CTA keeps the whole dv row of u in shared memory for
 // the RMSNorm, hence the dv limit.
 inline constexpr int kMsrStepMaxDv = 4096;
+// With few heads (B H up to this many) the step spreads each head over several CTAs, which meet
+// through a workspace and one counter per head (msr_step.cu).
+inline constexpr int kMsrStepCounters = 1024;
 
 struct MsrStepParams : RecurrentStepParams {
   Bthd g;                                 // optional [B, 1, H, dv]
   const std::int64_t* offsets = nullptr;  // [B] positions; null: 0
   MsrOptions opt;
+  // Required when msr_step_workspace_bytes(*this) > 0.  workspace: that many bytes, any
+  // contents, not shared with a launch that may run concurrently.  counters: kMsrStepCounters
+  // uint32 that are zero before the first launch; every launch leaves them zero, so they are
+  // set up once (per stream: launches that may overlap must not share them).
+  void* workspace = nullptr;
+  unsigned* counters = nullptr;
 };
 
 std::size_t msr_forward_workspace_bytes(const MsrForwardParams& p);
 gpu::error_t launch_msr_forward(const MsrForwardParams& p);
 std::size_t msr_backward_workspace_bytes(const MsrBackwardParams& p);
 gpu::error_t launch_msr_backward(const MsrBackwardParams& p);
+std::size_t msr_step_workspace_bytes(const MsrStepParams& p);
 gpu::error_t launch_msr_step(const MsrStepParams& p);
 
 }  // namespace retention::kernels

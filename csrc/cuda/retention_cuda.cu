@@ -8,9 +8,14 @@
 // on the GPU, and chunk_size does not change the kernels' tiling: the result is the same
 // function of the inputs up to rounding.  float64 inputs run the op's CPU kernel on host copies
 // (cpu_fallback.h).
+#include <map>
+#include <mutex>
 #include <tuple>
+#include <utility>
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -165,6 +170,33 @@ Six msr_backward_cuda(const at::Tensor& grad_y, const OptTensor& grad_final_stat
 
 // ---- decode step ------------------------------------------------------------------------------
 
+// The per-head counters of the split decode step (MsrStepParams::counters): zero when created,
+// and every launch leaves them zero, so they are made once per (device, stream) and reused with
+// no memset; steps on different streams may overlap, so streams do not share them.  Created
+// during a CUDA graph capture, their zero-fill is captured too (it runs at every replay, before
+// the step); such counters are zeroed once more before their first use outside a capture.
+unsigned* step_counters(const at::Tensor& like) {
+  struct Entry {
+    at::Tensor counters;
+    bool zero_outside_capture;
+  };
+  static std::mutex mutex;
+  static auto* cache = new std::map<std::pair<int, cudaStream_t>, Entry>();  // kept until exit
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const bool capturing = at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(static_cast<int>(like.device().index()), stream);
+  auto it = cache->find(key);
+  if (it == cache->end()) {
+    it = cache->emplace(key, Entry{at::zeros({rk::kMsrStepCounters}, like.options().dtype(at::kInt)), !capturing})
+             .first;
+  } else if (!capturing && !it->second.zero_outside_capture) {
+    it->second.counters.zero_();
+    it->second.zero_outside_capture = true;
+  }
+  return reinterpret_cast<unsigned*>(it->second.counters.data_ptr<int>());
+}
+
 at::Tensor msr_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& g,
                          const at::Tensor& log_decay, double scale, const at::Tensor& state, const OptTensor& offsets,
                          int64_t rotary, bool norm, const OptTensor& norm_weight, double eps, bool decay_norm) {
@@ -200,6 +232,14 @@ at::Tensor msr_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Ten
   p.state = state.data_ptr<float>();
   p.offsets = L.seq.offsets;
   p.opt = L.opt;
+  // With few heads the step spreads each over several CTAs (msr_step.cu), which meet in a
+  // workspace from the caching allocator (no launch) and the stream's counters.
+  const std::size_t ws_bytes = rk::msr_step_workspace_bytes(p);
+  const at::Tensor ws = ws_bytes > 0 ? workspace(ws_bytes, q) : at::Tensor();
+  if (ws_bytes > 0) {
+    p.workspace = ws.data_ptr();
+    p.counters = step_counters(q);
+  }
   check_launch(rk::launch_msr_step(p), op);
   return q.dim() == 3 ? y.squeeze(1) : y;
 }

@@ -8,7 +8,7 @@
 // What it provides is the CUDA / HIP vocabulary the kernels and gpu_compat.h use:
 // threadIdx & co. (per emulated thread), __syncthreads (a real block barrier), the warp
 // intrinsics (__shfl*_sync / __shfl*, __ballot*: exact semantics at the model's width),
-// atomicAdd, __shared__ storage per block, the 16-bit conversion intrinsics, and the
+// atomicAdd (fp32 and uint32), __threadfence, __shared__ storage per block, the 16-bit conversion intrinsics, and the
 // matrix-core instructions (matrix_isa.h, as warp collectives).  Execution model, checks and
 // options: runtime.cpp.
 #pragma once
@@ -179,6 +179,9 @@ inline float atomicAdd(float* p, float v) {  // threads of the emulator never ru
   *p = old + v;
   return old;
 }
+// Integer atomics and the device-scope fence (cross-block hand-offs; runtime.cpp).
+unsigned atomicAdd(unsigned* p, unsigned v);
+void __threadfence();
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 inline unsigned __float_as_uint(float f) {

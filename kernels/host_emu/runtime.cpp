@@ -796,6 +796,30 @@ __nv_bfloat16 __float2bfloat16_rn(float f) { return {retention::kernels::host::f
 unsigned long long __ballot(int pred) { return retention::emu::ballot(pred, "__ballot"); }
 #endif
 
+// Integer atomicAdd (CUDA programming guide, "atomicAdd"; HIP the same): read-modify-write of
+// one naturally aligned 32-bit word, returning the old value, modulo 2^32.  Blocks run one
+// after another here and threads never run concurrently, so the read-modify-write is atomic by
+// construction; what the hardware rejects is a misaligned address ("misaligned address" on
+// CUDA, a memory fault on AMD), which stops the launch here too.
+unsigned atomicAdd(unsigned* p, unsigned v) {
+  if (reinterpret_cast<std::uintptr_t>(p) % alignof(unsigned) != 0)
+    retention::emu::fail("atomicAdd: misaligned address (32-bit atomics need 4-byte alignment)");
+  const unsigned old = *p;
+  *p = old + v;
+  return old;
+}
+
+// __threadfence: device-scope fence (PTX fence.acq_rel.gpu / membar.gl; on CDNA a release
+// (buffer_wbl2, s_waitcnt) plus an acquire (buffer_invl2 / vector-cache invalidate)).  It orders
+// the calling thread's memory accesses as seen by other blocks.  In this model a block runs to
+// completion before the next one starts and every store goes straight to memory, so all stores
+// of earlier blocks are visible to later ones with or without the fence: the instruction is a
+// no-op here, and a missing fence cannot be detected by running (the cross-block hand-offs of
+// the kernels are reviewed for it instead).  What the model does exercise is the order: the
+// block that draws the last ticket is the one that runs last, so RETENTION_EMU_BLOCK_ORDER
+// changes which block finishes the work.
+void __threadfence() {}
+
 namespace retention::emu {
 static_assert(sizeof(PtxIn) <= kSlotBytes && sizeof(MfmaIn) <= kSlotBytes && sizeof(MfmaF32In) <= kSlotBytes,
               "collective operands fit a slot");

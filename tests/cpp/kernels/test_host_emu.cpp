@@ -66,6 +66,19 @@ __global__ void dynamic_smem_kernel(float* out) {
   out[threadIdx.x] = 1.f;
 }
 
+// Every thread takes a ticket from one counter and counts it in slot t (which thread draws which
+// ticket depends on the order, the counts must not: the suite compares downloads across orders).
+__global__ void ticket_kernel(unsigned* counter, unsigned* tickets, unsigned* wrap) {
+  const unsigned t = gpu::atomic_add(counter, 1u);
+  if (t < gridDim.x * blockDim.x) tickets[t] += 1u;
+  if (blockIdx.x == 0 && threadIdx.x == 0) wrap[1] = gpu::atomic_add(&wrap[0], 2u);  // wraps modulo 2^32
+  gpu::fence_device();
+}
+
+__global__ void misaligned_atomic_kernel(unsigned char* p) {
+  gpu::atomic_add(reinterpret_cast<unsigned*>(p + 2), 1u);
+}
+
 std::vector<float> download(const DeviceBuffer& d) {
   std::vector<float> h(d.bytes / 4);
   gpu::copy_to_host(h.data(), d.ptr, d.bytes);
@@ -143,4 +156,33 @@ TEST(HostEmu, SharedMemoryBeyondTheLaunchIsAnError) {
   }
   EXPECT_EQ(gpu::launch(&dynamic_smem_kernel, 1, 2048, 0, nullptr, out.as<float>()),
             emu::Error::kInvalidConfiguration);  // more than 1024 threads
+}
+
+TEST(HostEmu, IntegerAtomicAddHandsOutEachTicketOnce) {
+  constexpr int kBlocks = 3, kThreads = 2 * W, kN = kBlocks * kThreads;
+  DeviceBuffer counter(sizeof(unsigned)), tickets(kN * sizeof(unsigned)), wrap(2 * sizeof(unsigned));
+  const unsigned zero = 0, wrap0[2] = {0xffffffffu, 0};
+  const std::vector<unsigned> zeros(kN, 0);
+  counter.upload(&zero);
+  tickets.upload(zeros.data());
+  wrap.upload(wrap0);
+  ASSERT_EQ(gpu::launch(&ticket_kernel, kBlocks, kThreads, 0, nullptr, counter.as<unsigned>(), tickets.as<unsigned>(),
+                        wrap.as<unsigned>()),
+            gpu::kSuccess);
+  unsigned count = 0, w[2];
+  std::vector<unsigned> who(kN);
+  gpu::copy_to_host(&count, counter.ptr, sizeof count);
+  gpu::copy_to_host(who.data(), tickets.ptr, tickets.bytes);
+  gpu::copy_to_host(w, wrap.ptr, sizeof w);
+  EXPECT_EQ(count, unsigned(kN));
+  for (int i = 0; i < kN; ++i) EXPECT_EQ(who[i], 1u) << "ticket " << i;
+  EXPECT_EQ(w[0], 1u);            // 0xffffffff + 2 modulo 2^32
+  EXPECT_EQ(w[1], 0xffffffffu);   // the old value
+}
+
+TEST(HostEmu, MisalignedAtomicIsAnError) {
+  DeviceBuffer buf(16);
+  EXPECT_EQ(gpu::launch(&misaligned_atomic_kernel, 1, W, 0, nullptr, buf.as<unsigned char>()),
+            emu::Error::kLaunchFailure);
+  EXPECT_NE(std::string(emu::last_message()).find("misaligned"), std::string::npos) << emu::last_message();
 }

@@ -295,8 +295,35 @@ TEST(MsrLaunchers, RejectBadArguments) {
   EXPECT_EQ(rk::launch_msr_step(st), gpu::kErrorInvalidValue);  // rotary with odd dk
   st.shape.dk = 64;
   EXPECT_EQ(rk::launch_msr_step(st), gpu::kErrorInvalidValue);  // no state / output
+  float state = 0.f;
+  unsigned char out[16];
+  st.state = &state;
+  st.o.ptr = out;
+  ASSERT_GT(rk::msr_step_workspace_bytes(st), 0u);  // B H = 1 with the norm: a split head
+  EXPECT_EQ(rk::launch_msr_step(st), gpu::kErrorInvalidValue);  // no workspace / counters
   st.shape.B = 0;
+  EXPECT_EQ(rk::msr_step_workspace_bytes(st), 0u);
   EXPECT_EQ(rk::launch_msr_step(st), gpu::kSuccess);
+}
+
+// dk = 0: u = 0, so y = 0 (the norm of a zero row is zero), with no split to plan.
+TEST(MsrLaunchers, StepWithEmptyKeyDimWritesZeros) {
+  SKIP_WITHOUT_DEVICE();
+  const float decay = -0.1f;
+  const std::vector<float> v(8, 1.f);
+  DeviceBuffer d_decay(sizeof decay), d_v(8 * sizeof(float)), y(8 * sizeof(float)), state(4);
+  d_decay.upload(&decay);
+  d_v.upload(v.data());
+  y.poison();
+  rk::MsrStepParams st;
+  st.shape = {1, 1, 1, 0, 8};
+  st.log_decay = d_decay.as<float>();
+  st.state = state.as<float>();
+  st.v.ptr = d_v.ptr;
+  st.o.ptr = y.ptr;
+  EXPECT_EQ(rk::msr_step_workspace_bytes(st), 0u);
+  GPU_OK(rk::launch_msr_step(st));
+  for (double x : decode(rk::DType::kF32, y.download())) EXPECT_EQ(x, 0.0);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -593,45 +620,90 @@ TEST(MsrBackwardSplit, MatchesUnsplitAndReference) {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, MsrKernels, testing::ValuesIn(configs()), config_name);
 
-// One decode step per batch row at its own position, against the reference of a one-token
-// sequence with that offset.
-class MsrStep : public testing::TestWithParam<Config> {};
+// Decode steps: step t of every batch row at position offsets[b] + t (token t of the inputs),
+// against the reference of a T-token sequence with that offset (y of every token, the final
+// state).  The workspace comes fresh (garbage) for every call; the counters are zeroed once
+// before the first, as the glue does, and every call must leave them zero again.
+struct StepRun {
+  std::vector<unsigned char> y;
+  std::vector<double> state;
+  std::vector<unsigned> counters;
+};
 
-TEST_P(MsrStep, MatchesReference) {
-  SKIP_WITHOUT_DEVICE();
-  Msr m = make_msr(GetParam(), 13);
-  DeviceMsr d(m);
-  const Ref ref = reference(m);
+StepRun run_steps(const Msr& m, const DeviceMsr& d) {
   const Config& c = m.c;
-  DeviceBuffer y(m.v.size() * elem_size(c.dtype)), state(std::size_t(c.B) * c.H * c.dk * c.dv * 4);
+  const std::size_t es = elem_size(c.dtype);
+  DeviceBuffer y(m.v.size() * es), state(std::size_t(c.B) * c.H * c.dk * c.dv * 4);
+  DeviceBuffer counters(rk::kMsrStepCounters * sizeof(unsigned));
   y.poison();
   if (c.state) {
     state.upload(to_f32(m.s0).data());
   } else {
     gpu::memset_device(state.ptr, 0, state.bytes);
   }
+  gpu::memset_device(counters.ptr, 0, counters.bytes);
+  for (int t = 0; t < c.T; ++t) {
+    std::vector<std::int64_t> pos(c.B);
+    for (int b = 0; b < c.B; ++b) pos[b] = offset_of(m, b) + t;
+    DeviceBuffer offsets(pos.size() * 8);
+    offsets.upload(pos.data());
+    auto at = [&](const DeviceBuffer& buf, int dim) {
+      rk::Bthd x = bthd(static_cast<unsigned char*>(buf.ptr) + std::size_t(t) * c.H * dim * es, c, dim);
+      return x;
+    };
+    rk::MsrStepParams p;
+    p.dtype = c.dtype;
+    p.shape = {c.B, 1, c.H, c.dk, c.dv};
+    p.q = at(d.q, c.dk);
+    p.k = at(d.k, c.dk);
+    p.v = at(d.v, c.dv);
+    if (c.gate) p.g = at(d.g, c.dv);
+    p.o = at(y, c.dv);
+    p.log_decay = d.decay.as<float>();
+    p.scale = static_cast<float>(m.scale);
+    p.state = state.as<float>();
+    p.offsets = m.offsets.empty() && t == 0 ? nullptr : offsets.as<std::int64_t>();
+    p.opt = d.opt(m);
+    DeviceBuffer workspace(rk::msr_step_workspace_bytes(p));
+    p.workspace = workspace.ptr;
+    p.counters = counters.as<unsigned>();
+    const OneLaunch one;
+    const gpu::error_t err = rk::launch_msr_step(p);
+    EXPECT_EQ(err, gpu::kSuccess) << gpu::error_string(err);
+    one.check("msr_step");
+    EXPECT_EQ(gpu::synchronize(), gpu::kSuccess);
+  }
+  StepRun r{y.download(), state.download_f32(), std::vector<unsigned>(rk::kMsrStepCounters)};
+  gpu::copy_to_host(r.counters.data(), counters.ptr, counters.bytes);
+  return r;
+}
 
-  rk::MsrStepParams p;
-  p.dtype = c.dtype;
-  ASSERT_EQ(c.T, 1);
-  p.shape = {c.B, 1, c.H, c.dk, c.dv};
-  p.q = bthd(d.q.ptr, c, c.dk);
-  p.k = bthd(d.k.ptr, c, c.dk);
-  p.v = bthd(d.v.ptr, c, c.dv);
-  if (c.gate) p.g = bthd(d.g.ptr, c, c.dv);
-  p.o = bthd(y.ptr, c, c.dv);
-  p.log_decay = d.decay.as<float>();
-  p.scale = static_cast<float>(m.scale);
-  p.state = state.as<float>();
-  p.offsets = m.offsets.empty() ? nullptr : d.offsets.as<std::int64_t>();
-  p.opt = d.opt(m);
-  const OneLaunch one;
-  GPU_OK(rk::launch_msr_step(p));
-  one.check("msr_step");
-  GPU_OK(gpu::synchronize());
+void expect_steps_match(const Config& cfg, unsigned seed) {
+  Msr m = make_msr(cfg, seed);
+  DeviceMsr d(m);
+  const Ref ref = reference(m);
+  const StepRun got = run_steps(m, d);
+  expect_close(decode(cfg.dtype, got.y), ref.y, tolerance(cfg.dtype), "y");
+  expect_close(got.state, ref.sT, 1e-5, "state");
+  std::size_t nonzero = 0;
+  for (unsigned x : got.counters) nonzero += x != 0;
+  EXPECT_EQ(nonzero, 0u) << "step counters not restored to zero";
+}
 
-  expect_close(decode(c.dtype, y.download()), ref.y, tolerance(c.dtype), "y");
-  expect_close(state.download_f32(), ref.sT, 1e-5, "state");
+class MsrStep : public testing::TestWithParam<Config> {};
+
+TEST_P(MsrStep, MatchesReference) {
+  SKIP_WITHOUT_DEVICE();
+  ASSERT_EQ(GetParam().T, 1);
+  expect_steps_match(GetParam(), 13);
+}
+
+// Two steps in a row: the state is carried, and the second call finds the counters at zero.
+TEST_P(MsrStep, TwoStepsMatchReference) {
+  SKIP_WITHOUT_DEVICE();
+  Config c = GetParam();
+  c.T = 2;
+  expect_steps_match(c, 17);
 }
 
 std::vector<Config> step_configs() {
@@ -641,6 +713,19 @@ std::vector<Config> step_configs() {
     out.push_back({t, 3, 1, 2, 60, 432, {}, 1, true, true, true, true, true, 123456});
     out.push_back({t, 2, 1, 3, 128, 432, {}, 2, true, false, false, false, true, 5});
   }
+  // Batch 1, where each head is spread over CTAs (column tiles x dk slices): RetNet's head
+  // shape, dk = 60 (slices not a multiple of the row groups), dv not a multiple of the column
+  // tile, 1 to 16 heads, every epilogue option on and off.
+  out.push_back({D::kF32, 1, 1, 8, 256, 512, {}, 1, true, true, true, true, true, 77});
+  out.push_back({D::kBF16, 1, 1, 1, 256, 432, {}, 2, true, false, true, false, true, 3});
+  out.push_back({D::kF16, 1, 1, 16, 60, 100, {}, 1, true, true, false, true, false, 9});
+  out.push_back({D::kF32, 1, 1, 3, 60, 432, {}, 0, false, false, true, true, true, 0});
+  out.push_back({D::kBF16, 1, 1, 5, 128, 128, {}, 2, false, false, false, false, true, 11});
+  out.push_back({D::kF32, 1, 1, 2, 256, 48, {}, 1, true, true, true, false, true, 40});
+  // Column tiles alone fill the SMs (no dk slices), the norm still needs them to meet.
+  out.push_back({D::kF16, 4, 1, 16, 16, 520, {}, 2, true, true, true, true, true, 6});
+  // Enough heads that the norm keeps one CTA per head (B H >= the SMs; the emulator has 132).
+  out.push_back({D::kBF16, 12, 1, 11, 8, 130, {}, 1, true, true, true, true, true, 2});
   return out;
 }
 
