@@ -45,17 +45,33 @@ at::Tensor check_step(const char* who, const at::Tensor& tokens, const RetNetSta
               tokens.sizes());
   TORCH_CHECK(state.layers.size() == num_layers, who, ": state has ", state.layers.size(),
               " layers, the model ", num_layers);
-  auto ids = tokens.to(device, at::kLong);
-  if (N > 0) {
-    const auto lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
+  // The id range is checked where that costs no device round trip: on the host for host tokens;
+  // for tokens already on a GPU by an asynchronous device assert, so a decode step never waits
+  // for the device (and can be captured in a CUDA graph).
+  if (N > 0 && tokens.device().is_cpu()) {
+    const auto lo = tokens.min().item<int64_t>(), hi = tokens.max().item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi < vocab_size, who, ": token ids must be in [0, ", vocab_size,
                 "), got ", lo < 0 ? lo : hi);
+  }
+  auto ids = tokens.to(device, at::kLong);
+  if (N > 0 && ids.is_cuda() && !tokens.device().is_cpu()) {
+    at::_assert_async(at::logical_and(ids >= 0, ids < vocab_size).all());
   }
   for (size_t l = 0; l < num_layers; ++l) {
     TORCH_CHECK(state.layers[l].is_contiguous() && state.layers[l].device() == device, who,
                 ": state of layer ", l, " must be contiguous and on ", device);
   }
   return ids;
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
+  if (x.is_cpu() && x.dim() >= 1 && x.numel() == x.size(-1) && x.scalar_type() == at::kFloat &&
+      weight.scalar_type() == at::kFloat) {
+    auto sizes = x.sizes().vec();
+    sizes.back() = weight.size(0);
+    return at::mv(weight, x.reshape({-1})).view(sizes);
+  }
+  return at::linear(x, weight);
 }
 
 std::pair<at::Tensor, at::Tensor> pack_prompts(const char* who,

@@ -127,9 +127,9 @@ Tensor FlaRetNet::block(const Layer& layer, const Tensor& x, Retain&& retain) co
   const int64_t dk = config_.head_k_dim(), dv = config_.head_v_dim();
   const double eps = config_.norm_eps;
   const auto a = rms_norm(x, layer.attn_norm, eps);
-  Tensor q = at::linear(a, layer.wq).view({B, T, H, dk});
-  Tensor k = at::linear(a, layer.wk).view({B, T, Hkv, dk});
-  Tensor v = at::linear(a, layer.wv).view({B, T, Hkv, dv});
+  Tensor q = detail::linear(a, layer.wq).view({B, T, H, dk});
+  Tensor k = detail::linear(a, layer.wk).view({B, T, Hkv, dk});
+  Tensor v = detail::linear(a, layer.wv).view({B, T, Hkv, dv});
   if (!config_.feature_map.empty()) {
     q = feature_map(config_.feature_map, q);
     k = feature_map(config_.feature_map, k);
@@ -139,16 +139,16 @@ Tensor FlaRetNet::block(const Layer& layer, const Tensor& x, Retain&& retain) co
     v = v.repeat_interleave(H / Hkv, 2);
   }
   Tensor g;
-  if (config_.use_output_gate) g = at::linear(a, layer.wg).view({B, T, H, dv});
+  if (config_.use_output_gate) g = detail::linear(a, layer.wg).view({B, T, H, dv});
   const Tensor y = retain(q, k, v, g);  // [B, T, H, dv]
-  const auto h = x + at::linear(y.reshape({B, T, H * dv}), layer.wo);
+  const auto h = x + detail::linear(y.reshape({B, T, H * dv}), layer.wo);
   const auto n = rms_norm(h, layer.mlp_norm, eps);
-  return h + at::linear(at::silu(at::linear(n, layer.gate_proj)) * at::linear(n, layer.up_proj),
+  return h + detail::linear(at::silu(detail::linear(n, layer.gate_proj)) * detail::linear(n, layer.up_proj),
                         layer.down_proj);
 }
 
 Tensor FlaRetNet::head(const Tensor& x) const {
-  return at::linear(rms_norm(x, final_norm_, config_.norm_eps), lm_head_);
+  return detail::linear(rms_norm(x, final_norm_, config_.norm_eps), lm_head_);
 }
 
 std::pair<Tensor, RetNetState> FlaRetNet::forward(const Tensor& tokens, const Tensor& cu_seqlens,

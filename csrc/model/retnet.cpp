@@ -333,18 +333,18 @@ Tensor RetNet::block(const Layer& layer, const Tensor& x, Retain&& retain) const
   const int64_t B = x.size(0), T = x.size(1), H = config_.num_heads;
   const int64_t dk = config_.key_head_dim(), dv = config_.value_head_dim();
   const auto h = rms_norm(x, layer.attn_norm, config_.layernorm_eps);
-  const auto q = at::linear(h, layer.wq).view({B, T, H, dk});
-  const auto k = (at::linear(h, layer.wk) * std::pow(static_cast<double>(dk), -0.5)).view({B, T, H, dk});
-  const auto v = at::linear(h, layer.wv).view({B, T, H, dv});
-  const auto g = at::linear(h, layer.wg).view({B, T, H, dv});
+  const auto q = detail::linear(h, layer.wq).view({B, T, H, dk});
+  const auto k = (detail::linear(h, layer.wk) * std::pow(static_cast<double>(dk), -0.5)).view({B, T, H, dk});
+  const auto v = detail::linear(h, layer.wv).view({B, T, H, dv});
+  const auto g = detail::linear(h, layer.wg).view({B, T, H, dv});
   const Tensor y = retain(q, k, v, g);
-  const auto r = x + at::linear(y.reshape({B, T, config_.value_dim}), layer.wo);
+  const auto r = x + detail::linear(y.reshape({B, T, config_.value_dim}), layer.wo);
   const auto n = rms_norm(r, layer.ffn_norm, config_.layernorm_eps);
-  return r + at::linear(at::silu(at::linear(n, layer.fc1)) * at::linear(n, layer.gate), layer.fc2);
+  return r + detail::linear(at::silu(detail::linear(n, layer.fc1)) * detail::linear(n, layer.gate), layer.fc2);
 }
 
 Tensor RetNet::head(const Tensor& x) const {
-  return at::linear(rms_norm(x, final_norm_, config_.layernorm_eps), output_);
+  return detail::linear(rms_norm(x, final_norm_, config_.layernorm_eps), output_);
 }
 
 std::pair<Tensor, RetNetState> RetNet::forward(const Tensor& tokens, const Tensor& cu_seqlens,

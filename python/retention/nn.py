@@ -45,6 +45,7 @@ __all__ = [
     "RetNetDecoderLayer",
     "RetNet",
     "StaticDecodeStep",
+    "Linear",
 ]
 
 _FORMS = {"parallel": "parallel", "chunk": "chunk", "chunkwise": "chunk", "recurrent": "recurrent"}
@@ -64,6 +65,23 @@ def _activation(name: str):
     if name == "relu":
         return F.relu
     raise ValueError(f"unsupported gate/activation function {name!r} (use 'swish', 'gelu' or 'relu')")
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` without bias whose single fp32 CPU row (decode at batch 1) is a
+    matrix-vector product: the BLAS's GEMM packs the weight matrix on every call, which for one
+    row costs several times the single read of the weights that gemv does
+    (docs/cpu-performance.md, "Decode at batch 1"). Same parameters and state-dict names."""
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if x.is_cpu and x.dim() >= 1 and x.numel() == x.shape[-1] and x.dtype == torch.float32 \
+                and w.dtype == torch.float32:
+            return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
+        return F.linear(x, w)
 
 
 def rotate_every_two(x: Tensor) -> Tensor:
@@ -268,11 +286,11 @@ class MultiScaleRetention(nn.Module):
         # The fused op has the swish gate built in; other gates run the unfused composition.
         self.fused = bool(fused) and str(gate_fn).lower() in ("swish", "silu")
 
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=False)
-        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=False)
-        self.v_proj = nn.Linear(embed_dim, value_dim, bias=False)
-        self.g_proj = nn.Linear(embed_dim, value_dim, bias=False)
-        self.out_proj = nn.Linear(value_dim, embed_dim, bias=False)
+        self.q_proj = Linear(embed_dim, embed_dim)
+        self.k_proj = Linear(embed_dim, embed_dim)
+        self.v_proj = Linear(embed_dim, value_dim)
+        self.g_proj = Linear(embed_dim, value_dim)
+        self.out_proj = Linear(value_dim, embed_dim)
 
         if isinstance(decay, str):
             if decay == "retnet":
@@ -487,9 +505,9 @@ class GLU(nn.Module):
         super().__init__()
         self.activation_fn = activation_fn
         self.act = _activation(activation_fn)
-        self.fc1 = nn.Linear(embed_dim, ffn_dim, bias=False)
-        self.gate = nn.Linear(embed_dim, ffn_dim, bias=False)
-        self.fc2 = nn.Linear(ffn_dim, embed_dim, bias=False)
+        self.fc1 = Linear(embed_dim, ffn_dim)
+        self.gate = Linear(embed_dim, ffn_dim)
+        self.fc2 = Linear(ffn_dim, embed_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)) * self.gate(x))
@@ -548,7 +566,7 @@ class RetNet(nn.Module):
                                chunk_size=chunk_size, decay=decay, gate_fn=gate_fn, activation_fn=activation_fn)
             for _ in range(num_layers)])
         self.layer_norm = RMSNorm(embed_dim, eps=layernorm_eps)
-        self.output_projection = nn.Linear(embed_dim, vocab_size, bias=False)
+        self.output_projection = Linear(embed_dim, vocab_size)
         nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=embed_dim ** -0.5)
         nn.init.normal_(self.output_projection.weight, mean=0.0, std=embed_dim ** -0.5)
         if tie_embeddings:

@@ -41,6 +41,7 @@ except ImportError as e:  # optional dependency: say how to get it
         "pip install 'retention[hf]' (or: pip install transformers safetensors)") from e
 
 from .. import functional as _rf
+from ..nn import Linear as _Linear
 
 __all__ = ["RetNetConfig", "RetNetModel", "RetNetForCausalLM", "RetNetCache",
            "check_checkpoint_dir", "CheckpointError"]
@@ -248,9 +249,9 @@ class HeadRMSNorm(nn.Module):
 class GatedMLP(nn.Module):
     def __init__(self, hidden_size, intermediate_size):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = _Linear(hidden_size, intermediate_size)
+        self.up_proj = _Linear(hidden_size, intermediate_size)
+        self.down_proj = _Linear(intermediate_size, hidden_size)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -276,12 +277,12 @@ class MultiScaleRetention(nn.Module):
         self.head_k_dim, self.head_v_dim, self.eps = dk, dv, config.norm_eps
         self.use_output_gate = config.use_output_gate
         self.feature_map_fn = ACT2FN[config.feature_map] if config.feature_map is not None else None
-        self.q_proj = nn.Linear(D, H * dk, bias=False)
-        self.k_proj = nn.Linear(D, Hkv * dk, bias=False)
-        self.v_proj = nn.Linear(D, Hkv * dv, bias=False)
+        self.q_proj = _Linear(D, H * dk)
+        self.k_proj = _Linear(D, Hkv * dk)
+        self.v_proj = _Linear(D, Hkv * dv)
         if self.use_output_gate:
-            self.g_proj = nn.Linear(D, H * dv, bias=False)
-        self.o_proj = nn.Linear(H * dv, D, bias=False)
+            self.g_proj = _Linear(D, H * dv)
+        self.o_proj = _Linear(H * dv, D)
         # FLA names the norm after whether it is fused with the swish gate (hidden_act is swish).
         norm = HeadRMSNorm(dv, bool(config.elementwise_affine))
         self.norm_name = "g_norm_swish_gate" if config.fuse_norm and self.use_output_gate else "g_norm"
@@ -461,7 +462,7 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
     def __init__(self, config):
         super().__init__(config)
         self.model = RetNetModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = _Linear(config.hidden_size, config.vocab_size)
         self.post_init()
 
     def get_input_embeddings(self):
