@@ -2,6 +2,8 @@
 // (see decoding.h).
 #include "model/decoding.h"
 
+#include "model/gemv.h"
+
 namespace retention {
 namespace detail {
 
@@ -65,13 +67,25 @@ at::Tensor check_step(const char* who, const at::Tensor& tokens, const RetNetSta
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
-  if (x.is_cpu() && x.dim() >= 1 && x.numel() == x.size(-1) && x.scalar_type() == at::kFloat &&
-      weight.scalar_type() == at::kFloat) {
-    auto sizes = x.sizes().vec();
-    sizes.back() = weight.size(0);
-    return at::mv(weight, x.reshape({-1})).view(sizes);
+  const auto is_f32_or_bf16 = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
+  };
+  const bool one_row = x.dim() >= 1 && x.numel() == x.size(-1);
+  const bool needs_grad = at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad());
+  if (!one_row || !x.is_cpu() || !weight.is_cpu() || weight.dim() != 2 || weight.size(1) != x.size(-1) ||
+      !weight.is_contiguous() || !is_f32_or_bf16(x) || !is_f32_or_bf16(weight) || needs_grad) {
+    return at::linear(x, weight);
   }
-  return at::linear(x, weight);
+  const auto xf = x.reshape({-1}).to(at::kFloat).contiguous();
+  auto y = at::empty({weight.size(0)}, xf.options());
+  if (weight.scalar_type() == at::kFloat) {
+    gemv(weight.data_ptr<float>(), xf.data_ptr<float>(), y.data_ptr<float>(), weight.size(0), weight.size(1));
+  } else {
+    gemv(weight.data_ptr<c10::BFloat16>(), xf.data_ptr<float>(), y.data_ptr<float>(), weight.size(0), weight.size(1));
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = weight.size(0);
+  return y.to(x.scalar_type()).view(sizes);
 }
 
 std::pair<at::Tensor, at::Tensor> pack_prompts(const char* who,

@@ -1,0 +1,20 @@
+// One row times a weight matrix on the CPU, the projections of a decode step at batch 1
+// (internal, used by detail::linear). Why not the BLAS: docs/cpu-performance.md, "Decode at
+// batch 1".
+#pragma once
+
+#include <cstdint>
+
+#include <c10/util/BFloat16.h>
+
+namespace retention {
+namespace detail {
+
+// y[n] = sum_k w[n * K + k] x[k] for n in [0, N): w row-major, fp32 or bf16; x, y fp32 (no
+// aliasing); products and sums in fp32. Each y[n] is summed in one fixed order whatever the
+// thread count (rows are split over at::parallel_for).
+void gemv(const float* w, const float* x, float* y, int64_t N, int64_t K);
+void gemv(const c10::BFloat16* w, const float* x, float* y, int64_t N, int64_t K);
+
+}  // namespace detail
+}  // namespace retention
