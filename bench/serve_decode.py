@@ -12,7 +12,8 @@ Method
 - Python: chunk-form prefill, then the loop of RetNet.generate (argmax, RetNet.step); a few
   warm-up steps, then the mean step time over --steps steps. tokens/s = B / step time.
 - C++: `retention-generate --ids <16 tokens> --batch B --max-new-tokens steps+1 --json`, the
-  app's own decode timing (every step: embedding, layers, head, argmax on the CPU).
+  app's own decode timing (every step: embedding, layers, head, argmax on the CPU); at B=1 also
+  with `--dtype bf16` (the weights cast to bf16 at load).
 - Prefill: one prompt of --prefill-len tokens, chunk form (C++: packed prefill; Python: forward).
 - Memory bandwidth: best time of `x.sum()` over a 1 GiB fp32 tensor (all threads); the weights'
   read time is measured directly too (sum of every weight tensor, best of 5).
@@ -156,11 +157,11 @@ def python_prefill(model, T):
     return dict(seconds=best, tokens_per_s=T / best, cpu_tokens_per_s=T / best_cpu, bg_cores=b.bg_cores)
 
 
-def run_app(app, ckpt, ids, B, new_tokens):
+def run_app(app, ckpt, ids, B, new_tokens, dtype="auto"):
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     cmd = [app, "--checkpoint", ckpt, "--ids", ",".join(map(str, ids)), "--batch", str(B), "--threads", str(THREADS),
-           "--max-new-tokens", str(new_tokens), "--quiet", "--json", out]
+           "--max-new-tokens", str(new_tokens), "--dtype", dtype, "--quiet", "--json", out]
     with Busy() as b:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
     with open(out) as f:
@@ -171,12 +172,12 @@ def run_app(app, ckpt, ids, B, new_tokens):
     return r
 
 
-def cpp_decode(app, ckpt, vocab, B, steps):
+def cpp_decode(app, ckpt, vocab, B, steps, dtype="auto"):
     ids = torch.randint(0, vocab, (16,), generator=torch.Generator().manual_seed(B)).tolist()
     # The first steps warm up the allocator and caches: time steps+4 and also run a short one to
     # subtract (both runs share the prefill, which the app times separately).
-    long = run_app(app, ckpt, ids, B, steps + 5)
-    short = run_app(app, ckpt, ids, B, 5)
+    long = run_app(app, ckpt, ids, B, steps + 5, dtype)
+    short = run_app(app, ckpt, ids, B, 5, dtype)
     dt = (long["decode_seconds"] - short["decode_seconds"]) / steps
     return dict(step_ms=dt * 1e3, tokens_per_s=B / dt, cpu_step_ms=(long["decode_cpu_seconds"] - short["decode_cpu_seconds"]) / steps * 1e3,
                 bg_cores=max(long["bg_cores"] or 0, short["bg_cores"] or 0), peak_rss_mib=long["peak_rss_mib"])
@@ -235,6 +236,7 @@ def main(argv=None):
             row[f"py_B{B}"] = python_decode(model, B, steps)
             row[f"cpp_B{B}"] = cpp_decode(a.app, ckpt, cfg["vocab_size"], B, steps)
             print(name, B, row[f"py_B{B}"], row[f"cpp_B{B}"], flush=True)
+        row["cpp_bf16_B1"] = cpp_decode(a.app, ckpt, cfg["vocab_size"], 1, steps, dtype="bf16")
         D, Dv, F, V = cfg["embed_dim"], cfg["value_dim"], cfg["ffn_dim"], cfg["vocab_size"]
         row["projections"] = {f"{K}x{N}": one_row_projection(K, N) for K, N in sorted({(D, D), (D, Dv), (Dv, D),
                                                                                     (D, F), (F, D), (D, V)})}
@@ -292,6 +294,11 @@ def main(argv=None):
                      f"(**{c['cpu_step_ms'] / r['bw_cpu_read_ms']:.2f}x**; summing every weight tensor took "
                      f"{r['weights_read_cpu_ms']:.2f} ms CPU). Wall clock: {c['step_ms']:.2f} ms vs "
                      f"{r['bw_read_ms']:.2f} ms at {bw:.2f} GB/s.")
+            cb = r["cpp_bf16_B1"]
+            L.append(f"  - bf16 weights (`--dtype bf16`, fp32 accumulation): {cb['cpu_step_ms']:.2f} ms CPU per token, "
+                     f"{cb['cpu_step_ms'] / r['bw_cpu_read_ms']:.2f}x the fp32 weights' read time, "
+                     f"{2 * cb['cpu_step_ms'] / r['bw_cpu_read_ms']:.2f}x the bf16 weights' "
+                     f"({r['weight_bytes'] / 2 ** 21:.1f} MiB).")
     L += ["", f"Prefill, one prompt of {a.prefill_len} tokens (chunk form), tokens/s:", "",
           "| model | Python (wall / CPU) | C++ (wall / CPU) |", "|---|---|---|"]
     for r in rows:
