@@ -37,10 +37,10 @@ std::pair<at::Tensor, at::Tensor> pack_prompts(const char* who,
                                                const std::vector<std::vector<int64_t>>& prompts);
 
 // at::linear(x, weight) without bias. A single row on the CPU (decode at batch 1) with fp32 or
-// bf16 weights goes to detail::gemv (fp32 products and sums, the result in x's dtype): the BLAS's
-// GEMM packs the weight matrix on every call, which for one row costs several times one read of
-// the weights, its gemv streams them at two thirds of the rate of ours, and torch's bf16 CPU
-// kernels are slower than fp32 (docs/cpu-performance.md, "Decode at batch 1").
+// bf16 weights goes to detail::gemv (fp32 products and sums, the result in x's dtype): OpenBLAS's
+// GEMM of one row costs several times its gemv on matrices of a few MiB, its gemv streams the
+// weights at two thirds of the rate of ours, and torch's bf16 CPU kernels are slower than fp32
+// (measured: docs/cpu-performance.md, "Decode at batch 1").
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight);
 
 // Prefill, then max_new_tokens sampled tokens per prompt (Python's RetNet.generate order: the

@@ -69,9 +69,9 @@ def _activation(name: str):
 
 class Linear(nn.Linear):
     """``nn.Linear`` without bias whose single fp32 CPU row (decode at batch 1) is a
-    matrix-vector product: the BLAS's GEMM packs the weight matrix on every call, which for one
-    row costs several times the single read of the weights that gemv does
-    (docs/cpu-performance.md, "Decode at batch 1"). Same parameters and state-dict names."""
+    matrix-vector product: OpenBLAS's GEMM of one row costs several times its gemv on matrices
+    of a few MiB (measured: docs/cpu-performance.md, "Decode at batch 1"). Same parameters and
+    state-dict names."""
 
     def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
