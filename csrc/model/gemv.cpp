@@ -37,10 +37,10 @@ inline void load(const c10::BFloat16* p, f32x16& v) {
 }
 
 // One weight row at a time, one sequential stream (four interleaved rows ran at two thirds of
-// the rate). Compiled for AVX-512, AVX2 and baseline x86-64, picked at load time.
+// the rate).
 template <class W>
-__attribute__((target_clones("avx512f", "avx2", "default"))) void gemv_rows(const W* w, const float* x, float* y,
-                                                                           int64_t begin, int64_t end, int64_t K) {
+__attribute__((always_inline)) inline void gemv_rows(const W* w, const float* x, float* y, int64_t begin, int64_t end,
+                                                     int64_t K) {
   for (int64_t n = begin; n < end; ++n) {
     const W* row = w + n * K;
     f32x16 acc[kAcc] = {};
@@ -65,17 +65,73 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void gemv_rows(cons
   }
 }
 
+// The loop above compiled for AVX-512, AVX2 + FMA and baseline x86-64, chosen once at run time.
+// Not target_clones: its ifunc resolver runs while the loader relocates, before a sanitizer's
+// runtime is up, and crashes the TSan build.
 template <class W>
-void gemv_parallel(const W* w, const float* x, float* y, int64_t N, int64_t K) {
+using RowsFn = void (*)(const W*, const float*, float*, int64_t, int64_t, int64_t);
+template <class W>
+__attribute__((target("avx512f"))) void gemv_rows_avx512(const W* w, const float* x, float* y, int64_t b, int64_t e,
+                                                         int64_t K) {
+  gemv_rows(w, x, y, b, e, K);
+}
+template <class W>
+__attribute__((target("avx2,fma"))) void gemv_rows_avx2(const W* w, const float* x, float* y, int64_t b, int64_t e,
+                                                        int64_t K) {
+  gemv_rows(w, x, y, b, e, K);
+}
+template <class W>
+void gemv_rows_baseline(const W* w, const float* x, float* y, int64_t b, int64_t e, int64_t K) {
+  gemv_rows(w, x, y, b, e, K);
+}
+bool supported(GemvIsa isa) {
+  switch (isa) {
+    case GemvIsa::kAvx512: return __builtin_cpu_supports("avx512f");
+    case GemvIsa::kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    default: return true;
+  }
+}
+template <class W>
+RowsFn<W> rows_for(GemvIsa isa) {
+  return isa == GemvIsa::kAvx512 ? gemv_rows_avx512<W> : isa == GemvIsa::kAvx2 ? gemv_rows_avx2<W> : gemv_rows_baseline<W>;
+}
+template <class W>
+RowsFn<W> pick_rows() {
+  for (GemvIsa isa : {GemvIsa::kAvx512, GemvIsa::kAvx2})
+    if (supported(isa)) return rows_for<W>(isa);
+  return gemv_rows_baseline<W>;
+}
+
+template <class W>
+void gemv_parallel(RowsFn<W> rows, const W* w, const float* x, float* y, int64_t N, int64_t K) {
   // Rows of at least ~64 KiB of weights per task, so that thread start-up stays small.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, K * int64_t{sizeof(W)}));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { gemv_rows(w, x, y, begin, end, K); });
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { rows(w, x, y, begin, end, K); });
+}
+
+template <class W>
+void gemv_picked(const W* w, const float* x, float* y, int64_t N, int64_t K) {
+  static const RowsFn<W> rows = pick_rows<W>();
+  gemv_parallel(rows, w, x, y, N, K);
+}
+
+template <class W>
+bool gemv_isa(GemvIsa isa, const W* w, const float* x, float* y, int64_t N, int64_t K) {
+  if (!supported(isa)) return false;
+  gemv_parallel(rows_for<W>(isa), w, x, y, N, K);
+  return true;
 }
 
 }  // namespace
 
-void gemv(const float* w, const float* x, float* y, int64_t N, int64_t K) { gemv_parallel(w, x, y, N, K); }
-void gemv(const c10::BFloat16* w, const float* x, float* y, int64_t N, int64_t K) { gemv_parallel(w, x, y, N, K); }
+void gemv(const float* w, const float* x, float* y, int64_t N, int64_t K) { gemv_picked(w, x, y, N, K); }
+void gemv(const c10::BFloat16* w, const float* x, float* y, int64_t N, int64_t K) { gemv_picked(w, x, y, N, K); }
+bool gemv_on(GemvIsa isa, const float* w, const float* x, float* y, int64_t N, int64_t K) {
+  return gemv_isa(isa, w, x, y, N, K);
+}
+bool gemv_on(GemvIsa isa, const c10::BFloat16* w, const float* x, float* y, int64_t N, int64_t K) {
+  return gemv_isa(isa, w, x, y, N, K);
+}
 
 }  // namespace detail
 }  // namespace retention

@@ -16,5 +16,11 @@ namespace detail {
 void gemv(const float* w, const float* x, float* y, int64_t N, int64_t K);
 void gemv(const c10::BFloat16* w, const float* x, float* y, int64_t N, int64_t K);
 
+// The same on one instruction-set variant (gemv picks the widest the CPU has), so that tests reach
+// every variant the machine runs; returns false, doing nothing, where the CPU lacks it.
+enum class GemvIsa { kBaseline, kAvx2, kAvx512 };
+bool gemv_on(GemvIsa isa, const float* w, const float* x, float* y, int64_t N, int64_t K);
+bool gemv_on(GemvIsa isa, const c10::BFloat16* w, const float* x, float* y, int64_t N, int64_t K);
+
 }  // namespace detail
 }  // namespace retention

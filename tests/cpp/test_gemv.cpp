@@ -25,8 +25,8 @@ float widen(c10::BFloat16 v) {
 
 // Any summation order of K fp32 products is within K u sum |w x| of the exact sum (u = 2^-24,
 // plus the product's own rounding), so that is the bound, whatever the lanes and tails do.
-template <class W>
-void check(int64_t N, int64_t K, unsigned seed) {
+template <class W, class Gemv>
+void check(int64_t N, int64_t K, unsigned seed, Gemv&& run) {
   std::mt19937 g(seed);
   std::normal_distribution<float> nd;
   std::vector<W> w(N * K);
@@ -34,7 +34,7 @@ void check(int64_t N, int64_t K, unsigned seed) {
   for (auto& v : w) v = W(nd(g));
   for (auto& v : x) v = nd(g);
   std::vector<float> y(N, std::nanf(""));  // poisoned
-  gemv(w.data(), x.data(), y.data(), N, K);
+  run(w.data(), x.data(), y.data(), N, K);
   for (int64_t n = 0; n < N; ++n) {
     double ref = 0, mag = 0;
     for (int64_t k = 0; k < K; ++k) {
@@ -47,14 +47,35 @@ void check(int64_t N, int64_t K, unsigned seed) {
   }
 }
 
-TEST(Gemv, MatchesFloat64Reference) {
-  // K around the 64 lanes (tails of 0, 1 and 63), a RetNet width, a single element; N = 1 and odd.
+// K around the 64 lanes (tails of 0, 1 and 63), a RetNet width, a single element; N = 1 and odd.
+template <class Gemv>
+void check_shapes(Gemv&& run) {
   for (int64_t K : {1, 5, 63, 64, 65, 127, 129, 1000, 1536}) {
     for (int64_t N : {1, 7, 130}) {
-      check<float>(N, K, static_cast<unsigned>(N * 7919 + K));
-      check<c10::BFloat16>(N, K, static_cast<unsigned>(N * 104729 + K));
+      check<float>(N, K, static_cast<unsigned>(N * 7919 + K), run);
+      check<c10::BFloat16>(N, K, static_cast<unsigned>(N * 104729 + K), run);
     }
   }
+}
+
+TEST(Gemv, MatchesFloat64Reference) {
+  check_shapes([](const auto* w, const float* x, float* y, int64_t N, int64_t K) { gemv(w, x, y, N, K); });
+}
+
+// Each instruction-set variant this CPU runs (the widest is what gemv picks; the others run on
+// other machines).
+TEST(Gemv, EveryVariantMatchesFloat64Reference) {
+  using retention::detail::GemvIsa;
+  int ran = 0;
+  for (GemvIsa isa : {GemvIsa::kBaseline, GemvIsa::kAvx2, GemvIsa::kAvx512}) {
+    float probe_w = 1.f, probe_x = 1.f, probe_y = 0.f;
+    if (!retention::detail::gemv_on(isa, &probe_w, &probe_x, &probe_y, 1, 1)) continue;
+    ++ran;
+    check_shapes([isa](const auto* w, const float* x, float* y, int64_t N, int64_t K) {
+      ASSERT_TRUE(retention::detail::gemv_on(isa, w, x, y, N, K));
+    });
+  }
+  EXPECT_GE(ran, 1);  // the baseline runs everywhere
 }
 
 TEST(Gemv, EmptyShapes) {
