@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Serving an FLA-format RetNet from C++ on the CPU: decode tokens/s at B=1 and prefill tokens/s
+"""Serving an FLA-format RetNet from C++ on the CPU: decode tokens/s at B=1 and 8 and prefill tokens/s
 of retention-generate (retention::FlaRetNet), against the time it takes to read the weights once.
 
 Model: FLA's 1.3B RetNet configuration (hidden 2048, 24 layers, 8 heads, expand_k 1, expand_v 2,
@@ -14,7 +14,8 @@ Runs, one app process each, as a user would start it:
 Method
 - decode: `--ids <1 token> --max-new-tokens N+2` minus a run with 2 new tokens, from the app's
   own decode timing (so the first steps, which also fault the mapped weights in, and the
-  prefill are not counted): seconds per step, tokens/s = 1 / that.
+  prefill are not counted): seconds per step, tokens/s = 1 / that; the same with `--batch 8`
+  (8 copies of the prompt decoded as one batch: tokens/s = 8 / seconds per step).
 - prefill: one prompt of --prefill-len random tokens, the app's prefill timing (chunk form).
 - memory read bandwidth: best `x.sum()` over 1 GiB fp32 with the same threads
   (serve_decode.bandwidth_gbs); the weights' read time is their bytes / that bandwidth.
@@ -102,13 +103,17 @@ def measure(app, model, vocab, threads, steps, prefill_len, extra):
     short = run_app(app, model, one, 2, threads, extra)
     dt = (long["decode_seconds"] - short["decode_seconds"]) / steps
     dt_cpu = (long["decode_cpu_seconds"] - short["decode_cpu_seconds"]) / steps
+    long8 = run_app(app, model, one, steps + 2, threads, extra + ["--batch", "8"])
+    short8 = run_app(app, model, one, 2, threads, extra + ["--batch", "8"])
+    dt8 = (long8["decode_seconds"] - short8["decode_seconds"]) / steps
     ids = torch.randint(0, vocab, (prefill_len,), generator=torch.Generator().manual_seed(1)).tolist()
     pre = run_app(app, model, ids, 1, threads, extra)
-    return dict(step_s=dt, cpu_step_s=dt_cpu, tokens_per_s=1 / dt, prefill_tokens=prefill_len,
+    return dict(step_s=dt, cpu_step_s=dt_cpu, tokens_per_s=1 / dt, step_s_b8=dt8, tokens_per_s_b8=8 / dt8,
+                prefill_tokens=prefill_len,
                 prefill_s=pre["prefill_seconds"], prefill_cpu_s=pre["prefill_cpu_seconds"],
                 prefill_tokens_per_s=prefill_len / pre["prefill_seconds"], load_s=long["load_seconds"],
                 peak_rss_mib=max(long["peak_rss_mib"], pre["peak_rss_mib"]), model_line=long["model_line"],
-                bg_cores=max(x["bg_cores"] or 0 for x in (long, short, pre)))
+                bg_cores=max(x["bg_cores"] or 0 for x in (long, short, long8, short8, pre)))
 
 
 def main(argv=None):
@@ -163,12 +168,13 @@ def main(argv=None):
          f"- memory read bandwidth (`x.sum()` over 1 GiB fp32): **{bw:.2f} GB/s** wall clock, "
          f"{bw_cpu:.2f} GB/s per CPU second", "",
          "| weights | bytes | load (mmap) | decode B=1: s/token (CPU s) | tokens/s | read weights once at the "
-         "bandwidth | token / read | prefill tokens/s (CPU) | peak RSS |",
-         "|---|---|---|---|---|---|---|---|---|"]
+         "bandwidth | token / read | decode B=8: s/step | tokens/s | prefill tokens/s (CPU) | peak RSS |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for dt, r in rows.items():
         read_s = r["weight_bytes"] / bw / 1e9
         L.append(f"| {dt} | {r['weight_bytes'] / 2 ** 30:.2f} GiB | {r['load_s']:.2f} s | {r['step_s']:.3f} "
                  f"({r['cpu_step_s']:.3f}) | {r['tokens_per_s']:.2f} | {read_s:.3f} s | {r['step_s'] / read_s:.1f}x | "
+                 f"{r['step_s_b8']:.3f} | {r['tokens_per_s_b8']:.2f} | "
                  f"{r['prefill_tokens_per_s']:.1f} ({r['prefill_tokens'] / max(r['prefill_cpu_s'], 1e-9) * a.threads:.1f}) | "
                  f"{r['peak_rss_mib'] / 1024:.2f} GiB |")
     L += ["", f"Decode: {steps} steps timed after 2 untimed ones, prompt of 1 token; prefill: one prompt of "
