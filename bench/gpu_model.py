@@ -319,7 +319,7 @@ def decode_kernel(kind, B, H, dk, dv, ptx):
     # before the rotary angles, so one round trip covers the prologue and that batch.
     trips_block = -(-(-(-rows // STEP_GROUPS)) // STEP_ROWS_IN_FLIGHT) + 1
     blocks_per_cta = -(-col_blocks // col_grid)
-    trips = 1 + blocks_per_cta * trips_block - 1
+    trips = blocks_per_cta * trips_block  # the prologue rides on the first batch
     if meet:  # slots stored and fenced, the ticket (an atomic), the last CTA reads the slots
         trips += 3
     ctas = B * H * col_grid * slices

@@ -20,14 +20,7 @@ constexpr int kAcc = 4;  // independent accumulators: enough FMAs in flight to h
 constexpr int kStep = kVec * kAcc;
 static_assert(kAcc == 4, "gemv_rows adds the four accumulators by name");
 
-inline float widen(float v) { return v; }
-inline float widen(c10::BFloat16 v) {  // bf16 is the top half of an fp32
-  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-// By reference: a 64-byte vector passed by value would change the ABI between the clones.
+// By reference: a 64-byte vector passed by value would change the ABI between the variants.
 inline void load(const float* p, f32x16& v) { std::memcpy(&v, p, sizeof v); }
 inline void load(const c10::BFloat16* p, f32x16& v) {
   u16x16 h;
@@ -60,7 +53,7 @@ __attribute__((always_inline)) inline void gemv_rows(const W* w, const float* x,
     for (int j = 0; j < kVec; j += 4)
       for (int i = 0; i < 4; ++i) s[i] += t[j + i];
     float tail = 0.f;
-    for (; k < K; ++k) tail += widen(row[k]) * x[k];
+    for (; k < K; ++k) tail += static_cast<float>(row[k]) * x[k];
     y[n] = ((s[0] + s[1]) + (s[2] + s[3])) + tail;
   }
 }

@@ -15,14 +15,6 @@ namespace {
 
 using retention::detail::gemv;
 
-float widen(float v) { return v; }
-float widen(c10::BFloat16 v) {
-  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
 // Any summation order of K fp32 products is within K u sum |w x| of the exact sum (u = 2^-24,
 // plus the product's own rounding), so that is the bound, whatever the lanes and tails do.
 template <class W, class Gemv>
@@ -38,7 +30,7 @@ void check(int64_t N, int64_t K, unsigned seed, Gemv&& run) {
   for (int64_t n = 0; n < N; ++n) {
     double ref = 0, mag = 0;
     for (int64_t k = 0; k < K; ++k) {
-      const double p = static_cast<double>(widen(w[n * K + k])) * x[k];
+      const double p = static_cast<double>(static_cast<float>(w[n * K + k])) * x[k];
       ref += p;
       mag += std::abs(p);
     }
