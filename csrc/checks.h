@@ -20,6 +20,27 @@ struct Dims {
   int64_t B, T, H, dk, dv;
 };
 
+// The raw ops (chunk_forward ... recurrent_step) are their msr_* op with every option off
+// (ops.cpp). While one runs, it names itself here for its thread, so the msr_* kernels' checks
+// name the op the user called.
+class CalledAs {
+ public:
+  explicit CalledAs(const char* raw_op);
+  ~CalledAs();
+  CalledAs(const CalledAs&) = delete;
+  CalledAs& operator=(const CalledAs&) = delete;
+  static const char* raw_op();  // nullptr outside a raw op
+
+ private:
+  const char* outer_;
+};
+
+// `msr_op`, or the raw op that runs as it.
+inline const char* op_name(const char* msr_op) {
+  const char* raw = CalledAs::raw_op();
+  return raw != nullptr ? raw : msr_op;
+}
+
 inline bool is_float_type(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
 }
@@ -243,7 +264,8 @@ inline MsrDims check_msr_inputs(const char* op, const at::Tensor& q, const at::T
 
 inline void check_msr_grads(const char* op, const MsrDims& m, const at::Tensor& q,
                             const at::Tensor& grad_y, const OptTensor& grad_final_state) {
-  check_grad_o(op, grad_y, m.d, q, {}, "grad_y");
+  // The raw backward ops call their output's gradient grad_o.
+  check_grad_o(op, grad_y, m.d, q, {}, CalledAs::raw_op() != nullptr ? "grad_o" : "grad_y");
   if (has(grad_final_state)) {
     check_state(op, "grad_final_state", *grad_final_state, q,
                 Dims{m.N, m.d.T, m.d.H, m.d.dk, m.d.dv});

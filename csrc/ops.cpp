@@ -1,5 +1,6 @@
-// Op schemas and the public C++ API. Every public function goes through the dispatcher, so the
-// same call reaches the CPU, CUDA or Meta kernel and records autograd.
+// Op schemas, the raw ops as forms of the fused ones, and the public C++ API. Every public
+// function goes through the dispatcher, so the same call reaches the CPU, CUDA or Meta kernel
+// and records autograd.
 #include <algorithm>
 #include <cmath>
 
@@ -7,6 +8,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "retention/retention.h"
 
 TORCH_LIBRARY(retention, m) {
@@ -24,6 +26,112 @@ TORCH_LIBRARY(retention, m) {
 }
 
 namespace retention {
+
+namespace {
+thread_local const char* t_raw_op = nullptr;
+}  // namespace
+
+CalledAs::CalledAs(const char* raw_op) : outer_(t_raw_op) { t_raw_op = raw_op; }
+CalledAs::~CalledAs() { t_raw_op = outer_; }
+const char* CalledAs::raw_op() { return t_raw_op; }
+
+namespace {
+
+// ---- the raw ops: the fused ops with every option off -----------------------------------------
+//
+// One engine and one set of backend kernels (msr_*) serve both op families; the raw ops are
+// CompositeImplicitAutograd, so autograd, Meta, autocast and torch.compile see the msr_* calls
+// they make.
+
+MsrOptions raw_options(Form form, double scale, int64_t chunk_size = kDefaultChunkSize) {
+  MsrOptions o;
+  o.form = form;
+  o.chunk_size = chunk_size;
+  o.scale = scale;
+  o.rotary = Rotary::None;
+  o.norm = false;
+  return o;
+}
+
+std::tuple<at::Tensor, at::Tensor> raw_forward(const char* op, Form form, const at::Tensor& q,
+                                               const at::Tensor& k, const at::Tensor& v,
+                                               const at::Tensor& log_decay, double scale,
+                                               int64_t chunk_size,
+                                               const OptTensor& initial_state) {
+  const CalledAs called(op);
+  return msr_forward(q, k, v, {}, log_decay, raw_options(form, scale, chunk_size), initial_state);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> raw_backward(
+    const char* op, Form form, const at::Tensor& grad_o, const OptTensor& grad_final_state,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
+    double scale, int64_t chunk_size, const OptTensor& initial_state) {
+  const CalledAs called(op);
+  auto r = msr_backward(grad_o, grad_final_state, q, k, v, {}, log_decay,
+                        raw_options(form, scale, chunk_size), initial_state);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<4>(r)};
+}
+
+std::tuple<at::Tensor, at::Tensor> chunk_forward_raw(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& v,
+                                                     const at::Tensor& log_decay, double scale,
+                                                     int64_t chunk_size,
+                                                     const OptTensor& initial_state) {
+  return raw_forward("retention::chunk_forward", Form::Chunk, q, k, v, log_decay, scale,
+                     chunk_size, initial_state);
+}
+
+std::tuple<at::Tensor, at::Tensor> parallel_forward_raw(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v,
+                                                        const at::Tensor& log_decay, double scale,
+                                                        const OptTensor& initial_state) {
+  return raw_forward("retention::parallel_forward", Form::Parallel, q, k, v, log_decay, scale,
+                     kDefaultChunkSize, initial_state);
+}
+
+std::tuple<at::Tensor, at::Tensor> recurrent_forward_raw(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v,
+                                                         const at::Tensor& log_decay,
+                                                         double scale,
+                                                         const OptTensor& initial_state) {
+  return raw_forward("retention::recurrent_forward", Form::Recurrent, q, k, v, log_decay, scale,
+                     kDefaultChunkSize, initial_state);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_backward_raw(
+    const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
+    int64_t chunk_size, const OptTensor& initial_state) {
+  return raw_backward("retention::chunk_backward", Form::Chunk, grad_o, grad_final_state, q, k,
+                      v, log_decay, scale, chunk_size, initial_state);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> parallel_backward_raw(
+    const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
+    const OptTensor& initial_state) {
+  return raw_backward("retention::parallel_backward", Form::Parallel, grad_o, grad_final_state,
+                      q, k, v, log_decay, scale, kDefaultChunkSize, initial_state);
+}
+
+at::Tensor recurrent_step_raw(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& log_decay, double scale, const at::Tensor& state) {
+  const CalledAs called("retention::recurrent_step");
+  at::Tensor s = state;
+  return msr_step(q, k, v, {}, log_decay, s, raw_options(Form::Recurrent, scale));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(retention, CompositeImplicitAutograd, m) {
+  m.impl("chunk_forward", &chunk_forward_raw);
+  m.impl("chunk_backward", &chunk_backward_raw);
+  m.impl("parallel_forward", &parallel_forward_raw);
+  m.impl("parallel_backward", &parallel_backward_raw);
+  m.impl("recurrent_forward", &recurrent_forward_raw);
+  m.impl("recurrent_step", &recurrent_step_raw);
+}
+
 namespace {
 
 using Pair = std::tuple<at::Tensor, at::Tensor>;

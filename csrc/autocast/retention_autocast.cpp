@@ -17,9 +17,8 @@ void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   op.callBoxed(stack);
 }
 
-constexpr const char* kOps[] = {"chunk_forward",    "chunk_backward",    "parallel_forward",
-                                "parallel_backward", "recurrent_forward", "recurrent_step",
-                                "msr_forward",      "msr_backward",      "msr_step"};
+// The raw ops need no entry: they run as these (ops.cpp), whose entries then apply.
+constexpr const char* kOps[] = {"msr_forward", "msr_backward", "msr_step"};
 
 void register_all(torch::Library& m) {
   for (const char* name : kOps) {

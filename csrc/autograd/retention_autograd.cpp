@@ -1,6 +1,7 @@
-// Autograd kernels (dispatch key Autograd): C++ autograd Functions, so Python and C++ callers
-// both get gradients for q, k, v and initial_state. The backward ops themselves are not
-// differentiable (no double backward).
+// Autograd kernels of the msr_* ops (dispatch key Autograd; the raw ops run as these, ops.cpp):
+// a C++ autograd Function, so Python and C++ callers both get gradients for q, k, v, g,
+// initial_state and norm_weight. The backward op itself is not differentiable (no double
+// backward).
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -15,129 +16,10 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-
-// The recurrent scan's gradient is the same math as the chunk form's; the chunked backward is the
-// fast way to compute it.
-constexpr int64_t kRecurrentBackwardChunk = kDefaultChunkSize;
-
 void check_decay_has_no_grad(const char* op, const at::Tensor& log_decay) {
   TORCH_CHECK(!(at::GradMode::is_enabled() && log_decay.requires_grad()), op,
               ": log_decay must not require grad (the decay is fixed; no gradient is computed "
               "for it)");
-}
-
-class RetentionFunction : public torch::autograd::Function<RetentionFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& log_decay, double scale,
-                               int64_t chunk_size, const OptTensor& initial_state, Form form) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    std::tuple<at::Tensor, at::Tensor> out;
-    switch (form) {
-      case Form::Chunk:
-        out = chunk_forward(q, k, v, log_decay, scale, chunk_size, initial_state);
-        break;
-      case Form::Parallel:
-        out = parallel_forward(q, k, v, log_decay, scale, initial_state);
-        break;
-      case Form::Recurrent:
-        out = recurrent_forward(q, k, v, log_decay, scale, initial_state);
-        break;
-    }
-    ctx->save_for_backward({q, k, v, log_decay, has(initial_state) ? *initial_state : at::Tensor()});
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["chunk_size"] = chunk_size;
-    ctx->saved_data["form"] = static_cast<int64_t>(form);
-    return {std::get<0>(out), std::get<1>(out)};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    // The backward ops record no graph, so second-order gradients would come out silently wrong.
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "retention: double backward (create_graph=True) is not supported");
-    const auto saved = ctx->get_saved_variables();
-    const auto &q = saved[0], &k = saved[1], &v = saved[2], &log_decay = saved[3];
-    const OptTensor initial_state =
-        saved[4].defined() ? OptTensor(saved[4]) : OptTensor();
-    const double scale = ctx->saved_data["scale"].toDouble();
-    const auto form = static_cast<Form>(ctx->saved_data["form"].toInt());
-    int64_t chunk_size = ctx->saved_data["chunk_size"].toInt();
-    if (form == Form::Recurrent) chunk_size = kRecurrentBackwardChunk;
-
-    // zeros_like(v): [B, T, H, dv] without reading sizes as integers (symbolic under torch.compile).
-    auto grad_o = grads[0].defined() ? grads[0] : at::zeros_like(v, at::MemoryFormat::Contiguous);
-    const OptTensor grad_final = grads[1].defined() ? OptTensor(grads[1]) : OptTensor();
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> g;
-    if (form == Form::Parallel) {
-      g = parallel_backward(grad_o, grad_final, q, k, v, log_decay, scale, initial_state);
-    } else {
-      g = chunk_backward(grad_o, grad_final, q, k, v, log_decay, scale, chunk_size,
-                         initial_state);
-    }
-    at::Tensor d_init;
-    if (initial_state.has_value()) d_init = std::get<3>(g).to(initial_state->scalar_type());
-    // One gradient per forward input: q, k, v, log_decay, scale, chunk_size, initial_state, form.
-    return {std::get<0>(g), std::get<1>(g), std::get<2>(g), at::Tensor(),
-            at::Tensor(),   at::Tensor(),   d_init,         at::Tensor()};
-  }
-};
-
-std::tuple<at::Tensor, at::Tensor> apply(const char* op, Form form, const at::Tensor& q,
-                                         const at::Tensor& k, const at::Tensor& v,
-                                         const at::Tensor& log_decay, double scale,
-                                         int64_t chunk_size, const OptTensor& initial_state) {
-  check_decay_has_no_grad(op, log_decay);
-  auto out = RetentionFunction::apply(q, k, v, log_decay, scale, chunk_size, initial_state, form);
-  return {out[0], out[1]};
-}
-
-std::tuple<at::Tensor, at::Tensor> chunk_forward_autograd(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v,
-                                                          const at::Tensor& log_decay,
-                                                          double scale, int64_t chunk_size,
-                                                          const OptTensor& initial_state) {
-  return apply("retention::chunk_forward", Form::Chunk, q, k, v, log_decay, scale, chunk_size,
-               initial_state);
-}
-
-std::tuple<at::Tensor, at::Tensor> parallel_forward_autograd(const at::Tensor& q,
-                                                             const at::Tensor& k,
-                                                             const at::Tensor& v,
-                                                             const at::Tensor& log_decay,
-                                                             double scale,
-                                                             const OptTensor& initial_state) {
-  return apply("retention::parallel_forward", Form::Parallel, q, k, v, log_decay, scale,
-               /*chunk_size=*/0, initial_state);
-}
-
-std::tuple<at::Tensor, at::Tensor> recurrent_forward_autograd(const at::Tensor& q,
-                                                              const at::Tensor& k,
-                                                              const at::Tensor& v,
-                                                              const at::Tensor& log_decay,
-                                                              double scale,
-                                                              const OptTensor& initial_state) {
-  return apply("retention::recurrent_forward", Form::Recurrent, q, k, v, log_decay, scale,
-               /*chunk_size=*/0, initial_state);
-}
-
-at::Tensor recurrent_step_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                   const at::Tensor& log_decay, double scale,
-                                   const at::Tensor& state) {
-  for (const auto* t : {&q, &k, &v, &log_decay, &state}) {
-    // Under no_grad a Parameter may still have requires_grad set; nothing is recorded then.
-    TORCH_CHECK(!(at::GradMode::is_enabled() && t->requires_grad()),
-                "retention::recurrent_step: decoding is inference-only and no input may require "
-                "grad; use recurrent_forward (or chunk_forward) for a differentiable pass");
-  }
-  at::Tensor o;
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor s = state;
-    o = recurrent_step(q, k, v, log_decay, s, scale);
-  }
-  // An in-place update must be visible to autograd's saved-tensor checks.
-  torch::autograd::impl::bump_version(state);
-  return o;
 }
 
 // The fused layer core: gradients for q, k, v, g, initial_state and norm_weight.
@@ -209,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> msr_forward_autograd(
     const at::Tensor& log_decay, double scale, int64_t form, int64_t chunk_size,
     const OptTensor& initial_state, const OptTensor& offsets, const OptTensor& cu_seqlens,
     int64_t rotary, bool norm, const OptTensor& norm_weight, double eps, bool decay_norm) {
-  check_decay_has_no_grad("retention::msr_forward", log_decay);
+  check_decay_has_no_grad(op_name("retention::msr_forward"), log_decay);
   auto out = MsrFunction::apply(q, k, v, g, log_decay, scale, form, chunk_size, initial_state,
                                 offsets, cu_seqlens, rotary, norm, norm_weight, eps, decay_norm);
   return {out[0], out[1]};
@@ -220,15 +102,15 @@ at::Tensor msr_step_autograd(const at::Tensor& q, const at::Tensor& k, const at:
                              const at::Tensor& state, const OptTensor& offsets, int64_t rotary,
                              bool norm, const OptTensor& norm_weight, double eps,
                              bool decay_norm) {
-  for (const auto* t : {&q, &k, &v, &log_decay, &state}) {
-    TORCH_CHECK(!(at::GradMode::is_enabled() && t->requires_grad()),
-                "retention::msr_step: decoding is inference-only and no input may require grad; "
-                "use msr_forward for a differentiable pass");
-  }
-  for (const auto* t : {&g, &norm_weight}) {
-    TORCH_CHECK(!(at::GradMode::is_enabled() && has(*t) && (*t)->requires_grad()),
-                "retention::msr_step: decoding is inference-only and no input may require grad; "
-                "use msr_forward for a differentiable pass");
+  // Under no_grad a Parameter may still have requires_grad set; nothing is recorded then.
+  const bool raw = CalledAs::raw_op() != nullptr;
+  for (const OptTensor& t : {OptTensor(q), OptTensor(k), OptTensor(v), g, OptTensor(log_decay),
+                             OptTensor(state), norm_weight}) {
+    TORCH_CHECK(!(at::GradMode::is_enabled() && has(t) && t->requires_grad()),
+                op_name("retention::msr_step"),
+                ": decoding is inference-only and no input may require grad; use ",
+                raw ? "recurrent_forward (or chunk_forward)" : "msr_forward",
+                " for a differentiable pass");
   }
   at::Tensor y;
   {
@@ -262,33 +144,9 @@ msr_backward_autograd(const at::Tensor& grad_y, const OptTensor& grad_final_stat
                      decay_norm);
 }
 
-// Backward ops: below autograd, not differentiable themselves.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_backward_autograd(
-    const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
-    int64_t chunk_size, const OptTensor& initial_state) {
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return chunk_backward(grad_o, grad_final_state, q, k, v, log_decay, scale, chunk_size,
-                        initial_state);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> parallel_backward_autograd(
-    const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
-    const OptTensor& initial_state) {
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return parallel_backward(grad_o, grad_final_state, q, k, v, log_decay, scale, initial_state);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retention, Autograd, m) {
-  m.impl("chunk_forward", &chunk_forward_autograd);
-  m.impl("chunk_backward", &chunk_backward_autograd);
-  m.impl("parallel_forward", &parallel_forward_autograd);
-  m.impl("parallel_backward", &parallel_backward_autograd);
-  m.impl("recurrent_forward", &recurrent_forward_autograd);
-  m.impl("recurrent_step", &recurrent_step_autograd);
   m.impl("msr_forward", &msr_forward_autograd);
   m.impl("msr_backward", &msr_backward_autograd);
   m.impl("msr_step", &msr_step_autograd);

@@ -1,8 +1,10 @@
-// CPU kernels. Work is split over (batch, head) with at::parallel_for; inside, the chunkwise form
-// walks the chunks of one head with a few BLAS GEMMs per chunk on per-thread buffers, so the
-// [dk, dv] state and one chunk's rows stay in cache and memory stays O(T) per head in flight. The parallel form is the chunk form with a single
-// chunk spanning the whole sequence; the recurrent form is a plain token loop (a genuinely
-// different algorithm, which is what makes it useful as a cross-check).
+// CPU kernels of the fused layer-core ops (msr_*; the raw ops run as these with every option
+// off, ops.cpp). Work is split over (sequence, head) with at::parallel_for; inside, the chunkwise
+// form walks the chunks of one head with a few BLAS GEMMs per chunk on per-thread buffers, so
+// the [dk, dv] state and one chunk's rows stay in cache and memory stays O(T) per head in
+// flight. The parallel form is the chunk form with a single chunk spanning the whole sequence;
+// the recurrent form is a plain token loop (a genuinely different algorithm, which is what
+// makes it useful as a cross-check).
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -89,12 +91,6 @@ struct Layer {
   Epilogue epilogue;
   at::Tensor g;       // [B, T, H, dv] or undefined
   at::Tensor weight;  // [dv] in the accumulation type, contiguous, or undefined
-
-  // The raw ops: every batch row is a sequence at position 0, nothing around the retention.
-  static Layer raw(const Dims& d) {
-    return Layer{make_sequences(d.B, d.T, at::Tensor(), at::Tensor()),
-                 RotaryTable(Rotary::None, d.dk), Epilogue{}, at::Tensor(), at::Tensor()};
-  }
 };
 
 // Rows of sequence `seq`, head h of a [B, T, H, d] tensor: a [len, d] view.
@@ -450,114 +446,6 @@ at::Tensor new_state(int64_t N, const Dims& d, const at::Tensor& q,
 #define RETENTION_DISPATCH_FLOATS(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-std::tuple<at::Tensor, at::Tensor> chunked_forward(const char* op, const at::Tensor& q,
-                                                   const at::Tensor& k, const at::Tensor& v,
-                                                   const at::Tensor& log_decay, double scale,
-                                                   int64_t chunk_size,
-                                                   const OptTensor& initial_state) {
-  const auto d = check_inputs(op, q, k, v, log_decay, initial_state);
-  check_chunk_size(op, chunk_size);
-  auto o = at::empty({d.B, d.T, d.H, d.dv}, q.options());
-  auto state = new_state(d.B, d, q, initial_state);
-  const auto L = Layer::raw(d);
-  RETENTION_DISPATCH_FLOATS(q.scalar_type(), "chunk_forward", [&] {
-    chunk_forward_impl<scalar_t>(d, L, q.detach(), k.detach(), v.detach(),
-                                 log_decay_values(log_decay), scale, chunk_size, o, state);
-  });
-  return {o, state};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_backward(
-    const char* op, const at::Tensor& grad_o, const OptTensor& grad_final_state,
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
-    double scale, int64_t chunk_size, const OptTensor& initial_state) {
-  const auto d = check_inputs(op, q, k, v, log_decay, initial_state);
-  check_chunk_size(op, chunk_size);
-  check_grad_o(op, grad_o, d, q, grad_final_state);
-  auto dq = at::empty_like(q, at::MemoryFormat::Contiguous);
-  auto dk = at::empty_like(k, at::MemoryFormat::Contiguous);
-  auto dv = at::empty_like(v, at::MemoryFormat::Contiguous);
-  auto S0 = new_state(d.B, d, q, initial_state);
-  auto dS0 = at::empty_like(S0);
-  const auto L = Layer::raw(d);
-  RETENTION_DISPATCH_FLOATS(q.scalar_type(), "chunk_backward", [&] {
-    chunk_backward_impl<scalar_t>(d, L, grad_o.detach(), q.detach(), k.detach(), v.detach(),
-                                  log_decay_values(log_decay), scale, chunk_size, S0,
-                                  grad_final_state, dq, dk, dv, dS0, at::Tensor(), at::Tensor());
-  });
-  return {dq, dk, dv, dS0};
-}
-
-std::tuple<at::Tensor, at::Tensor> chunk_forward_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                     const at::Tensor& v,
-                                                     const at::Tensor& log_decay, double scale,
-                                                     int64_t chunk_size,
-                                                     const OptTensor& initial_state) {
-  return chunked_forward("retention::chunk_forward", q, k, v, log_decay, scale, chunk_size,
-                         initial_state);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_backward_cpu(
-    const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
-    int64_t chunk_size, const OptTensor& initial_state) {
-  return chunked_backward("retention::chunk_backward", grad_o, grad_final_state, q, k, v,
-                          log_decay, scale, chunk_size, initial_state);
-}
-
-// The parallel form is one chunk spanning the whole sequence: the O(T^2) score matrix per head.
-int64_t whole_sequence(const at::Tensor& q) { return q.dim() >= 2 ? std::max<int64_t>(1, q.size(1)) : 1; }
-
-std::tuple<at::Tensor, at::Tensor> parallel_forward_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                        const at::Tensor& v,
-                                                        const at::Tensor& log_decay, double scale,
-                                                        const OptTensor& initial_state) {
-  return chunked_forward("retention::parallel_forward", q, k, v, log_decay, scale,
-                         whole_sequence(q), initial_state);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> parallel_backward_cpu(
-    const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
-    const OptTensor& initial_state) {
-  // Same gradient as the chunk form's, in O(T) (see msr_backward in ops.cpp).
-  return chunked_backward("retention::parallel_backward", grad_o, grad_final_state, q, k, v,
-                          log_decay, scale, kDefaultChunkSize, initial_state);
-}
-
-std::tuple<at::Tensor, at::Tensor> recurrent_forward_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                         const at::Tensor& v,
-                                                         const at::Tensor& log_decay,
-                                                         double scale,
-                                                         const OptTensor& initial_state) {
-  const auto d = check_inputs("retention::recurrent_forward", q, k, v, log_decay, initial_state);
-  auto o = at::empty({d.B, d.T, d.H, d.dv}, q.options());
-  auto state = new_state(d.B, d, q, initial_state);
-  const auto L = Layer::raw(d);
-  RETENTION_DISPATCH_FLOATS(q.scalar_type(), "recurrent_forward", [&] {
-    recurrent_impl<scalar_t>(d, L, q.detach(), k.detach(), v.detach(),
-                             log_decay_values(log_decay), scale, o, state);
-  });
-  return {o, state};
-}
-
-at::Tensor recurrent_step_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                              const at::Tensor& log_decay, double scale, const at::Tensor& state) {
-  const char* op = "retention::recurrent_step";
-  auto q4 = as_single_step(op, "q", q), k4 = as_single_step(op, "k", k);
-  auto v4 = as_single_step(op, "v", v);
-  const auto d = check_inputs(op, q4, k4, v4, log_decay, state, "state");
-  check_step_state(op, state, q);
-  check_state_not_aliased(op, state, {{"q", &q}, {"k", &k}, {"v", &v}, {"log_decay", &log_decay}});
-  auto o = at::empty({d.B, 1, d.H, d.dv}, q.options());
-  const auto L = Layer::raw(d);
-  RETENTION_DISPATCH_FLOATS(q.scalar_type(), "recurrent_step", [&] {
-    recurrent_impl<scalar_t>(d, L, q4.detach(), k4.detach(), v4.detach(),
-                             log_decay_values(log_decay), scale, o, state);
-  });
-  return q.dim() == 3 ? o.squeeze(1) : o;
-}
-
 // ---- fused layer core (msr_*) ------------------------------------------------------------------
 
 // Checks the values of cu_seqlens (the shared checks see its shape; offsets' values are checked
@@ -596,7 +484,7 @@ std::tuple<at::Tensor, at::Tensor> msr_forward_cpu(
     const at::Tensor& log_decay, double scale, int64_t form, int64_t chunk_size,
     const OptTensor& initial_state, const OptTensor& offsets, const OptTensor& cu_seqlens,
     int64_t rotary, bool norm, const OptTensor& norm_weight, double eps, bool decay_norm) {
-  const char* op = "retention::msr_forward";
+  const char* op = op_name("retention::msr_forward");
   const auto m = check_msr_inputs(op, q, k, v, g, log_decay, form, chunk_size, initial_state,
                                   offsets, cu_seqlens, rotary, norm_weight, eps);
   check_msr_values(op, m.d.T, cu_seqlens);
@@ -629,7 +517,7 @@ msr_backward_cpu(const at::Tensor& grad_y, const OptTensor& grad_final_state, co
                  const OptTensor& initial_state, const OptTensor& offsets,
                  const OptTensor& cu_seqlens, int64_t rotary, bool norm,
                  const OptTensor& norm_weight, double eps, bool decay_norm) {
-  const char* op = "retention::msr_backward";
+  const char* op = op_name("retention::msr_backward");
   const auto m = check_msr_inputs(op, q, k, v, g, log_decay, /*form=*/0, chunk_size,
                                   initial_state, offsets, cu_seqlens, rotary, norm_weight, eps);
   check_msr_grads(op, m, q, grad_y, grad_final_state);
@@ -666,7 +554,7 @@ at::Tensor msr_step_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         const OptTensor& g, const at::Tensor& log_decay, double scale,
                         const at::Tensor& state, const OptTensor& offsets, int64_t rotary,
                         bool norm, const OptTensor& norm_weight, double eps, bool decay_norm) {
-  const char* op = "retention::msr_step";
+  const char* op = op_name("retention::msr_step");
   auto q4 = as_single_step(op, "q", q), k4 = as_single_step(op, "k", k);
   auto v4 = as_single_step(op, "v", v);
   OptTensor g4 = has(g) ? OptTensor(as_single_step(op, "g", *g)) : OptTensor();
@@ -691,12 +579,6 @@ at::Tensor msr_step_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tens
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retention, CPU, m) {
-  m.impl("chunk_forward", &chunk_forward_cpu);
-  m.impl("chunk_backward", &chunk_backward_cpu);
-  m.impl("parallel_forward", &parallel_forward_cpu);
-  m.impl("parallel_backward", &parallel_backward_cpu);
-  m.impl("recurrent_forward", &recurrent_forward_cpu);
-  m.impl("recurrent_step", &recurrent_step_cpu);
   m.impl("msr_forward", &msr_forward_cpu);
   m.impl("msr_backward", &msr_backward_cpu);
   m.impl("msr_step", &msr_step_cpu);

@@ -1,13 +1,14 @@
-// CUDA kernels of all ops: the shared argument checks (checks.h), output and workspace
-// allocation, and one call into the torch-free launchers of kernels/ on the current stream; all
-// device code lives in kernels/.  The raw ops are the fused layer-core ops (msr_*) with
-// neither prologue nor epilogue, as on the CPU; recurrent_forward alone has its own kernel
-// (the token-by-token scan).
+// CUDA kernels of the fused layer-core ops (msr_*; the raw ops run as these with every option
+// off, ops.cpp): the shared argument checks (checks.h), output and workspace allocation, and one
+// call into the torch-free launchers of kernels/ on the current stream; all device code lives in
+// kernels/.
 //
 // All three forms (chunk / parallel / recurrent) of the layer core run the fused chunk kernels
 // on the GPU, and chunk_size does not change the kernels' tiling: the result is the same
-// function of the inputs up to rounding.  float64 inputs run the op's CPU kernel on host copies
-// (cpu_fallback.h).
+// function of the inputs up to rounding.  The recurrent form of plain retention (the raw
+// recurrent_forward) alone runs the token-by-token scan: a different algorithm, which keeps it
+// an independent check of the chunk kernels.  float64 inputs run the op's CPU kernel on host
+// copies (cpu_fallback.h).
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -30,7 +31,6 @@ namespace {
 using namespace glue;
 
 using Pair = std::tuple<at::Tensor, at::Tensor>;
-using Quad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The values of cu_seqlens (cu[0] == 0, non-decreasing, cu[N] == T) are checked on the device:
@@ -81,19 +81,30 @@ Pair msr_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       const at::Tensor& log_decay, double scale, int64_t form, int64_t chunk_size,
                       const OptTensor& initial_state, const OptTensor& offsets, const OptTensor& cu_seqlens,
                       int64_t rotary, bool norm, const OptTensor& norm_weight, double eps, bool decay_norm) {
-  const char* op = "retention::msr_forward";
+  const char* op = op_name("retention::msr_forward");
   const MsrDims m = check_msr_inputs(op, q, k, v, g, log_decay, form, chunk_size, initial_state, offsets, cu_seqlens,
                                      rotary, norm_weight, eps);
   if (q.scalar_type() == at::kDouble)
-    return CpuKernel<&msr_forward_cuda>::run(op, q.device(), q, k, v, g, log_decay, scale, form, chunk_size,
+    return CpuKernel<&msr_forward_cuda>::run("retention::msr_forward", q.device(), q, k, v, g, log_decay, scale, form, chunk_size,
                                              initial_state, offsets, cu_seqlens, rotary, norm, norm_weight, eps,
                                              decay_norm);
   const Dims& d = m.d;
   const c10::cuda::CUDAGuard guard(q.device());
-  const Layer L = layer(m.N, d.T, cu_seqlens, offsets, rotary, norm, norm_weight, eps, decay_norm);
-  const at::Tensor g_ = unit_inner_stride(g), h0 = fp32_contiguous(initial_state);
+  const at::Tensor h0 = fp32_contiguous(initial_state);
   at::Tensor y = at::empty({d.B, d.T, d.H, d.dv}, q.options());
   at::Tensor state = empty_state(q, m.N, d);
+  const bool plain = !has(g) && rotary == 0 && !norm && !decay_norm && !has(offsets) && !has(cu_seqlens);
+  if (static_cast<Form>(form) == Form::Recurrent && plain) {
+    rk::RecurrentForwardParams p;
+    const Inputs in = fill_inputs(p, d, q, k, v, log_decay, scale);
+    p.o = bthd(y);
+    p.initial_state = ptr_or_null(h0);
+    p.final_state = state.data_ptr<float>();
+    check_launch(rk::launch_recurrent_forward(p), op);
+    return {y, state};
+  }
+  const Layer L = layer(m.N, d.T, cu_seqlens, offsets, rotary, norm, norm_weight, eps, decay_norm);
+  const at::Tensor g_ = unit_inner_stride(g);
 
   rk::MsrForwardParams p;
   const Inputs in = fill_inputs(p, d, q, k, v, log_decay, scale);
@@ -117,12 +128,12 @@ Six msr_backward_cuda(const at::Tensor& grad_y, const OptTensor& grad_final_stat
                       double scale, int64_t chunk_size, const OptTensor& initial_state, const OptTensor& offsets,
                       const OptTensor& cu_seqlens, int64_t rotary, bool norm, const OptTensor& norm_weight,
                       double eps, bool decay_norm) {
-  const char* op = "retention::msr_backward";
+  const char* op = op_name("retention::msr_backward");
   const MsrDims m = check_msr_inputs(op, q, k, v, g, log_decay, /*form=*/0, chunk_size, initial_state, offsets,
                                      cu_seqlens, rotary, norm_weight, eps);
   check_msr_grads(op, m, q, grad_y, grad_final_state);
   if (q.scalar_type() == at::kDouble)
-    return CpuKernel<&msr_backward_cuda>::run(op, q.device(), grad_y, grad_final_state, q, k, v, g, log_decay, scale,
+    return CpuKernel<&msr_backward_cuda>::run("retention::msr_backward", q.device(), grad_y, grad_final_state, q, k, v, g, log_decay, scale,
                                               chunk_size, initial_state, offsets, cu_seqlens, rotary, norm,
                                               norm_weight, eps, decay_norm);
   const Dims& d = m.d;
@@ -200,7 +211,7 @@ unsigned* step_counters(const at::Tensor& like) {
 at::Tensor msr_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& g,
                          const at::Tensor& log_decay, double scale, const at::Tensor& state, const OptTensor& offsets,
                          int64_t rotary, bool norm, const OptTensor& norm_weight, double eps, bool decay_norm) {
-  const char* op = "retention::msr_step";
+  const char* op = op_name("retention::msr_step");
   const at::Tensor q4 = as_single_step(op, "q", q), k4 = as_single_step(op, "k", k), v4 = as_single_step(op, "v", v);
   const OptTensor g4 = has(g) ? OptTensor(as_single_step(op, "g", *g)) : OptTensor();
   const MsrDims m = check_msr_inputs(op, q4, k4, v4, g4, log_decay, /*form=*/2, /*chunk_size=*/1, state, offsets, {},
@@ -212,7 +223,7 @@ at::Tensor msr_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Ten
                            {"norm_weight", has(norm_weight) ? &*norm_weight : nullptr}});
   if (q.scalar_type() == at::kDouble) {
     const at::Tensor host_state = to_host(state);
-    at::Tensor y = CpuKernel<&msr_step_cuda>::run(op, q.device(), q, k, v, g, log_decay, scale, host_state, offsets,
+    at::Tensor y = CpuKernel<&msr_step_cuda>::run("retention::msr_step", q.device(), q, k, v, g, log_decay, scale, host_state, offsets,
                                                   rotary, norm, norm_weight, eps, decay_norm);
     state.copy_(host_state);
     return y;
@@ -244,111 +255,9 @@ at::Tensor msr_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return q.dim() == 3 ? y.squeeze(1) : y;
 }
 
-// ---- raw ops ----------------------------------------------------------------------------------
-
-constexpr double kEps = 1e-6;  // the layer ops' eps argument; unused with the norm off
-
-Pair chunk_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const at::Tensor& log_decay, double scale, int64_t chunk_size,
-                        const OptTensor& initial_state) {
-  const char* op = "retention::chunk_forward";
-  check_inputs(op, q, k, v, log_decay, initial_state);
-  check_chunk_size(op, chunk_size);
-  if (q.scalar_type() == at::kDouble)
-    return CpuKernel<&chunk_forward_cuda>::run(op, q.device(), q, k, v, log_decay, scale, chunk_size, initial_state);
-  return msr_forward_cuda(q, k, v, {}, log_decay, scale, /*form=*/0, chunk_size, initial_state, {}, {}, 0, false, {},
-                          kEps, false);
-}
-
-Pair parallel_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const at::Tensor& log_decay, double scale, const OptTensor& initial_state) {
-  const char* op = "retention::parallel_forward";
-  check_inputs(op, q, k, v, log_decay, initial_state);
-  if (q.scalar_type() == at::kDouble)
-    return CpuKernel<&parallel_forward_cuda>::run(op, q.device(), q, k, v, log_decay, scale, initial_state);
-  return msr_forward_cuda(q, k, v, {}, log_decay, scale, /*form=*/1, /*chunk_size=*/64, initial_state, {}, {}, 0, false,
-                          {}, kEps, false);
-}
-
-Quad raw_backward(const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
-                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
-                  int64_t chunk_size, const OptTensor& initial_state) {
-  const auto [dq, dk, dv, dg, dh0, dw] = msr_backward_cuda(grad_o, grad_final_state, q, k, v, {}, log_decay, scale,
-                                                           chunk_size, initial_state, {}, {}, 0, false, {}, kEps,
-                                                           false);
-  return {dq, dk, dv, dh0};
-}
-
-Quad chunk_backward_cuda(const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
-                         const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
-                         int64_t chunk_size, const OptTensor& initial_state) {
-  const char* op = "retention::chunk_backward";
-  const Dims d = check_inputs(op, q, k, v, log_decay, initial_state);
-  check_chunk_size(op, chunk_size);
-  check_grad_o(op, grad_o, d, q, grad_final_state);
-  if (q.scalar_type() == at::kDouble)
-    return CpuKernel<&chunk_backward_cuda>::run(op, q.device(), grad_o, grad_final_state, q, k, v, log_decay, scale,
-                                                chunk_size, initial_state);
-  return raw_backward(grad_o, grad_final_state, q, k, v, log_decay, scale, chunk_size, initial_state);
-}
-
-Quad parallel_backward_cuda(const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
-                            const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double scale,
-                            const OptTensor& initial_state) {
-  const char* op = "retention::parallel_backward";
-  const Dims d = check_inputs(op, q, k, v, log_decay, initial_state);
-  check_grad_o(op, grad_o, d, q, grad_final_state);
-  if (q.scalar_type() == at::kDouble)
-    return CpuKernel<&parallel_backward_cuda>::run(op, q.device(), grad_o, grad_final_state, q, k, v, log_decay,
-                                                   scale, initial_state);
-  return raw_backward(grad_o, grad_final_state, q, k, v, log_decay, scale, 64, initial_state);
-}
-
-Pair recurrent_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& log_decay, double scale, const OptTensor& initial_state) {
-  const char* op = "retention::recurrent_forward";
-  const Dims d = check_inputs(op, q, k, v, log_decay, initial_state);
-  if (q.scalar_type() == at::kDouble)
-    return CpuKernel<&recurrent_forward_cuda>::run(op, q.device(), q, k, v, log_decay, scale, initial_state);
-  const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor h0 = fp32_contiguous(initial_state);
-  at::Tensor o = at::empty({d.B, d.T, d.H, d.dv}, q.options());
-  at::Tensor state = empty_state(q, d.B, d);
-
-  rk::RecurrentForwardParams p;
-  const Inputs in = fill_inputs(p, d, q, k, v, log_decay, scale);
-  p.o = bthd(o);
-  p.initial_state = ptr_or_null(h0);
-  p.final_state = state.data_ptr<float>();
-  check_launch(rk::launch_recurrent_forward(p), op);
-  return {o, state};
-}
-
-at::Tensor recurrent_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& log_decay, double scale, const at::Tensor& state) {
-  const char* op = "retention::recurrent_step";
-  const at::Tensor q4 = as_single_step(op, "q", q), k4 = as_single_step(op, "k", k), v4 = as_single_step(op, "v", v);
-  check_inputs(op, q4, k4, v4, log_decay, state, "state");
-  check_step_state(op, state, q);
-  check_state_not_aliased(op, state, {{"q", &q}, {"k", &k}, {"v", &v}, {"log_decay", &log_decay}});
-  if (q.scalar_type() == at::kDouble) {
-    const at::Tensor host_state = to_host(state);
-    at::Tensor o = CpuKernel<&recurrent_step_cuda>::run(op, q.device(), q, k, v, log_decay, scale, host_state);
-    state.copy_(host_state);
-    return o;
-  }
-  return msr_step_cuda(q, k, v, {}, log_decay, scale, state, {}, 0, false, {}, kEps, false);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retention, CUDA, m) {
-  m.impl("chunk_forward", &chunk_forward_cuda);
-  m.impl("chunk_backward", &chunk_backward_cuda);
-  m.impl("parallel_forward", &parallel_forward_cuda);
-  m.impl("parallel_backward", &parallel_backward_cuda);
-  m.impl("recurrent_forward", &recurrent_forward_cuda);
-  m.impl("recurrent_step", &recurrent_step_cuda);
   m.impl("msr_forward", &msr_forward_cuda);
   m.impl("msr_backward", &msr_backward_cuda);
   m.impl("msr_step", &msr_step_cuda);

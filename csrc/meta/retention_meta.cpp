@@ -1,5 +1,6 @@
-// Meta kernels: shapes and dtypes only, so FakeTensor tracing and torch.compile see the ops
-// without running them. Validation is shared with the real kernels.
+// Meta kernels of the msr_* ops (the raw ops run as these, ops.cpp): shapes and dtypes only, so
+// FakeTensor tracing and torch.compile see the ops without running them. Validation is shared
+// with the real kernels.
 //
 // Output shapes are built from SymInts (sym_size): under torch.compile with dynamic shapes a
 // size is a symbol, and reading it as an int64 (as the shared validation in checks.h does)
@@ -36,7 +37,7 @@ at::Tensor state_for(const c10::SymInt& n, const at::Tensor& q, const at::Tensor
   return empty_sym({n, q.sym_size(2), q.sym_size(3), v.sym_size(-1)},
                    q.options().dtype(state_dtype(q.scalar_type())));
 }
-// recurrent_step / msr_step output: the layout of q ([B, H, dv] or [B, 1, H, dv]).
+// msr_step output: the layout of q ([B, H, dv] or [B, 1, H, dv]).
 at::Tensor step_output(const at::Tensor& q, const at::Tensor& v) {
   return q.dim() == 3 ? empty_sym({q.sym_size(0), q.sym_size(1), v.sym_size(-1)}, q.options())
                       : output_like(q, v);
@@ -54,86 +55,13 @@ at::Tensor as_single_step_meta(const char* op, const char* name, const at::Tenso
   return as_single_step(op, name, x);  // 4-D: checked and returned as is; other ranks: error
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_meta(const char* op, const at::Tensor& q,
-                                                const at::Tensor& k, const at::Tensor& v,
-                                                const at::Tensor& log_decay,
-                                                const OptTensor& initial_state) {
-  if (!any_symbolic({q, k, v, initial_state})) {
-    check_inputs(op, q, k, v, log_decay, initial_state);
-  }
-  return {output_like(q, v), state_for(q.sym_size(0), q, v)};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_meta(
-    const char* op, const at::Tensor& grad_o, const OptTensor& grad_final_state,
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay,
-    const OptTensor& initial_state) {
-  if (!any_symbolic({grad_o, grad_final_state, q, k, v, initial_state})) {
-    const auto d = check_inputs(op, q, k, v, log_decay, initial_state);
-    check_grad_o(op, grad_o, d, q, grad_final_state);
-  }
-  return {at::empty_like(q, at::MemoryFormat::Contiguous),
-          at::empty_like(k, at::MemoryFormat::Contiguous),
-          at::empty_like(v, at::MemoryFormat::Contiguous), state_for(q.sym_size(0), q, v)};
-}
-
-std::tuple<at::Tensor, at::Tensor> chunk_forward_meta(const at::Tensor& q, const at::Tensor& k,
-                                                      const at::Tensor& v,
-                                                      const at::Tensor& log_decay, double,
-                                                      int64_t chunk_size,
-                                                      const OptTensor& initial_state) {
-  check_chunk_size("retention::chunk_forward", chunk_size);
-  return forward_meta("retention::chunk_forward", q, k, v, log_decay, initial_state);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_backward_meta(
-    const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double,
-    int64_t chunk_size, const OptTensor& initial_state) {
-  check_chunk_size("retention::chunk_backward", chunk_size);
-  return backward_meta("retention::chunk_backward", grad_o, grad_final_state, q, k, v, log_decay,
-                       initial_state);
-}
-
-std::tuple<at::Tensor, at::Tensor> parallel_forward_meta(const at::Tensor& q, const at::Tensor& k,
-                                                         const at::Tensor& v,
-                                                         const at::Tensor& log_decay, double,
-                                                         const OptTensor& initial_state) {
-  return forward_meta("retention::parallel_forward", q, k, v, log_decay, initial_state);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> parallel_backward_meta(
-    const at::Tensor& grad_o, const OptTensor& grad_final_state, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& log_decay, double,
-    const OptTensor& initial_state) {
-  return backward_meta("retention::parallel_backward", grad_o, grad_final_state, q, k, v,
-                       log_decay, initial_state);
-}
-
-std::tuple<at::Tensor, at::Tensor> recurrent_forward_meta(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v,
-                                                          const at::Tensor& log_decay, double,
-                                                          const OptTensor& initial_state) {
-  return forward_meta("retention::recurrent_forward", q, k, v, log_decay, initial_state);
-}
-
-at::Tensor recurrent_step_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& log_decay, double, const at::Tensor& state) {
-  const char* op = "retention::recurrent_step";
-  if (!any_symbolic({q, k, v, state})) {
-    check_inputs(op, as_single_step_meta(op, "q", q), as_single_step_meta(op, "k", k),
-                 as_single_step_meta(op, "v", v), log_decay, state, "state");
-  }
-  return step_output(q, v);
-}
-
 std::tuple<at::Tensor, at::Tensor> msr_forward_meta(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& g,
     const at::Tensor& log_decay, double, int64_t form, int64_t chunk_size,
     const OptTensor& initial_state, const OptTensor& offsets, const OptTensor& cu_seqlens,
     int64_t rotary, bool, const OptTensor& norm_weight, double eps, bool) {
   if (!any_symbolic({q, k, v, g, initial_state, offsets, cu_seqlens})) {
-    check_msr_inputs("retention::msr_forward", q, k, v, g, log_decay, form, chunk_size,
+    check_msr_inputs(op_name("retention::msr_forward"), q, k, v, g, log_decay, form, chunk_size,
                      initial_state, offsets, cu_seqlens, rotary, norm_weight, eps);
   }
   return {output_like(q, v), state_for(num_sequences(q, cu_seqlens), q, v)};
@@ -146,7 +74,7 @@ msr_backward_meta(const at::Tensor& grad_y, const OptTensor& grad_final_state, c
                   const OptTensor& initial_state, const OptTensor& offsets,
                   const OptTensor& cu_seqlens, int64_t rotary, bool norm,
                   const OptTensor& norm_weight, double eps, bool) {
-  const char* op = "retention::msr_backward";
+  const char* op = op_name("retention::msr_backward");
   if (!any_symbolic({grad_y, grad_final_state, q, k, v, g, initial_state, offsets, cu_seqlens})) {
     const auto m = check_msr_inputs(op, q, k, v, g, log_decay, 0, chunk_size, initial_state,
                                     offsets, cu_seqlens, rotary, norm_weight, eps);
@@ -164,7 +92,7 @@ at::Tensor msr_step_meta(const at::Tensor& q, const at::Tensor& k, const at::Ten
                          const OptTensor& g, const at::Tensor& log_decay, double,
                          const at::Tensor& state, const OptTensor& offsets, int64_t rotary, bool,
                          const OptTensor& norm_weight, double eps, bool) {
-  const char* op = "retention::msr_step";
+  const char* op = op_name("retention::msr_step");
   if (!any_symbolic({q, k, v, g, state, offsets})) {
     const OptTensor g4 = has(g) ? OptTensor(as_single_step_meta(op, "g", *g)) : OptTensor();
     check_msr_inputs(op, as_single_step_meta(op, "q", q), as_single_step_meta(op, "k", k),
@@ -177,12 +105,6 @@ at::Tensor msr_step_meta(const at::Tensor& q, const at::Tensor& k, const at::Ten
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retention, Meta, m) {
-  m.impl("chunk_forward", &chunk_forward_meta);
-  m.impl("chunk_backward", &chunk_backward_meta);
-  m.impl("parallel_forward", &parallel_forward_meta);
-  m.impl("parallel_backward", &parallel_backward_meta);
-  m.impl("recurrent_forward", &recurrent_forward_meta);
-  m.impl("recurrent_step", &recurrent_step_meta);
   m.impl("msr_forward", &msr_forward_meta);
   m.impl("msr_backward", &msr_backward_meta);
   m.impl("msr_step", &msr_step_meta);
