@@ -45,13 +45,19 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight);
 
 // Prefill, then max_new_tokens sampled tokens per prompt (Python's RetNet.generate order: the
 // first new token comes from the prefill's logits). Model: prefill(prompts) and step(tokens, state).
+// A prompt whose new token is one of eos_token_ids ends there, that token included (as
+// transformers' generate); the batch stops stepping once every prompt has ended.
 template <typename Model>
 std::vector<std::vector<int64_t>> generate(const Model& model,
                                            const std::vector<std::vector<int64_t>>& prompts,
                                            int64_t max_new_tokens, Sampler& sampler,
                                            RetNet::GenerateStats* stats,
-                                           const std::function<void(int64_t, const at::Tensor&)>& on_logits) {
+                                           const std::function<void(int64_t, const at::Tensor&)>& on_logits,
+                                           const std::vector<int64_t>& eos_token_ids) {
   TORCH_CHECK(max_new_tokens >= 0, "generate: max_new_tokens must be >= 0");
+  for (const int64_t id : eos_token_ids) {
+    TORCH_CHECK(id >= 0, "generate: eos_token_ids must be token ids (>= 0), got ", id);
+  }
   auto seconds_since = [](std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
@@ -70,18 +76,29 @@ std::vector<std::vector<int64_t>> generate(const Model& model,
   for (const auto& p : prompts) s.prefill_tokens += static_cast<int64_t>(p.size());
   t0 = std::chrono::steady_clock::now();
   c0 = std::clock();
-  for (int64_t i = 0; i < max_new_tokens; ++i) {
+  std::vector<char> ended(prompts.size(), 0);
+  size_t running = prompts.size();
+  int64_t steps = 0;
+  for (int64_t i = 0; i < max_new_tokens && running > 0; ++i) {
     const int64_t* t = tok.data_ptr<int64_t>();
-    for (size_t b = 0; b < prompts.size(); ++b) out[b].push_back(t[b]);
-    if (i + 1 < max_new_tokens) {
-      logits = model.step(tok, state);
+    for (size_t b = 0; b < prompts.size(); ++b) {
+      if (ended[b]) continue;
+      out[b].push_back(t[b]);
+      if (std::find(eos_token_ids.begin(), eos_token_ids.end(), t[b]) != eos_token_ids.end()) {
+        ended[b] = 1;
+        --running;
+      }
+    }
+    if (i + 1 < max_new_tokens && running > 0) {
+      logits = model.step(tok, state);  // ended prompts step too (on their last token), unread
+      ++steps;
       if (on_logits) on_logits(i + 1, logits);
       tok = sampler(logits);
     }
   }
   s.decode_seconds = seconds_since(t0);
   s.decode_cpu_seconds = cpu_seconds_since(c0);
-  s.decode_tokens = std::max<int64_t>(max_new_tokens - 1, 0) * static_cast<int64_t>(prompts.size());
+  s.decode_tokens = steps * static_cast<int64_t>(prompts.size());
   if (stats != nullptr) *stats = s;
   return out;
 }

@@ -398,8 +398,9 @@ Tensor RetNet::step(const Tensor& tokens, RetNetState& state) const {
 std::vector<std::vector<int64_t>> RetNet::generate(const std::vector<std::vector<int64_t>>& prompts,
                                                    int64_t max_new_tokens, Sampler& sampler,
                                                    GenerateStats* stats,
-                                                   const std::function<void(int64_t, const Tensor&)>& on_logits) const {
-  return detail::generate(*this, prompts, max_new_tokens, sampler, stats, on_logits);
+                                                   const std::function<void(int64_t, const Tensor&)>& on_logits,
+                                                   const std::vector<int64_t>& eos_token_ids) const {
+  return detail::generate(*this, prompts, max_new_tokens, sampler, stats, on_logits, eos_token_ids);
 }
 
 }  // namespace retention

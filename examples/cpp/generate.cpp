@@ -54,6 +54,8 @@ void usage(const char* argv0) {
       "  --add-bos              prepend config.json's bos_token_id to text prompts (FLA directories)\n"
       "  --batch B              repeat the prompts until there are B sequences (benchmarking)\n"
       "  --max-new-tokens N     tokens to generate per prompt (default 64)\n"
+      "  --eos-token-id ID[,ID] a prompt ends at one of these tokens, included (default: config.json's\n"
+      "                         eos_token_id for FLA directories, none for files); 'none': never\n"
       "  --temperature T        0 = greedy (default), else sample from softmax(logits / T)\n"
       "  --top-k K              sample among the K most likely tokens (default: all)\n"
       "  --seed S               sampling seed (default 0)\n"
@@ -139,7 +141,7 @@ std::string json_string(const std::string& s) {
 }
 
 struct Args {
-  std::string checkpoint, json_path, tokenizer, dtype = "auto", device = "cpu";
+  std::string checkpoint, json_path, tokenizer, dtype = "auto", device = "cpu", eos = "auto";
   std::vector<std::pair<bool, std::string>> prompts;  // (is text, value), in command-line order
   int64_t max_new = 64, top_k = 0, batch = 0, threads = 0;
   double temperature = 0;
@@ -156,8 +158,17 @@ struct TextCodec {
 };
 
 // Prompts, generation, report: the same for both model classes (same generate() contract).
+// --eos-token-id: "auto" gives `model_default` (-1: none), "none" nothing, else its ids.
+std::vector<int64_t> eos_ids(const Args& args, int64_t model_default) {
+  if (args.eos == "auto") return model_default >= 0 ? std::vector<int64_t>{model_default} : std::vector<int64_t>{};
+  if (args.eos == "none") return {};
+  auto ids = parse_ids(args.eos);
+  if (ids.empty()) throw std::runtime_error("--eos-token-id: give token ids, 'none' or 'auto'");
+  return ids;
+}
+
 template <typename Model>
-int serve(const Model& model, const Args& args, const TextCodec& codec) {
+int serve(const Model& model, const Args& args, const TextCodec& codec, const std::vector<int64_t>& eos) {
   std::vector<std::vector<int64_t>> prompts;
   for (const auto& [is_text, value] : args.prompts) {
     if (is_text && !codec.encode) throw std::runtime_error("--prompt: " + codec.missing + "; use --ids");
@@ -187,7 +198,8 @@ int serve(const Model& model, const Args& args, const TextCodec& codec) {
                                 if (!args.save_logits) return;
                                 const auto lf = l.to(at::kCPU, at::kFloat);
                                 for (size_t j = 0; j < which.size(); ++j) logits[which[j]].push_back(lf[j]);
-                              });
+                              },
+                              eos);
     for (size_t j = 0; j < which.size(); ++j) generated[which[j]] = out[j];
     total.prefill_seconds += st.prefill_seconds;
     total.decode_seconds += st.decode_seconds;
@@ -283,6 +295,7 @@ int main(int argc, char** argv) try {
     else if (a == "--add-bos") args.add_bos = true;
     else if (a == "--batch") args.batch = std::stoll(value());
     else if (a == "--max-new-tokens") args.max_new = std::stoll(value());
+    else if (a == "--eos-token-id") args.eos = value();
     else if (a == "--temperature") args.temperature = std::stod(value());
     else if (a == "--top-k") args.top_k = std::stoll(value());
     else if (a == "--seed") args.seed = std::stoull(value());
@@ -360,7 +373,7 @@ int main(int argc, char** argv) try {
       codec.missing = "the directory has no tokenizer.model (give --tokenizer FILE)";
       codec.decode = [](const std::vector<int64_t>& ids) { return decode_chars(ids, {}); };
     }
-    return serve(model, args, codec);
+    return serve(model, args, codec, eos_ids(args, c.eos_token_id));
   }
 
   const auto model = retention::RetNet::load(args.checkpoint, load);
@@ -377,7 +390,7 @@ int main(int argc, char** argv) try {
   if (!vocab.empty()) codec.encode = [&vocab](const std::string& text) { return encode_chars(text, vocab); };
   codec.missing = "needs a checkpoint with a vocabulary";
   codec.decode = [&vocab](const std::vector<int64_t>& ids) { return decode_chars(ids, vocab); };
-  return serve(model, args, codec);
+  return serve(model, args, codec, eos_ids(args, -1));
 } catch (const c10::Error& e) {
   std::fprintf(stderr, "error: %s\n", e.msg().c_str());
   return 1;

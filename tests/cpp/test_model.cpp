@@ -248,6 +248,38 @@ TEST_F(RetNetModel, BatchedGenerationEqualsOnePromptAtATime) {
   }
 }
 
+// A prompt ends at its first eos token, included; the others go on unchanged (the batch keeps
+// stepping the ended ones, unread), and stepping stops once every prompt has ended.
+TEST_F(RetNetModel, GenerationEndsAtEos) {
+  const auto model = retention::RetNet::load(path_);
+  retention::SamplingOptions greedy;
+  retention::Sampler s0(greedy);
+  const auto base = model.generate(kPrompts, 30, s0);
+  for (const std::vector<int64_t>& eos : {std::vector<int64_t>{base[0][4]},
+                                          std::vector<int64_t>{base[0][4], base[1][6], base[2][2]}}) {
+    retention::Sampler s1(greedy);
+    retention::RetNet::GenerateStats stats;
+    const auto out = model.generate(kPrompts, 30, s1, &stats, {}, eos);
+    int64_t last_end = -1;
+    bool all_end = true;
+    for (size_t i = 0; i < kPrompts.size(); ++i) {
+      size_t end = base[i].size();
+      bool found = false;
+      for (size_t t = 0; t < base[i].size() && !found; ++t) {
+        found = std::find(eos.begin(), eos.end(), base[i][t]) != eos.end();
+        if (found) end = t + 1;
+      }
+      all_end = all_end && found;
+      last_end = std::max<int64_t>(last_end, static_cast<int64_t>(end) - 1);
+      EXPECT_EQ(out[i], std::vector<int64_t>(base[i].begin(), base[i].begin() + end)) << "prompt " << i;
+    }
+    // steps run: up to the last prompt's end, or all 29 when some prompt never ends
+    EXPECT_EQ(stats.decode_tokens, (all_end ? last_end : 29) * static_cast<int64_t>(kPrompts.size()));
+  }
+  retention::Sampler s2(greedy);
+  EXPECT_THROW(model.generate(kPrompts, 3, s2, nullptr, {}, {-1}), c10::Error);
+}
+
 TEST_F(RetNetModel, PrefillContinuesFromAState) {
   const auto model = retention::RetNet::load(path_);
   const std::vector<int64_t> a = {5, 1, 30, 7, 7, 2}, b = {19, 36, 0, 11, 4, 9, 9};

@@ -110,7 +110,7 @@ def test_app_generates_pythons_greedy_tokens(tmp_path, tokenizer, dtype, shards)
     ids_prompt = [5, 17, 3, 250, 311, 42, 9]   # 311: beyond the tokenizer, inside the model's vocabulary
     r = _run_app("--checkpoint", path, "--prompt", TEXT_PROMPTS[0], "--prompt", TEXT_PROMPTS[1],
                  "--ids", ",".join(map(str, ids_prompt)), "--max-new-tokens", str(STEPS), "--threads", "1",
-                 "--json", out, "--save-logits")
+                 "--eos-token-id", "none", "--json", out, "--save-logits")
     assert r.returncode == 0, r.stdout + r.stderr
     # weights kept in the stored dtype
     assert "model: FLA RetNet" in r.stdout and f"({'BFloat16' if dtype == torch.bfloat16 else 'Float'}, " in r.stdout, \
@@ -156,6 +156,42 @@ def test_app_generates_pythons_greedy_tokens(tmp_path, tokenizer, dtype, shards)
             assert gap <= tol * max(1.0, float(row.abs().max())), (i, agree, gap)
         print(f"prompt {i} ({len(prompt)} tokens, {dtype}): {agree}/{STEPS} greedy tokens equal to Python's "
               f"generate, logits within {err:.1e} relative")
+
+
+def test_app_ends_at_configs_eos_as_python_generate(tmp_path, tokenizer):
+    """config.json's eos_token_id ends a prompt in the app as in transformers' generate: the eos
+    token is the last one; the other prompts of the batch go on."""
+    path = _checkpoint(str(tmp_path / "model"), tokenizer, torch.float32, 1)
+    prompts = [[5, 17, 3, 250, 311, 42, 9], [7, 7, 1]]
+    ids = [a for p in prompts for a in ("--ids", ",".join(map(str, p)))]
+
+    def app_tokens(*extra):
+        out = str(tmp_path / "out.json")
+        r = _run_app("--checkpoint", path, *ids, "--max-new-tokens", "24", "--threads", "1", "--json", out,
+                     *extra)
+        assert r.returncode == 0, r.stdout + r.stderr
+        with open(out) as f:
+            return json.load(f)["tokens"]
+
+    free = app_tokens("--eos-token-id", "none")
+    eos = free[0][6]
+    assert eos not in free[0][:6]
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["eos_token_id"] = eos
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    ended = app_tokens()   # --eos-token-id auto: config.json's
+    assert ended[0] == free[0][:7]
+    cut = free[1].index(eos) + 1 if eos in free[1] else len(free[1])
+    assert ended[1] == free[1][:cut]
+
+    model = RetNetForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for prompt, app in zip(prompts, ended):
+        with torch.no_grad():
+            seq = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                                 pad_token_id=0)[0, len(prompt):].tolist()
+        assert seq == app, (prompt, seq, app)
 
 
 def test_app_bad_directory_names_file_and_field(tmp_path, tokenizer):

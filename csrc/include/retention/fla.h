@@ -107,7 +107,8 @@ class RETENTION_API FlaRetNet {
   std::vector<std::vector<int64_t>> generate(
       const std::vector<std::vector<int64_t>>& prompts, int64_t max_new_tokens, Sampler& sampler,
       GenerateStats* stats = nullptr,
-      const std::function<void(int64_t, const at::Tensor&)>& on_logits = {}) const;
+      const std::function<void(int64_t, const at::Tensor&)>& on_logits = {},
+      const std::vector<int64_t>& eos_token_ids = {}) const;
 
  private:
   struct Layer {

@@ -144,10 +144,12 @@ class RETENTION_API RetNet {
   // Prefill, then max_new_tokens sampled tokens per prompt (as Python's RetNet.generate).
   // Returns the new tokens per prompt.
   // `on_logits(i, logits [N, V])` (optional) sees the logits each new token i is sampled from.
+  // A prompt ends early at a token of `eos_token_ids`, which is included in its output.
   std::vector<std::vector<int64_t>> generate(
       const std::vector<std::vector<int64_t>>& prompts, int64_t max_new_tokens, Sampler& sampler,
       GenerateStats* stats = nullptr,
-      const std::function<void(int64_t, const at::Tensor&)>& on_logits = {}) const;
+      const std::function<void(int64_t, const at::Tensor&)>& on_logits = {},
+      const std::vector<int64_t>& eos_token_ids = {}) const;
 
  private:
   struct Layer {
