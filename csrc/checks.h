@@ -8,7 +8,6 @@
 #include <utility>
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/_assert_async.h>
 #include <c10/util/Exception.h>
 
 #include "retention/compat.h"
@@ -63,19 +62,16 @@ inline void check_state(const char* op, const char* name, const at::Tensor& s, c
 }
 
 // Values a shape check cannot see. CPU tensors are read on the host, with a message naming the bad
-// element. Device tensors are checked on the device (at::_assert_async): a host read would cost a
-// sync per call and break CUDA-graph capture; a bad value then fails the next synchronising call.
+// element. Device tensors are checked on the device by the CUDA glue (retention_cuda.cu), inside
+// its kernels where they check them, else with at::_assert_async: a host read would cost a sync
+// per call and break CUDA-graph capture; a bad value then fails the next synchronising call.
 // Meta tensors have no values (shape propagation only).
 inline bool has_values(const at::Tensor& t) { return !t.is_meta() && t.numel() > 0; }
 
 // gamma = exp(log_decay) must lie in [0, 1]: log_decay in [-inf, 0]. gamma > 1 grows without bound
 // (gamma^T overflows; the GPU kernels' decay powers are inf), NaN poisons every output and state.
 inline void check_log_decay_values(const char* op, const at::Tensor& log_decay) {
-  if (!has_values(log_decay)) return;
-  if (!log_decay.is_cpu()) {
-    at::_assert_async(log_decay.le(0).all());  // false for NaN too
-    return;
-  }
+  if (!has_values(log_decay) || !log_decay.is_cpu()) return;
   const auto host = log_decay.detach().to(at::kDouble).contiguous();
   const double* x = host.data_ptr<double>();
   for (int64_t h = 0; h < host.numel(); ++h) {
@@ -86,11 +82,7 @@ inline void check_log_decay_values(const char* op, const at::Tensor& log_decay) 
 
 // offsets: absolute start positions, int64 [N] (shape checked by the caller).
 inline void check_offsets_values(const char* op, const at::Tensor& offsets) {
-  if (!has_values(offsets)) return;
-  if (!offsets.is_cpu()) {
-    at::_assert_async(offsets.ge(0).all());
-    return;
-  }
+  if (!has_values(offsets) || !offsets.is_cpu()) return;
   const int64_t lo = offsets.detach().min().item<int64_t>();
   TORCH_CHECK(lo >= 0, op, ": offsets must be non-negative positions, got a minimum of ", lo);
 }

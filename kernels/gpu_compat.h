@@ -105,21 +105,24 @@ inline error_t free_device(void* p) { return emu::free_device(p); }
 // (Zero-byte copies of empty buffers are legal on the GPU runtimes; memcpy of a null pointer
 // is not, hence the size checks.)
 inline error_t copy_to_device(void* dst, const void* src, std::size_t bytes) {
+  if (emu::sticky_error() != kSuccess) return emu::sticky_error();
   emu::count_upload();
   if (bytes != 0) std::memcpy(dst, src, bytes);
   return kSuccess;
 }
 inline error_t copy_to_host(void* dst, const void* src, std::size_t bytes) {
+  if (emu::sticky_error() != kSuccess) return emu::sticky_error();
   emu::record_download(src, bytes);
   if (bytes != 0) std::memcpy(dst, src, bytes);
   return kSuccess;
 }
 inline error_t memset_device(void* p, int byte, std::size_t bytes) {
+  if (emu::sticky_error() != kSuccess) return emu::sticky_error();
   emu::count_memset();
   if (bytes != 0) std::memset(p, byte, bytes);
   return kSuccess;
 }
-inline error_t synchronize() { return kSuccess; }
+inline error_t synchronize() { return emu::sticky_error(); }
 inline error_t last_error() { return emu::take_last_error(); }
 inline const char* error_string(error_t e) { return emu::error_string(e); }
 inline error_t check_warp_size() { return kSuccess; }
@@ -295,6 +298,21 @@ RT_DEVICE T warp_reduce_max(T v) {
 // after writing what it hands over and before taking a ticket, and the CTA that draws the last
 // ticket fences before reading the others' data.  atomic_add: device-scope, returns the old value.
 RT_DEVICE void fence_device() { __threadfence(); }
+
+// A check of an input value on the device, where the host would need a synchronising copy to
+// read it: a failed check stops the kernel as a device-side assert does, and every later call
+// reports it.  CUDA's __assert_fail prints `what`; on AMD a bare trap, because HIP's
+// __assert_fail is an out-of-line call with a printf buffer (scratch in every caller), so the
+// message is lost there.  Unlike assert(), NDEBUG does not remove it.
+#if defined(RETENTION_HOST_EMU)
+#define RT_DEVICE_CHECK(cond, what) \
+  ((cond) ? (void)0 : ::retention::emu::device_assert(what, __FILE__, __LINE__))
+#elif RETENTION_HIP
+#define RT_DEVICE_CHECK(cond, what) ((cond) ? (void)0 : __builtin_trap())
+#else
+#define RT_DEVICE_CHECK(cond, what) \
+  ((cond) ? (void)0 : __assert_fail(what, __FILE__, static_cast<unsigned>(__LINE__), __func__))
+#endif
 RT_DEVICE unsigned atomic_add(unsigned* p, unsigned v) { return atomicAdd(p, v); }
 
 RT_DEVICE std::uint32_t float_as_bits(float f) { return __float_as_uint(f); }

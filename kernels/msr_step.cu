@@ -114,6 +114,12 @@ __global__ void __launch_bounds__(kStepThreads, kStepCtasPerSm) msr_step_kernel(
     v_first = Elem<T>::to_float(v[first_col]);
   }
   const float log_gamma = p.log_decay[h];
+  // The values the glue passes unchecked (a host read would sync every step), checked before
+  // this launch writes anything.
+  if (tid == 0) {
+    RT_DEVICE_CHECK(log_gamma <= 0.f, "retention: log_decay must be <= 0 and not NaN");
+    RT_DEVICE_CHECK(pos >= 0, "retention: offsets must be non-negative positions");
+  }
   const T* q = bthd_ptr<T>(p.q, b, 0, h, 0);
   const T* k = bthd_ptr<T>(p.k, b, 0, h, 0);
   const int d = row_begin + tid;

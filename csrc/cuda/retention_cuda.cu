@@ -33,6 +33,14 @@ using namespace glue;
 using Pair = std::tuple<at::Tensor, at::Tensor>;
 using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The values of log_decay (<= 0, not NaN) and offsets (>= 0) for the chunk kernels, which do not
+// check them, on the device (checks.h says why not on the host): three small launches each.
+// The decode step's kernel checks both itself, in its one launch.
+void check_values_async(const at::Tensor& log_decay, const OptTensor& offsets) {
+  at::_assert_async(log_decay.le(0).all());  // false for NaN too
+  if (has(offsets)) at::_assert_async(offsets->ge(0).all());
+}
+
 // The values of cu_seqlens (cu[0] == 0, non-decreasing, cu[N] == T) are checked on the device:
 // copying them to the host would synchronise every call and make the ops impossible to capture
 // in a CUDA graph.  A violation raises a device-side assert (torch's _assert_async; its message
@@ -90,6 +98,7 @@ Pair msr_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                                              decay_norm);
   const Dims& d = m.d;
   const c10::cuda::CUDAGuard guard(q.device());
+  check_values_async(log_decay, offsets);
   const at::Tensor h0 = fp32_contiguous(initial_state);
   at::Tensor y = at::empty({d.B, d.T, d.H, d.dv}, q.options());
   at::Tensor state = empty_state(q, m.N, d);
@@ -138,6 +147,7 @@ Six msr_backward_cuda(const at::Tensor& grad_y, const OptTensor& grad_final_stat
                                               norm_weight, eps, decay_norm);
   const Dims& d = m.d;
   const c10::cuda::CUDAGuard guard(q.device());
+  check_values_async(log_decay, offsets);
   const Layer L = layer(m.N, d.T, cu_seqlens, offsets, rotary, norm, norm_weight, eps, decay_norm);
   const at::Tensor g_ = unit_inner_stride(g), dy = unit_inner_stride(grad_y.to(q.scalar_type()));
   const at::Tensor h0 = fp32_contiguous(initial_state), dhT = fp32_contiguous(grad_final_state);

@@ -8,7 +8,8 @@
 // What it provides is the CUDA / HIP vocabulary the kernels and gpu_compat.h use:
 // threadIdx & co. (per emulated thread), __syncthreads (a real block barrier), the warp
 // intrinsics (__shfl*_sync / __shfl*, __ballot*: exact semantics at the model's width),
-// atomicAdd (fp32 and uint32), __threadfence, __shared__ storage per block, the 16-bit conversion intrinsics, and the
+// atomicAdd (fp32 and uint32), __threadfence, device-side asserts (device_assert, sticky like
+// the GPU's), __shared__ storage per block, the 16-bit conversion intrinsics, and the
 // matrix-core instructions (matrix_isa.h, as warp collectives).  Execution model, checks and
 // options: runtime.cpp.
 #pragma once
@@ -48,6 +49,7 @@ enum class Error : int {
   kInvalidValue = 1,
   kLaunchFailure = 2,  // a check of the emulator failed (message: last_message())
   kInvalidConfiguration = 3,
+  kAssert = 4,  // a device-side assert fired (cudaErrorAssert); sticky until reset_device()
 };
 const char* error_string(Error e);
 Error take_last_error();  // the error of the last launch, then reset (cudaGetLastError)
@@ -114,6 +116,16 @@ void digest_begin_test(const char* name);                   // label of the foll
 // A check failed in the running emulated thread: report `message` with the block and thread,
 // abandon the launch (it returns kLaunchFailure).  Never returns to the caller.
 [[noreturn]] void fail(const char* message);
+
+// A device-side assert in the running thread (CUDA Programming Guide, "Assertion"; HIP's
+// __assert_fail): the kernel stops, `what` is reported with the block and thread, the launch
+// returns kAssert, and the context is unusable: every later launch, copy and memset fails with
+// kAssert without running, as on the GPU, until reset_device() (cudaDeviceReset).  Never returns,
+// but is not declared [[noreturn]]: ASan's no-return hook, which the compiler would put at every
+// call site in kernel code, misreads the fiber stacks (a CHECK failure in asan_thread.cpp).
+void device_assert(const char* what, const char* file, int line);
+Error sticky_error();  // kAssert after a device-side assert, else kSuccess
+void reset_device();
 
 // Lane helpers of the collectives below.
 inline int lane() { return static_cast<int>(g_thread->idx.x) & (RETENTION_EMU_WARP - 1); }

@@ -165,6 +165,7 @@ struct Block {
   std::size_t dynamic_smem_declared = 0;
   int cursor = 0;  // scan position in `order`
   bool failed = false;
+  bool asserted = false;  // failed at a device-side assert
   std::string message;
 };
 
@@ -186,6 +187,7 @@ void* g_sched_fake_stack = nullptr;
 
 std::map<const void*, int> g_max_dynamic_smem;
 Error g_last_error = Error::kSuccess;
+Error g_sticky_error = Error::kSuccess;
 std::string g_last_message;
 
 Fiber* current_fiber() { return reinterpret_cast<Fiber*>(g_thread); }  // ts is the first member
@@ -428,6 +430,16 @@ void run_block(Block& b, std::size_t nthreads) {
 // ------------------------------------------------------------------------------------------
 // Device-side entry points
 // ------------------------------------------------------------------------------------------
+void device_assert(const char* what, const char* file, int line) {
+  char buf[512];
+  std::snprintf(buf, sizeof buf, "device-side assert at %s:%d: %s", file, line, what);
+  if (!g_block->failed) g_block->asserted = true;
+  fail(buf);
+}
+
+Error sticky_error() { return g_sticky_error; }
+void reset_device() { g_sticky_error = g_last_error = Error::kSuccess; }
+
 void fail(const char* message) {
   Fiber* self = current_fiber();
   char buf[64];
@@ -655,6 +667,7 @@ const char* error_string(Error e) {
       return "invalid argument";
     case Error::kInvalidConfiguration:
     case Error::kLaunchFailure:
+    case Error::kAssert:
       return g_last_message.c_str();
   }
   return "unknown error";
@@ -688,6 +701,7 @@ Error set_max_dynamic_smem(const void* kernel_id, int bytes) {
 
 Error launch_grid(dim3 grid, dim3 block, std::size_t dynamic_smem, const void* kernel_id, void (*body)(void*),
                   void* ctx) {
+  if (g_sticky_error != Error::kSuccess) return g_last_error = g_sticky_error;
   const std::size_t nthreads = std::size_t(block.x) * block.y * block.z;
   std::size_t smem_limit = kDefaultDynamicSmem;
   if (auto it = g_max_dynamic_smem.find(kernel_id); it != g_max_dynamic_smem.end())
@@ -714,7 +728,7 @@ Error launch_grid(dim3 grid, dim3 block, std::size_t dynamic_smem, const void* k
     const std::size_t lin = options().reverse_blocks ? nblocks - 1 - i : i;
     g_block_idx = {static_cast<unsigned>(lin % grid.x), static_cast<unsigned>((lin / grid.x) % grid.y),
                    static_cast<unsigned>(lin / (std::size_t(grid.x) * grid.y))};
-    b.failed = false;
+    b.failed = b.asserted = false;
     b.static_smem = b.dynamic_smem_declared = 0;
     g_block = &b;
     run_block(b, nthreads);
@@ -724,7 +738,8 @@ Error launch_grid(dim3 grid, dim3 block, std::size_t dynamic_smem, const void* k
     if (b.failed) {
       g_last_message = b.message;
       std::fprintf(stderr, "%s\n", b.message.c_str());
-      result = Error::kLaunchFailure;
+      result = b.asserted ? Error::kAssert : Error::kLaunchFailure;
+      if (b.asserted) g_sticky_error = Error::kAssert;
       break;
     }
   }

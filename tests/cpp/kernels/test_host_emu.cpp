@@ -79,6 +79,12 @@ __global__ void misaligned_atomic_kernel(unsigned char* p) {
   gpu::atomic_add(reinterpret_cast<unsigned*>(p + 2), 1u);
 }
 
+// Copies x to out after checking every value on the device, as the kernels check their inputs.
+__global__ void checked_copy_kernel(const float* x, float* out) {
+  RT_DEVICE_CHECK(x[threadIdx.x] <= 0.f, "x must be <= 0");
+  out[threadIdx.x] = x[threadIdx.x];
+}
+
 std::vector<float> download(const DeviceBuffer& d) {
   std::vector<float> h(d.bytes / 4);
   gpu::copy_to_host(h.data(), d.ptr, d.bytes);
@@ -185,4 +191,33 @@ TEST(HostEmu, MisalignedAtomicIsAnError) {
   EXPECT_EQ(gpu::launch(&misaligned_atomic_kernel, 1, W, 0, nullptr, buf.as<unsigned char>()),
             emu::Error::kLaunchFailure);
   EXPECT_NE(std::string(emu::last_message()).find("misaligned"), std::string::npos) << emu::last_message();
+}
+
+TEST(HostEmu, DeviceAssertStopsTheLaunchAndEveryLaterCallUntilReset) {
+  DeviceBuffer x(W * sizeof(float)), out(W * sizeof(float));
+  std::vector<float> ok(W, -1.f), bad(ok), poison(W, 7.f);
+  bad[W - 3] = 0.5f;
+  x.upload(ok.data());
+  ASSERT_EQ(gpu::launch(&checked_copy_kernel, 1, W, 0, nullptr, x.as<float>(), out.as<float>()), gpu::kSuccess);
+  EXPECT_EQ(download(out), ok);
+
+  out.upload(poison.data());
+  x.upload(bad.data());
+  EXPECT_EQ(gpu::launch(&checked_copy_kernel, 1, W, 0, nullptr, x.as<float>(), out.as<float>()), emu::Error::kAssert);
+  const std::string msg = emu::last_message();
+  EXPECT_NE(msg.find("x must be <= 0"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("test_host_emu.cpp:"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("thread " + std::to_string(W - 3)), std::string::npos) << msg;
+
+  // The context is lost: nothing runs or copies until the device is reset.
+  std::vector<float> h(W, 0.f);
+  EXPECT_EQ(gpu::copy_to_host(h.data(), out.ptr, out.bytes), emu::Error::kAssert);
+  EXPECT_EQ(gpu::copy_to_device(x.ptr, ok.data(), x.bytes), emu::Error::kAssert);
+  EXPECT_EQ(gpu::synchronize(), emu::Error::kAssert);
+  EXPECT_EQ(gpu::launch(&checked_copy_kernel, 1, W, 0, nullptr, x.as<float>(), out.as<float>()), emu::Error::kAssert);
+  emu::reset_device();
+  EXPECT_EQ(gpu::synchronize(), gpu::kSuccess);
+  x.upload(ok.data());
+  ASSERT_EQ(gpu::launch(&checked_copy_kernel, 1, W, 0, nullptr, x.as<float>(), out.as<float>()), gpu::kSuccess);
+  EXPECT_EQ(download(out), ok);
 }

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -44,6 +45,7 @@ struct Config {
   int rotary;                    // 0 none, 1 torchscale, 2 neox
   bool norm, weight, gate, decay_norm, state;
   std::int64_t offset_base;      // offsets[s] = offset_base * (s + 1) (0: no offsets)
+  bool cu_int32 = false;         // cu given to the kernels as int32 (FlashAttention's type), else int64
 };
 
 struct Msr {
@@ -329,6 +331,11 @@ TEST(MsrLaunchers, StepWithEmptyKeyDimWritesZeros) {
 // ------------------------------------------------------------------------------------------
 // GPU tests
 // ------------------------------------------------------------------------------------------
+// Packed sequences for the int32 cu_seqlens cases: exactly 64 tokens, an empty sequence, a
+// one-token one, one crossing chunk boundaries, and an empty last one; T = 131 is not a multiple
+// of the chunk length.
+const std::vector<std::int64_t> kCu131 = {0, 64, 64, 65, 131, 131};
+
 std::vector<Config> configs() {
   using D = rk::DType;
   // Packed: an empty sequence, a one-token one, a boundary inside the first chunk (5), and
@@ -346,6 +353,11 @@ std::vector<Config> configs() {
     out.push_back({t, 1, 150, 2, 128, 432, cu, 0, false, false, false, false, true, 0});
   }
   out.push_back({D::kF16, 1, 150, 2, 128, 432, cu, 1, true, true, true, true, true, 1 << 20});
+  // int32 cu_seqlens: all epilogue options with dv over several tiles, the neox / dk = 128 path
+  // on the packing above, and every option off.
+  out.push_back({D::kBF16, 1, 131, 2, 60, 432, kCu131, 1, true, true, true, true, true, 1000, true});
+  out.push_back({D::kF32, 1, 150, 2, 128, 100, cu, 2, true, false, true, false, true, 7, true});
+  out.push_back({D::kF16, 1, 131, 2, 64, 48, kCu131, 0, false, false, false, false, false, 0, true});
   return out;
 }
 
@@ -354,7 +366,7 @@ std::string config_name(const testing::TestParamInfo<Config>& info) {
   return std::string(dtype_name(c.dtype)) + "_B" + std::to_string(c.B) + "_T" + std::to_string(c.T) + "_dk" +
          std::to_string(c.dk) + "_dv" + std::to_string(c.dv) + (c.cu.empty() ? "" : "_varlen") + "_rot" +
          std::to_string(c.rotary) + (c.norm ? "_norm" : "") + (c.weight ? "w" : "") + (c.gate ? "_gate" : "") +
-         (c.decay_norm ? "_dn" : "") + (c.state ? "_h0" : "");
+         (c.decay_norm ? "_dn" : "") + (c.state ? "_h0" : "") + (c.cu_int32 ? "_cu32" : "");
 }
 
 rk::Bthd bthd(void* p, const Config& c, int d) {
@@ -372,7 +384,8 @@ struct DeviceMsr {
   DeviceMsr(Msr& m)
       : q(m.q.size() * elem_size(m.c.dtype)), k(m.k.size() * elem_size(m.c.dtype)),
         v(m.v.size() * elem_size(m.c.dtype)), g(m.g.size() * elem_size(m.c.dtype)), w(m.w.size() * 4),
-        decay(m.log_decay.size() * 4), s0(m.s0.size() * 4), cu(m.c.cu.size() * 8), offsets(m.offsets.size() * 8) {
+        decay(m.log_decay.size() * 4), s0(m.s0.size() * 4), cu(m.c.cu.size() * (m.c.cu_int32 ? 4 : 8)),
+        offsets(m.offsets.size() * 8) {
     q.upload(encode(m.c.dtype, m.q).data());
     k.upload(encode(m.c.dtype, m.k).data());
     v.upload(encode(m.c.dtype, m.v).data());
@@ -382,13 +395,18 @@ struct DeviceMsr {
     if (!m.w.empty()) w.upload(to_f32(m.w).data());
     decay.upload(to_f32(m.log_decay).data());
     if (!m.s0.empty()) s0.upload(to_f32(m.s0).data());
-    if (!m.c.cu.empty()) cu.upload(m.c.cu.data());
+    if (!m.c.cu.empty() && m.c.cu_int32) {
+      const std::vector<std::int32_t> cu32(m.c.cu.begin(), m.c.cu.end());
+      cu.upload(cu32.data());
+    } else if (!m.c.cu.empty()) {
+      cu.upload(m.c.cu.data());
+    }
     if (!m.offsets.empty()) offsets.upload(m.offsets.data());
   }
   rk::MsrSequences seq(const Msr& m) const {
     rk::MsrSequences s;
     s.cu_seqlens = m.c.cu.empty() ? nullptr : cu.ptr;
-    s.cu_seqlens_int64 = true;
+    s.cu_seqlens_int64 = !m.c.cu_int32;
     s.num_sequences = m.N;
     s.offsets = m.offsets.empty() ? nullptr : offsets.as<std::int64_t>();
     return s;
@@ -462,7 +480,7 @@ struct SplitCase {
   int segments;
   std::string trace() const {
     return std::string(dtype_name(c.dtype)) + " T=" + std::to_string(c.T) + " dv=" + std::to_string(c.dv) +
-           " segments=" + std::to_string(segments);
+           " segments=" + std::to_string(segments) + (c.cu_int32 ? " cu32" : "");
   }
 };
 
@@ -474,7 +492,8 @@ TEST(MsrForwardSplit, MatchesUnsplitAndReference) {
   for (const Case& k : {Case{{D::kF32, 1, 150, 2, 60, 432, cu, 1, true, true, true, true, true, 1000}, 3},
                         Case{{D::kBF16, 1, 150, 2, 128, 100, cu, 2, true, false, true, false, false, 7}, 4},
                         Case{{D::kF16, 2, 137, 3, 60, 48, {}, 1, true, true, false, true, true, 0}, 5},
-                        Case{{D::kF32, 2, 70, 2, 64, 40, {}, 0, false, false, true, false, true, 0}, 2}}) {
+                        Case{{D::kF32, 2, 70, 2, 64, 40, {}, 0, false, false, true, false, true, 0}, 2},
+                        Case{{D::kBF16, 1, 131, 2, 60, 432, kCu131, 1, true, true, true, true, true, 1000, true}, 3}}) {
     const Config& c = k.c;
     SCOPED_TRACE(k.trace());
     Msr m = make_msr(c, 15);
@@ -600,7 +619,8 @@ TEST(MsrBackwardSplit, MatchesUnsplitAndReference) {
   using Case = SplitCase;
   const std::vector<std::int64_t> cu = {0, 0, 1, 5, 70, 70, 150};
   for (const Case& k : {Case{{D::kF32, 1, 150, 2, 60, 100, cu, 1, true, true, true, true, true, 1000}, 3},
-                        Case{{D::kBF16, 2, 137, 2, 128, 48, {}, 2, true, false, true, false, true, 7}, 4}}) {
+                        Case{{D::kBF16, 2, 137, 2, 128, 48, {}, 2, true, false, true, false, true, 7}, 4},
+                        Case{{D::kF32, 1, 131, 2, 60, 100, kCu131, 2, true, true, true, true, true, 7, true}, 3}}) {
     const Config& c = k.c;
     SCOPED_TRACE(k.trace());
     Msr m = make_msr(c, 16);
@@ -858,5 +878,60 @@ TEST(MsrEdgeCases, BadCuSeqlensStayInBounds) {
                                             << testing::PrintToString(cu);
   }
 }
+
+#if defined(RETENTION_HOST_EMU)
+// The decode step checks the values the glue cannot read without a sync (log_decay <= 0 and not
+// NaN, offsets >= 0) inside its one launch: a bad value stops it with a device-side assert.
+// Emulator only: on a GPU the assert ends the process's context, and every later test with it.
+TEST(MsrEdgeCases, StepChecksDecayAndOffsetsOnTheDevice) {
+  namespace emu = retention::emu;
+  using D = rk::DType;
+  const std::vector<Config> shapes = {
+      {D::kF32, 1, 1, 8, 256, 512, {}, 1, true, true, true, true, true, 77},  // split over CTAs
+      {D::kBF16, 12, 1, 11, 8, 130, {}, 1, true, true, true, true, true, 2},  // one CTA per head
+  };
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  struct Bad {
+    const char* what;
+    int head;  // log_decay[head] = value, or offsets[last row] = -1 for head < 0
+    double value;
+  };
+  for (const Config& c : shapes) {
+    for (const Bad& bad : {Bad{"log_decay", c.H - 1, 0.25}, Bad{"log_decay", 0, nan}, Bad{"offsets", -1, 0}}) {
+      Msr m = make_msr(c, 5);
+      if (bad.head >= 0) m.log_decay[bad.head] = bad.value;
+      std::vector<std::int64_t> pos(c.B, 3);
+      if (bad.head < 0) pos[c.B - 1] = -1;
+      DeviceMsr d(m);
+      DeviceBuffer y(m.v.size() * elem_size(c.dtype)), state(std::size_t(c.B) * c.H * c.dk * c.dv * 4);
+      DeviceBuffer offsets(pos.size() * 8), counters(rk::kMsrStepCounters * sizeof(unsigned));
+      offsets.upload(pos.data());
+      state.upload(to_f32(m.s0).data());
+      gpu::memset_device(counters.ptr, 0, counters.bytes);
+      rk::MsrStepParams p;
+      p.dtype = c.dtype;
+      p.shape = {c.B, 1, c.H, c.dk, c.dv};
+      p.q = bthd(d.q.ptr, c, c.dk);
+      p.k = bthd(d.k.ptr, c, c.dk);
+      p.v = bthd(d.v.ptr, c, c.dv);
+      p.g = bthd(d.g.ptr, c, c.dv);
+      p.o = bthd(y.ptr, c, c.dv);
+      p.log_decay = d.decay.as<float>();
+      p.scale = static_cast<float>(m.scale);
+      p.state = state.as<float>();
+      p.offsets = offsets.as<std::int64_t>();
+      p.opt = d.opt(m);
+      DeviceBuffer workspace(rk::msr_step_workspace_bytes(p));
+      p.workspace = workspace.ptr;
+      p.counters = counters.as<unsigned>();
+      const std::string name = config_name(testing::TestParamInfo<Config>(c, 0)) + " bad " + bad.what;
+      const gpu::error_t err = rk::launch_msr_step(p);
+      EXPECT_EQ(err, emu::Error::kAssert) << name;
+      EXPECT_NE(std::string(gpu::error_string(err)).find(bad.what), std::string::npos) << name << ": " << gpu::error_string(err);
+      emu::reset_device();
+    }
+  }
+}
+#endif
 
 }  // namespace
