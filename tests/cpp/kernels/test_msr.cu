@@ -764,6 +764,7 @@ TEST(MsrEdgeCases, EmptyBackwardZeroesNormWeightGrad) {
       {D::kBF16, 1, 0, 2, 8, 48, {0}, 1, true, true, false, true, true, 0},   // no packed sequence
       {D::kF32, 2, 5, 0, 8, 48, {}, 1, true, true, true, false, false, 0},    // H = 0 (log_decay empty)
       {D::kF16, 0, 4, 3, 8, 48, {}, 0, true, true, false, false, false, 0},   // B = 0
+      {D::kF32, 2, 0, 3, 8, 48, {}, 1, true, true, true, false, true, 0},     // T = 0 (no tokens, two sequences)
   };
   for (const Config& c : empty) {
     Msr m = make_msr(c, 15);
