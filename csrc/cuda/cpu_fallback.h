@@ -28,8 +28,7 @@ std::tuple<T...> to_device(const std::tuple<T...>& r, const at::Device& device) 
 
 // CpuKernel<&op_cuda>::run(name, device, args...): the CPU kernel of the op `name` (the msr_*
 // op's own name, which fixes the schema looked up once), whose signature is that of the CUDA
-// kernel op_cuda.  A step op's state is updated in place: pass a
-// host copy and copy it back.
+// kernel op_cuda.  A step op's state is updated in place: pass a host copy and copy it back.
 template <auto Fn, class Signature = std::remove_pointer_t<decltype(Fn)>>
 struct CpuKernel;
 

@@ -93,9 +93,9 @@ Pair msr_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const MsrDims m = check_msr_inputs(op, q, k, v, g, log_decay, form, chunk_size, initial_state, offsets, cu_seqlens,
                                      rotary, norm_weight, eps);
   if (q.scalar_type() == at::kDouble)
-    return CpuKernel<&msr_forward_cuda>::run("retention::msr_forward", q.device(), q, k, v, g, log_decay, scale, form, chunk_size,
-                                             initial_state, offsets, cu_seqlens, rotary, norm, norm_weight, eps,
-                                             decay_norm);
+    return CpuKernel<&msr_forward_cuda>::run("retention::msr_forward", q.device(), q, k, v, g, log_decay, scale,
+                                             form, chunk_size, initial_state, offsets, cu_seqlens, rotary, norm,
+                                             norm_weight, eps, decay_norm);
   const Dims& d = m.d;
   const c10::cuda::CUDAGuard guard(q.device());
   check_values_async(log_decay, offsets);
@@ -142,9 +142,9 @@ Six msr_backward_cuda(const at::Tensor& grad_y, const OptTensor& grad_final_stat
                                      cu_seqlens, rotary, norm_weight, eps);
   check_msr_grads(op, m, q, grad_y, grad_final_state);
   if (q.scalar_type() == at::kDouble)
-    return CpuKernel<&msr_backward_cuda>::run("retention::msr_backward", q.device(), grad_y, grad_final_state, q, k, v, g, log_decay, scale,
-                                              chunk_size, initial_state, offsets, cu_seqlens, rotary, norm,
-                                              norm_weight, eps, decay_norm);
+    return CpuKernel<&msr_backward_cuda>::run("retention::msr_backward", q.device(), grad_y, grad_final_state, q, k,
+                                              v, g, log_decay, scale, chunk_size, initial_state, offsets,
+                                              cu_seqlens, rotary, norm, norm_weight, eps, decay_norm);
   const Dims& d = m.d;
   const c10::cuda::CUDAGuard guard(q.device());
   check_values_async(log_decay, offsets);
@@ -233,8 +233,8 @@ at::Tensor msr_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Ten
                            {"norm_weight", has(norm_weight) ? &*norm_weight : nullptr}});
   if (q.scalar_type() == at::kDouble) {
     const at::Tensor host_state = to_host(state);
-    at::Tensor y = CpuKernel<&msr_step_cuda>::run("retention::msr_step", q.device(), q, k, v, g, log_decay, scale, host_state, offsets,
-                                                  rotary, norm, norm_weight, eps, decay_norm);
+    at::Tensor y = CpuKernel<&msr_step_cuda>::run("retention::msr_step", q.device(), q, k, v, g, log_decay, scale,
+                                                  host_state, offsets, rotary, norm, norm_weight, eps, decay_norm);
     state.copy_(host_state);
     return y;
   }

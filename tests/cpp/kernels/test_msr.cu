@@ -650,6 +650,31 @@ struct StepRun {
   std::vector<unsigned> counters;
 };
 
+// The step's parameters for token t of every batch row of m, writing y and updating state;
+// workspace and counters are the caller's (their size depends on the plan).
+rk::MsrStepParams step_params(const Msr& m, const DeviceMsr& d, int t, const DeviceBuffer& y,
+                              const DeviceBuffer& state, const std::int64_t* offsets) {
+  const Config& c = m.c;
+  const std::size_t es = elem_size(c.dtype);
+  auto at = [&](const DeviceBuffer& buf, int dim) {
+    return bthd(static_cast<unsigned char*>(buf.ptr) + std::size_t(t) * c.H * dim * es, c, dim);
+  };
+  rk::MsrStepParams p;
+  p.dtype = c.dtype;
+  p.shape = {c.B, 1, c.H, c.dk, c.dv};
+  p.q = at(d.q, c.dk);
+  p.k = at(d.k, c.dk);
+  p.v = at(d.v, c.dv);
+  if (c.gate) p.g = at(d.g, c.dv);
+  p.o = at(y, c.dv);
+  p.log_decay = d.decay.as<float>();
+  p.scale = static_cast<float>(m.scale);
+  p.state = state.as<float>();
+  p.offsets = offsets;
+  p.opt = d.opt(m);
+  return p;
+}
+
 StepRun run_steps(const Msr& m, const DeviceMsr& d) {
   const Config& c = m.c;
   const std::size_t es = elem_size(c.dtype);
@@ -667,23 +692,8 @@ StepRun run_steps(const Msr& m, const DeviceMsr& d) {
     for (int b = 0; b < c.B; ++b) pos[b] = offset_of(m, b) + t;
     DeviceBuffer offsets(pos.size() * 8);
     offsets.upload(pos.data());
-    auto at = [&](const DeviceBuffer& buf, int dim) {
-      rk::Bthd x = bthd(static_cast<unsigned char*>(buf.ptr) + std::size_t(t) * c.H * dim * es, c, dim);
-      return x;
-    };
-    rk::MsrStepParams p;
-    p.dtype = c.dtype;
-    p.shape = {c.B, 1, c.H, c.dk, c.dv};
-    p.q = at(d.q, c.dk);
-    p.k = at(d.k, c.dk);
-    p.v = at(d.v, c.dv);
-    if (c.gate) p.g = at(d.g, c.dv);
-    p.o = at(y, c.dv);
-    p.log_decay = d.decay.as<float>();
-    p.scale = static_cast<float>(m.scale);
-    p.state = state.as<float>();
-    p.offsets = m.offsets.empty() && t == 0 ? nullptr : offsets.as<std::int64_t>();
-    p.opt = d.opt(m);
+    rk::MsrStepParams p =
+        step_params(m, d, t, y, state, m.offsets.empty() && t == 0 ? nullptr : offsets.as<std::int64_t>());
     DeviceBuffer workspace(rk::msr_step_workspace_bytes(p));
     p.workspace = workspace.ptr;
     p.counters = counters.as<unsigned>();
@@ -909,26 +919,15 @@ TEST(MsrEdgeCases, StepChecksDecayAndOffsetsOnTheDevice) {
       offsets.upload(pos.data());
       state.upload(to_f32(m.s0).data());
       gpu::memset_device(counters.ptr, 0, counters.bytes);
-      rk::MsrStepParams p;
-      p.dtype = c.dtype;
-      p.shape = {c.B, 1, c.H, c.dk, c.dv};
-      p.q = bthd(d.q.ptr, c, c.dk);
-      p.k = bthd(d.k.ptr, c, c.dk);
-      p.v = bthd(d.v.ptr, c, c.dv);
-      p.g = bthd(d.g.ptr, c, c.dv);
-      p.o = bthd(y.ptr, c, c.dv);
-      p.log_decay = d.decay.as<float>();
-      p.scale = static_cast<float>(m.scale);
-      p.state = state.as<float>();
-      p.offsets = offsets.as<std::int64_t>();
-      p.opt = d.opt(m);
+      rk::MsrStepParams p = step_params(m, d, 0, y, state, offsets.as<std::int64_t>());
       DeviceBuffer workspace(rk::msr_step_workspace_bytes(p));
       p.workspace = workspace.ptr;
       p.counters = counters.as<unsigned>();
       const std::string name = config_name(testing::TestParamInfo<Config>(c, 0)) + " bad " + bad.what;
       const gpu::error_t err = rk::launch_msr_step(p);
       EXPECT_EQ(err, emu::Error::kAssert) << name;
-      EXPECT_NE(std::string(gpu::error_string(err)).find(bad.what), std::string::npos) << name << ": " << gpu::error_string(err);
+      const std::string msg = gpu::error_string(err);
+      EXPECT_NE(msg.find(bad.what), std::string::npos) << name << ": " << msg;
       emu::reset_device();
     }
   }
