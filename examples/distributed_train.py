@@ -61,6 +61,17 @@ def main():
     # so that no rank closes its connections while a peer may still be in a collective.
     dist.barrier()
     dist.destroy_process_group()
+    if args.mode == "ddp":
+        # DistributedDataParallel keeps a reference to the gloo group that outlives
+        # destroy_process_group (torch 2.x), so the group's worker threads run on into interpreter
+        # shutdown. One of them may still drop the last reference to a gradient all-reduce that
+        # DDP launched inside backward; that work's captured thread-local state holds a Python
+        # object, and releasing it takes the GIL, which aborts the process once the interpreter is
+        # finalizing ("terminate called without an active exception"). Every rank has passed the
+        # barrier and the group is destroyed, so nothing is left to do: leave without finalizing.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def train(args, use_cuda):
