@@ -62,9 +62,9 @@ inline void check_state(const char* op, const char* name, const at::Tensor& s, c
 }
 
 // Values a shape check cannot see. CPU tensors are read on the host, with a message naming the bad
-// element. Device tensors are checked on the device by the CUDA glue (retention_cuda.cu), inside
-// its kernels where they check them, else with at::_assert_async: a host read would cost a sync
-// per call and break CUDA-graph capture; a bad value then fails the next synchronising call.
+// element. Device tensors are checked by the kernels that read them (kernels/value_checks.cuh): a
+// host read would cost a sync per call and break CUDA-graph capture; a bad value stops the launch
+// with a device-side assert and fails the next synchronising call.
 // Meta tensors have no values (shape propagation only).
 inline bool has_values(const at::Tensor& t) { return !t.is_meta() && t.numel() > 0; }
 

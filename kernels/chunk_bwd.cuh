@@ -122,6 +122,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   constexpr int NT = BT / 16, NK = BK / 16, NV = BV / 16;
   constexpr int LDK = Tr::LDK, LDV = Tr::LDV;
 
+  Fusion::check_values(p, chunk_cta(kSplit ? split.count : 1).row);
+
   RETENTION_SMEM(smem_raw, Tr::kSmemDq);
   T* const sK = reinterpret_cast<T*>(smem_raw);  // [BT x BK]  k, current dk tile
   T* const sD = sK + Tr::kTileK;                 // [BT x BT]  scale * (dO V^T .* M)
@@ -213,6 +215,8 @@ __global__ void __launch_bounds__(Tr::kThreads)
   constexpr int LDK = Tr::LDK, LDV = Tr::LDV;
   static_assert(BT * LDV <= 2 * Tr::kTileK, "dV staging must fit in the q/k buffers");
 
+  // No Fusion::check_values here: the dq sweep, which always runs first over the same CTA rows,
+  // checks the values, and at dk = 256 this kernel has no registers to spare for the assert's call.
   RETENTION_SMEM(smem_raw, Tr::kSmemDkv);
   T* const sQ = reinterpret_cast<T*>(smem_raw);  // [BT x BK]  q, current dk tile
   T* const sK = sQ + Tr::kTileK;                 // [BT x BK]  k, current dk tile

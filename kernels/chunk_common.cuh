@@ -29,6 +29,7 @@
 #include "msr_kernels.h"
 #include "retention_kernels.h"
 #include "tile_mma.h"
+#include "value_checks.cuh"
 
 namespace retention::kernels {
 
@@ -194,7 +195,6 @@ enum class MsrPass : int {
 // passes add.  For the forward kernel `o` is the output of the pass: y (kForwardOutput) or du
 // (kBackwardGrad).
 struct MsrChunkForward : MsrForwardParams {
-  const double* theta = nullptr;  // [dk/2] rotary table (rotary != kNone)
   MsrPass pass = MsrPass::kForwardOutput;
   Bthd grad_y;                    // backward passes
   Bthd grad_g;                    // kBackwardGrad, when g is given
@@ -203,10 +203,8 @@ struct MsrChunkForward : MsrForwardParams {
   SegmentSplit segments;          // forward passes; the backward passes are never split
 };
 
-// The sweeps read grad_o (du) and q / k as given; theta serves the final cast (R^T).
-struct MsrChunkBackward : MsrBackwardParams {
-  const double* theta = nullptr;
-};
+// The sweeps read grad_o (du) and q / k as given.
+struct MsrChunkBackward : MsrBackwardParams {};
 
 // Where the tokens of sequence n live: batch row n, or tokens [cu[n], cu[n + 1]) of batch row
 // 0 for packed sequences (cu_seqlens); its first position is offsets[n] (0 without offsets).
@@ -215,20 +213,12 @@ RT_DEVICE SeqSpan msr_sequence(const P& p, int n) {
   const MsrSequences& s = p.seq;
   SeqSpan span{n, 0, p.shape.T, 0};
   if (s.cu_seqlens != nullptr) {
-    std::int64_t begin, end;
-    if (s.cu_seqlens_int64) {
-      begin = static_cast<const std::int64_t*>(s.cu_seqlens)[n];
-      end = static_cast<const std::int64_t*>(s.cu_seqlens)[n + 1];
-    } else {
-      begin = static_cast<const std::int32_t*>(s.cu_seqlens)[n];
-      end = static_cast<const std::int32_t*>(s.cu_seqlens)[n + 1];
-    }
-    // cu_seqlens is validated on the device, asynchronously (the glue does not copy it to the
-    // host: that would synchronise every call and break graph capture), so the kernels may run
-    // on a bad tensor before the error surfaces.  Clamping every sequence into [0, T] keeps all
-    // accesses in bounds whatever the values are; a bad tensor then gives wrong rows (or rows
-    // no sequence writes), never an out-of-bounds access.
+    // The kernels check cu_seqlens themselves (value_checks.cuh), so a CTA may run on a bad
+    // tensor before another CTA's check stops the launch.  Clamping every sequence into [0, T]
+    // keeps all accesses in bounds whatever the values are; a bad tensor then gives wrong rows
+    // (or rows no sequence writes), never an out-of-bounds access.
     const std::int64_t T = p.shape.T;
+    std::int64_t begin = cu_seqlens_at(s, n), end = cu_seqlens_at(s, n + 1);
     begin = begin < 0 ? 0 : begin > T ? T : begin;
     end = end < begin ? begin : end > T ? T : end;
     span.b = 0;
@@ -239,8 +229,11 @@ RT_DEVICE SeqSpan msr_sequence(const P& p, int n) {
   return span;
 }
 
-// Compile-time fusion policy of the chunk kernels.  The kernels call it at three points:
+// Compile-time fusion policy of the chunk kernels.  The kernels call it at four points:
 //   sequence(p, n)   which tokens / state sequence n (chunk_cta row / H) covers
+//   check_values(p, row)  the device-side checks of the values CTA row (sequence row / H, head
+//                    row % H) reads (value_checks.cuh); the kernels call it first, so that no
+//                    value is live across the assert's call (which would spill registers)
 //   load_qk(...)     the prologue: global -> shared copy of the q / k tiles of one dk tile (the
 //                    place for a rotary embedding; it gets the row base and the dk offset, so
 //                    it can read rotation partners outside the tile)
@@ -261,12 +254,21 @@ struct NoFusion {
   RT_DEVICE static SeqSpan sequence(const P& p, int n) {
     return {n, 0, p.shape.T, 0};
   }
+  // log_decay is every kernel's input; the sequence tensors are MsrFusion's.
+  template <class P>
+  RT_DEVICE static void check_values(const P& p, int row) {
+    const int H = static_cast<int>(p.shape.H);
+    if (threadIdx.x == 0 && row < num_sequences(p) * H) check_log_decay(p.log_decay[row % H]);
+  }
+  // Forward kernel: per-CTA setup of the forward_extra_smem bytes at `extra`, before the chunk loop.
+  template <class Tr, class P>
+  RT_DEVICE static void begin(const P&, float* /*extra*/) {}
   // Rows [0, rows_valid) of the dk tile [k0, k0 + C) of q and k; q_row / k_row point at
   // column 0 of the first row.  dst_q may be null (the dq sweep only needs k).
   template <int R, int C, int kThreads, class T, class P>
   RT_DEVICE static void load_qk(const P&, T* dst_q, const T* q_row, std::int64_t q_stride, T* dst_k,
                                 const T* k_row, std::int64_t k_stride, int ld, int rows_valid, int k0,
-                                int dk, std::int64_t /*pos0*/) {
+                                int dk, std::int64_t /*pos0*/, const float* /*extra*/ = nullptr) {
     if (dst_q != nullptr) load_tile<R, C, kThreads>(dst_q, ld, q_row + k0, q_stride, rows_valid, dk - k0);
     load_tile<R, C, kThreads>(dst_k, ld, k_row + k0, k_stride, rows_valid, dk - k0);
   }

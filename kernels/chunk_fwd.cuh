@@ -55,6 +55,12 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const MsrCh
   constexpr int LDK = Tr::LDK, LDV = Tr::LDV;
   static_assert(BT * LDV <= 2 * Tr::kTileK, "output staging must fit in the q/k buffers");
 
+  constexpr bool kStateOnly = kPass == SplitPass::kStateOnly, kSplit = kPass != SplitPass::kNoSplit;
+  const int segments = kSplit ? (kStateOnly ? split.count - 1 : split.count) : 1;
+  // Pass (c) of a split runs after pass (a) over the same CTA rows, which checked the values, and
+  // at the raw state budget it has no registers to spare for the assert's call.
+  if constexpr (kPass != SplitPass::kSegments) Fusion::check_values(p, chunk_cta(segments).row);
+
   RETENTION_SMEM(smem_raw, Tr::kSmemForward);
   T* const sQ = reinterpret_cast<T*>(smem_raw);  // [BT x BK]  q, current dk tile
   T* const sK = sQ + Tr::kTileK;                 // [BT x BK]  k, current dk tile
@@ -64,12 +70,12 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const MsrCh
   T* const sA = sQ;                              // [BT x BT]  masked scores, once q/k are dead
   T* const sO = sQ;                              // [BT x BV]  output staging
   float* const sExtra = reinterpret_cast<float*>(sS + Tr::kTileV);  // Fusion::forward_extra_smem
+  static_assert((2 * Tr::kTileK + 3 * Tr::kTileV) * sizeof(T) % sizeof(double) == 0,
+                "the fusion's shared memory may hold float64 values");
   float* const sScratch = reinterpret_cast<float*>(smem_raw + Tr::kSmemForward - Tr::kScratch);
 
   const Shape& n = p.shape;
   const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk), dv = static_cast<int>(n.dv);
-  constexpr bool kStateOnly = kPass == SplitPass::kStateOnly, kSplit = kPass != SplitPass::kNoSplit;
-  const int segments = kSplit ? (kStateOnly ? split.count - 1 : split.count) : 1;
   const ChunkCta cta = chunk_cta(segments);
   if (cta.row >= Fusion::num_sequences(p) * H) return;  // grid padding (chunk_grid)
   const int seq_index = cta.row / H, h = cta.row % H;
@@ -80,6 +86,7 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const MsrCh
   const int r0 = 16 * gpu::warp_id();
   const float log2g = p.log_decay[h] * kLog2e;
   ForwardTile<T> tile{seq, seq_index, h, 0, 0, v0, nv, r0, sVd, sS, sO, sV, sExtra};
+  Fusion::template begin<Tr>(p, sExtra);
   if constexpr (Fusion::kEpilogue && !kStateOnly) Fusion::template epilogue_begin<Tr>(p, tile);
 
   const SmemTile<T> q = row_major(sQ, LDK), k = row_major(sK, LDK), a = row_major(sA, LDK);
@@ -115,7 +122,7 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const MsrCh
       __syncthreads();
       Fusion::template load_qk<BT, BK, kThreads>(p, kStateOnly ? nullptr : sQ, bthd_ptr<T>(p.q, b, t, h, 0),
                                                  p.q.stride_t, sK, bthd_ptr<T>(p.k, b, t, h, 0), p.k.stride_t, LDK,
-                                                 L, k0, dk, seq.pos0 + t0);
+                                                 L, k0, dk, seq.pos0 + t0, sExtra);
       if constexpr (!kStateOnly) store_state_operand<Tr>(s.block(r0, 0), S[kt], 1.f / s_factor);
       __syncthreads();
 

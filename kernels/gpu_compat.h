@@ -39,6 +39,7 @@
 #include <hip/hip_runtime.h>
 #else
 #define RETENTION_CUDA 1
+#include <cassert>  // __assert_fail, the device-side assert of RT_DEVICE_CHECK
 #include <cuda_runtime.h>
 #endif
 

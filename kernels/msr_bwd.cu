@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kRowColumns* kRowLanes)
     float sign = 0.f;
     if (rotary) rotary_pair(p.opt.rotary, d, dk, partner, sign, pair);
     if (kGrads) sign = -sign;  // R^T: the partner term changes sign
-    const double theta = rotary ? p.theta[pair] : 0.0;
+    const double theta = rotary ? rotary_theta(p.opt.rotary, pair, dk) : 0.0;  // once per column
     for (std::int64_t r = blockIdx.y * kRowLanes + threadIdx.x / kRowColumns; r < seq.length;
          r += gridDim.y * kRowLanes) {
       const std::int64_t t = seq.t_begin + r;
@@ -117,8 +117,8 @@ struct Layout {
 
 std::size_t align16(std::size_t x) { return (x + 15) / 16 * 16; }
 
-// [rotary theta | backward core | statistics | dw partials | du | q~ | k~], each 16-byte aligned;
-// theta, q~ and k~ with rotation only, du with an epilogue only.
+// [backward core | statistics | dw partials | du | q~ | k~], each 16-byte aligned; q~ and k~
+// with rotation only, du with an epilogue only.
 Layout workspace_layout(const MsrBackwardParams& p) {
   const Shape& n = p.shape;
   const std::int64_t rows = p.seq.num_sequences * n.H;
@@ -128,7 +128,7 @@ Layout workspace_layout(const MsrBackwardParams& p) {
   const std::int64_t tiles = bv > 0 ? (n.dv + bv - 1) / bv : 0;
   Layout l;
   const bool rotated = any && p.opt.rotary != RotaryMode::kNone;
-  std::size_t off = p.opt.rotary != RotaryMode::kNone ? kThetaTableBytes : 0;
+  std::size_t off = 0;
   const auto take = [&off](std::size_t bytes) {
     const std::size_t at = off;
     off += align16(bytes);
@@ -209,11 +209,9 @@ gpu::error_t launch_msr_backward(const MsrBackwardParams& p) {
   unsigned char* const ws = static_cast<unsigned char*>(p.workspace);
   MsrChunkBackward b;
   static_cast<MsrBackwardParams&>(b) = p;
-  b.theta = reinterpret_cast<const double*>(ws);
   if (!without_fusion(p)) b.grad_o = contiguous(ws, l.du, n, n.dv);  // du, input dtype (else dy)
   b.workspace = ws + l.core;
-  gpu::error_t e = launch_rotary_theta(p.opt.rotary, n.dk, reinterpret_cast<double*>(ws), p.stream);
-  if (e != gpu::kSuccess) return e;
+  gpu::error_t e = gpu::kSuccess;
 
   // 0. q~, k~ (the backward kernels run without a rotary prologue).
   if (p.opt.rotary != RotaryMode::kNone && n.T > 0 && n.dk > 0) {
@@ -227,7 +225,6 @@ gpu::error_t launch_msr_backward(const MsrBackwardParams& p) {
   // 1-2. Epilogue backward (recomputes u), when there is an epilogue.
   MsrChunkForward f = forward_pass(b, MsrPass::kBackwardGrad);
   f.o = b.grad_o;
-  f.theta = b.theta;
   f.grad_y = p.grad_o;
   f.grad_g = p.grad_g;
   f.stats = reinterpret_cast<float*>(ws + l.stats);

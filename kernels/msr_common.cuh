@@ -14,7 +14,7 @@
 //    [-pi/4, pi/4] in float64 (rint + two-term pi/2), and only that reduced angle is rounded
 //    to fp32 for a short polynomial: the angle error stays below ~1e-7 rad at any position,
 //    and the only float64 work per element is a multiply, a rint and two fmas (theta_i comes
-//    from a [dk/2] float64 table filled once per launch).
+//    from a [dk/2] float64 table in shared memory that each CTA fills before its first chunk).
 //
 //  * Packed sequences.  A CTA's sequence is a batch row or [cu[s], cu[s+1]) of batch row 0;
 //    empty sequences run no chunk and pass the state (or its gradient) through.
@@ -104,8 +104,8 @@ RT_HOST_DEVICE inline void rotary_pair(RotaryMode mode, int d, int dk, int& part
   }
 }
 
-// theta_i in float64.  Evaluated once per launch into a [dk/2] table (rotary_theta_kernel),
-// so the kernels' inner loops never run a float64 pow.
+// theta_i in float64.  The forward kernel evaluates it once per CTA into a [dk/2] shared-memory
+// table (MsrFusion::begin), so its inner loops never run a float64 pow.
 RT_HOST_DEVICE inline double rotary_theta(RotaryMode mode, int pair, int dk) {
   const int half = dk / 2;
   if (mode == RotaryMode::kTorchscale)
@@ -113,8 +113,6 @@ RT_HOST_DEVICE inline double rotary_theta(RotaryMode mode, int pair, int dk) {
   return pow(10000.0, -2.0 * static_cast<double>(pair) / static_cast<double>(dk));
 }
 
-// Fills theta[0, dk/2) on the stream (msr_fwd.cu).
-gpu::error_t launch_rotary_theta(RotaryMode mode, std::int64_t dk, double* theta, gpu::stream_t stream);
 inline constexpr std::size_t kThetaTableBytes = kMaxHeadDimK / 2 * sizeof(double);
 
 // cos and sin of pos * theta.  The product and the reduction by multiples of pi/2 are done in
@@ -197,18 +195,37 @@ RT_DEVICE void load_rotated_qk(RotaryMode mode, const double* theta_table, T* ds
 template <bool kBackwardPasses>
 struct MsrFusion : NoFusion {
   static constexpr bool kEpilogue = true;
-  // Per-warp column sums of dz n^ for d_norm_weight (kBackwardGrad), kept across chunks.
-  static constexpr int forward_extra_smem(int warps, int bv) { return warps * bv * static_cast<int>(sizeof(float)); }
+  // Backward passes: per-warp column sums of dz n^ for d_norm_weight (kBackwardGrad), kept across
+  // chunks.  Forward passes: the [dk/2] rotary theta table.
+  static constexpr int forward_extra_smem(int warps, int bv) {
+    return kBackwardPasses ? warps * bv * static_cast<int>(sizeof(float)) : static_cast<int>(kThetaTableBytes);
+  }
+
+  // Fills the theta table for load_qk; visible after the chunk loop's first barrier.
+  template <class Tr>
+  RT_DEVICE static void begin(const MsrChunkForward& p, float* extra) {
+    if constexpr (!kBackwardPasses) {
+      if (p.opt.rotary == RotaryMode::kNone) return;
+      double* const theta = reinterpret_cast<double*>(extra);
+      const int dk = static_cast<int>(p.shape.dk);
+      for (int i = threadIdx.x; i < dk / 2; i += Tr::kThreads) theta[i] = rotary_theta(p.opt.rotary, i, dk);
+    }
+  }
 
   template <class P>
   RT_DEVICE static SeqSpan sequence(const P& p, int n) {
     return msr_sequence(p, n);
   }
+  template <class P>
+  RT_DEVICE static void check_values(const P& p, int row) {
+    const int H = static_cast<int>(p.shape.H);
+    if (row < p.seq.num_sequences * H) check_msr_values(p, row / H, row % H);
+  }
 
   template <int R, int C, int kThreads, class T, class P>
   RT_DEVICE static void load_qk(const P& p, T* dst_q, const T* q_row, std::int64_t q_stride, T* dst_k,
                                 const T* k_row, std::int64_t k_stride, int ld, int rows_valid, int k0, int dk,
-                                std::int64_t pos0) {
+                                std::int64_t pos0, const float* extra = nullptr) {
     // The backward passes get pre-rotated q / k (msr_bwd.cu), so their instantiations carry
     // no rotation code at all.
     const RotaryMode mode = kBackwardPasses ? RotaryMode::kNone : p.opt.rotary;
@@ -216,8 +233,8 @@ struct MsrFusion : NoFusion {
       NoFusion::load_qk<R, C, kThreads>(p, dst_q, q_row, q_stride, dst_k, k_row, k_stride, ld, rows_valid, k0, dk,
                                         pos0);
     } else if constexpr (!kBackwardPasses) {
-      load_rotated_qk<R, C, kThreads>(mode, p.theta, dst_q, q_row, q_stride, dst_k, k_row, k_stride, ld, rows_valid, k0,
-                                      dk, pos0);
+      load_rotated_qk<R, C, kThreads>(mode, reinterpret_cast<const double*>(extra), dst_q, q_row, q_stride, dst_k,
+                                      k_row, k_stride, ld, rows_valid, k0, dk, pos0);
     }
   }
 

@@ -17,8 +17,12 @@ namespace {
 // kernels already sit at 230-255 registers).
 constexpr int kMsrForwardStateRegs = 32;
 
-// The output pass runs without fusion (NoFusion: batch rows, no prologue, no epilogue).
-bool forward_without_fusion(const MsrForwardParams& p) { return without_fusion(p) && p.seq.cu_seqlens == nullptr; }
+// The output pass runs without fusion (NoFusion: batch rows, no prologue, no epilogue).  Given
+// offsets keep MsrFusion, whose value checks (value_checks.cuh) see them: with every option off
+// they change nothing, but a negative one is still an error, as on the CPU.
+bool forward_without_fusion(const MsrForwardParams& p) {
+  return without_fusion(p) && p.seq.cu_seqlens == nullptr && p.seq.offsets == nullptr;
+}
 
 template <class T, bool kBackwardPasses>
 struct MsrForward {
@@ -69,17 +73,7 @@ SegmentSplit forward_split(const MsrForwardParams& p) {
 // The statistics pass is needed when the norm is on and dv spans more than one tile.
 bool needs_stats_pass(const MsrForwardParams& p) { return p.opt.norm && dv_tiles(p) > 1; }
 
-__global__ void rotary_theta_kernel(RotaryMode mode, int dk, double* theta) {
-  for (int i = threadIdx.x; i < dk / 2; i += blockDim.x) theta[i] = rotary_theta(mode, i, dk);
-}
-
 }  // namespace
-
-gpu::error_t launch_rotary_theta(RotaryMode mode, std::int64_t dk, double* theta, gpu::stream_t stream) {
-  if (mode == RotaryMode::kNone || dk < 2) return gpu::kSuccess;
-  if (theta == nullptr) return gpu::kErrorInvalidValue;
-  return gpu::launch(&rotary_theta_kernel, 1, 128, 0, stream, mode, static_cast<int>(dk), theta);
-}
 
 // The MsrFusion tile width (MsrForward::Bucket: fp32 dk <= 64 uses the 128 bucket).
 int msr_forward_tile_width(DType dtype, std::int64_t dk, bool backward_passes) {
@@ -100,11 +94,8 @@ gpu::error_t launch_msr_chunk_pass(const MsrChunkForward& p) {
   });
 }
 
-// Workspace: [rotary theta table (with rotation) | statistics (tiles x B*T*H x 2 fp32) |
+// Workspace: [statistics (tiles x B*T*H x 2 fp32) |
 // segment states of a split ((count - 1) x N*H x dk x dv fp32)].
-static std::size_t theta_bytes(const MsrForwardParams& p) {
-  return p.opt.rotary != RotaryMode::kNone ? kThetaTableBytes : 0;
-}
 static std::size_t msr_stats_bytes(const MsrForwardParams& p) {
   const Shape& n = p.shape;
   return n.B > 0 && n.T > 0 && n.H > 0 && n.dv > 0 && needs_stats_pass(p)
@@ -113,7 +104,7 @@ static std::size_t msr_stats_bytes(const MsrForwardParams& p) {
 }
 
 std::size_t msr_forward_workspace_bytes(const MsrForwardParams& p) {
-  return theta_bytes(p) + msr_stats_bytes(p) +
+  return msr_stats_bytes(p) +
          segment_states_bytes(forward_split(p), p.seq.num_sequences * p.shape.H, p.shape);
 }
 
@@ -139,19 +130,15 @@ gpu::error_t launch_msr_forward(const MsrForwardParams& p) {
   unsigned char* const ws = static_cast<unsigned char*>(p.workspace);
   MsrChunkForward c;
   static_cast<MsrForwardParams&>(c) = p;
-  c.theta = reinterpret_cast<const double*>(ws);
-  if (gpu::error_t e = launch_rotary_theta(p.opt.rotary, n.dk, reinterpret_cast<double*>(ws), p.stream);
-      e != gpu::kSuccess)
-    return e;
   c.segments = forward_split(p);
   if (c.segments.count > 1) {
-    c.segments.states = reinterpret_cast<float*>(ws + theta_bytes(p) + msr_stats_bytes(p));
+    c.segments.states = reinterpret_cast<float*>(ws + msr_stats_bytes(p));
     c.segments.state_stride = p.seq.num_sequences * n.H * n.dk * n.dv;
     c.pass = MsrPass::kSegmentStates;
     if (gpu::error_t e = launch_msr_chunk_pass(c); e != gpu::kSuccess) return e;
   }
   if (needs_stats_pass(p)) {
-    c.stats = reinterpret_cast<float*>(ws + theta_bytes(p));
+    c.stats = reinterpret_cast<float*>(ws);
     c.pass = MsrPass::kForwardStats;
     c.final_state = nullptr;
     if (gpu::error_t e = launch_msr_chunk_pass(c); e != gpu::kSuccess) return e;

@@ -23,6 +23,7 @@
 #include "chunk_common.cuh"
 #include "msr_common.cuh"
 #include "recurrence.cuh"
+#include "value_checks.cuh"
 
 namespace retention::kernels {
 namespace {
@@ -117,8 +118,8 @@ __global__ void __launch_bounds__(kStepThreads, kStepCtasPerSm) msr_step_kernel(
   // The values the glue passes unchecked (a host read would sync every step), checked before
   // this launch writes anything.
   if (tid == 0) {
-    RT_DEVICE_CHECK(log_gamma <= 0.f, "retention: log_decay must be <= 0 and not NaN");
-    RT_DEVICE_CHECK(pos >= 0, "retention: offsets must be non-negative positions");
+    check_log_decay(log_gamma);
+    check_position(pos);
   }
   const T* q = bthd_ptr<T>(p.q, b, 0, h, 0);
   const T* k = bthd_ptr<T>(p.k, b, 0, h, 0);

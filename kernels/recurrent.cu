@@ -11,6 +11,7 @@
 #include "numeric.h"
 #include "recurrence.cuh"
 #include "retention_kernels.h"
+#include "value_checks.cuh"
 
 namespace retention::kernels {
 namespace {
@@ -25,6 +26,7 @@ __global__ void __launch_bounds__(kScanWarps* gpu::kWarpSize) recurrent_forward_
   const int H = static_cast<int>(n.H), dk = static_cast<int>(n.dk), dv = static_cast<int>(n.dv);
   const int b = blockIdx.x / H, h = blockIdx.x % H;
   const int lane = gpu::lane_id();
+  if (threadIdx.x == 0) check_log_decay(p.log_decay[h]);  // the glue does not read it (value_checks.cuh)
   const int c0 = (blockIdx.y * kScanWarps + gpu::warp_id()) * kScanCols;
   if (c0 >= dv) return;  // whole warp; there are no block-level barriers below
   const float omg = one_minus_gamma(p.log_decay[h]);

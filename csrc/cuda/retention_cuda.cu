@@ -8,7 +8,8 @@
 // function of the inputs up to rounding.  The recurrent form of plain retention (the raw
 // recurrent_forward) alone runs the token-by-token scan: a different algorithm, which keeps it
 // an independent check of the chunk kernels.  float64 inputs run the op's CPU kernel on host
-// copies (cpu_fallback.h).
+// copies (cpu_fallback.h).  The values of log_decay, offsets and cu_seqlens are checked by the
+// kernels themselves (kernels/value_checks.cuh): checking adds no launch and no host sync.
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -33,27 +34,6 @@ using namespace glue;
 using Pair = std::tuple<at::Tensor, at::Tensor>;
 using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// The values of log_decay (<= 0, not NaN) and offsets (>= 0) for the chunk kernels, which do not
-// check them, on the device (checks.h says why not on the host): three small launches each.
-// The decode step's kernel checks both itself, in its one launch.
-void check_values_async(const at::Tensor& log_decay, const OptTensor& offsets) {
-  at::_assert_async(log_decay.le(0).all());  // false for NaN too
-  if (has(offsets)) at::_assert_async(offsets->ge(0).all());
-}
-
-// The values of cu_seqlens (cu[0] == 0, non-decreasing, cu[N] == T) are checked on the device:
-// copying them to the host would synchronise every call and make the ops impossible to capture
-// in a CUDA graph.  A violation raises a device-side assert (torch's _assert_async; its message
-// is torch's generic one), reported by the next synchronising call.  The kernels clamp
-// every sequence into [0, T] (msr_sequence), so they never access memory out of bounds before
-// that, whatever the values.  (Builds whose device asserts are compiled out, such as ROCm's
-// default, skip the check; the clamping still holds.)
-void check_cu_seqlens_async(const at::Tensor& cu, int64_t T) {
-  const at::Tensor c = cu.to(at::kLong);
-  const at::Tensor ok = c.select(0, 0).eq(0).logical_and(c.select(0, -1).eq(T)).logical_and(at::diff(c).ge(0).all());
-  at::_assert_async(ok);
-}
-
 // The layer's sequences and prologue / epilogue options as the launchers take them, with the
 // device tensors they point into kept alive for the launch.
 struct Layer {
@@ -62,12 +42,11 @@ struct Layer {
   rk::MsrOptions opt;
 };
 
-Layer layer(int64_t N, int64_t T, const OptTensor& cu_seqlens, const OptTensor& offsets, int64_t rotary, bool norm,
+Layer layer(int64_t N, const OptTensor& cu_seqlens, const OptTensor& offsets, int64_t rotary, bool norm,
             const OptTensor& norm_weight, double eps, bool decay_norm) {
   Layer L;
   if (has(cu_seqlens)) {
     L.cu_seqlens = cu_seqlens->contiguous();
-    check_cu_seqlens_async(L.cu_seqlens, T);
     L.seq.cu_seqlens = L.cu_seqlens.data_ptr();
     L.seq.cu_seqlens_int64 = L.cu_seqlens.scalar_type() == at::kLong;
   }
@@ -98,7 +77,6 @@ Pair msr_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                                              norm_weight, eps, decay_norm);
   const Dims& d = m.d;
   const c10::cuda::CUDAGuard guard(q.device());
-  check_values_async(log_decay, offsets);
   const at::Tensor h0 = fp32_contiguous(initial_state);
   at::Tensor y = at::empty({d.B, d.T, d.H, d.dv}, q.options());
   at::Tensor state = empty_state(q, m.N, d);
@@ -112,7 +90,7 @@ Pair msr_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     check_launch(rk::launch_recurrent_forward(p), op);
     return {y, state};
   }
-  const Layer L = layer(m.N, d.T, cu_seqlens, offsets, rotary, norm, norm_weight, eps, decay_norm);
+  const Layer L = layer(m.N, cu_seqlens, offsets, rotary, norm, norm_weight, eps, decay_norm);
   const at::Tensor g_ = unit_inner_stride(g);
 
   rk::MsrForwardParams p;
@@ -147,8 +125,7 @@ Six msr_backward_cuda(const at::Tensor& grad_y, const OptTensor& grad_final_stat
                                               cu_seqlens, rotary, norm, norm_weight, eps, decay_norm);
   const Dims& d = m.d;
   const c10::cuda::CUDAGuard guard(q.device());
-  check_values_async(log_decay, offsets);
-  const Layer L = layer(m.N, d.T, cu_seqlens, offsets, rotary, norm, norm_weight, eps, decay_norm);
+  const Layer L = layer(m.N, cu_seqlens, offsets, rotary, norm, norm_weight, eps, decay_norm);
   const at::Tensor g_ = unit_inner_stride(g), dy = unit_inner_stride(grad_y.to(q.scalar_type()));
   const at::Tensor h0 = fp32_contiguous(initial_state), dhT = fp32_contiguous(grad_final_state);
   at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
@@ -242,7 +219,7 @@ at::Tensor msr_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Ten
   TORCH_CHECK(!norm || d.dv <= rk::kMsrStepMaxDv, op, ": dv (last dim of v) must be at most ", rk::kMsrStepMaxDv,
               " on the GPU with norm (the decode step keeps a whole row in shared memory), got ", d.dv);
   const c10::cuda::CUDAGuard guard(q.device());
-  const Layer L = layer(d.B, 1, {}, offsets, rotary, norm, norm_weight, eps, decay_norm);
+  const Layer L = layer(d.B, {}, offsets, rotary, norm, norm_weight, eps, decay_norm);
   const at::Tensor g_ = unit_inner_stride(g4);
   at::Tensor y = at::empty({d.B, 1, d.H, d.dv}, q.options());
 

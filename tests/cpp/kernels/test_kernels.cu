@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -899,6 +900,47 @@ TEST(Launchers, RejectBadArgumentsAndAcceptEmptyProblems) {
   st.dtype = static_cast<rk::DType>(7);
   EXPECT_EQ(rk::launch_recurrent_step(st), gpu::kErrorInvalidValue);
 }
+
+#if defined(RETENTION_HOST_EMU)
+// The raw launchers check log_decay on the device too (value_checks.cuh): the scan, and the chunk
+// forward without fusion, stop with a device-side assert naming it.  Emulator only: on a GPU the
+// assert ends the process's context.
+TEST(Launchers, RawKernelsCheckDecayOnTheDevice) {
+  namespace emu = retention::emu;
+  for (const double bad : {0.5, std::numeric_limits<double>::quiet_NaN()}) {
+    Problem p = make_problem(2, 40, 3, 60, 48, true, 7);
+    p.log_decay[2] = bad;
+    const auto qb = encode(rk::DType::kBF16, p.q), kb = encode(rk::DType::kBF16, p.k), vb = encode(rk::DType::kBF16, p.v);
+    DeviceBuffer dq(qb.size()), dk(kb.size()), dv(vb.size()), dO(vb.size());
+    dq.upload(qb.data());
+    dk.upload(kb.data());
+    dv.upload(vb.data());
+    DeviceBuffer decay = upload_f32(p.log_decay), sT(p.s0.size() * 4);
+    const auto fill = [&](auto& prm) {
+      prm.dtype = rk::DType::kBF16;
+      prm.shape = {2, 40, 3, 60, 48};
+      prm.q = bthd(dq.ptr, p, 60, 0, rk::DType::kBF16);
+      prm.k = bthd(dk.ptr, p, 60, 0, rk::DType::kBF16);
+      prm.v = bthd(dv.ptr, p, 48, 0, rk::DType::kBF16);
+      prm.o = bthd(dO.ptr, p, 48, 0, rk::DType::kBF16);
+      prm.log_decay = decay.as<float>();
+      prm.scale = static_cast<float>(p.scale);
+      prm.final_state = sT.as<float>();
+    };
+    rk::RecurrentForwardParams scan;
+    fill(scan);
+    rk::ChunkForwardParams chunk;
+    fill(chunk);
+    const DeviceBuffer ws = forward_workspace(chunk);
+    for (int which = 0; which < 2; ++which) {
+      const gpu::error_t err = which == 0 ? rk::launch_recurrent_forward(scan) : rk::launch_chunk_forward(chunk);
+      EXPECT_EQ(err, emu::Error::kAssert) << (which == 0 ? "scan" : "chunk") << ", log_decay " << bad;
+      EXPECT_NE(std::string(gpu::error_string(err)).find("log_decay"), std::string::npos) << gpu::error_string(err);
+      emu::reset_device();
+    }
+  }
+}
+#endif
 
 // ------------------------------------------------------------------------------------------
 // Host-only: the bit conversions the tests (and the torch glue's expectations) rely on.

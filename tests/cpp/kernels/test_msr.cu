@@ -276,6 +276,9 @@ TEST(MsrLaunchers, RejectBadArguments) {
   f.shape.dk = 300;
   EXPECT_EQ(rk::launch_msr_forward(f), gpu::kErrorInvalidValue);
   f.shape.dk = 64;
+  f.opt.norm = true;
+  f.shape.dv = 432;  // the norm over several dv tiles: a statistics pass, which needs a workspace
+  ASSERT_GT(rk::msr_forward_workspace_bytes(f), 0u);
   EXPECT_EQ(rk::launch_msr_forward(f), gpu::kErrorInvalidValue);  // no workspace
   f.shape.H = 0;
   EXPECT_EQ(rk::launch_msr_forward(f), gpu::kSuccess);
@@ -811,86 +814,122 @@ struct GuardedBuffer {
   }
 };
 
-// cu_seqlens is validated on the device, asynchronously, so the kernels may run on a bad one;
-// they must still never access memory outside their tensors (msr_sequence clamps every
-// sequence into [0, T]).  Inputs are exact-size (an out-of-bounds read is a sanitizer error in
-// the sanitizer build); outputs sit between guard zones that must stay untouched.  The values
-// of the outputs are unspecified for a bad cu_seqlens and not checked.
-TEST(MsrEdgeCases, BadCuSeqlensStayInBounds) {
-  SKIP_WITHOUT_DEVICE();
-  const std::vector<std::vector<std::int64_t>> bad = {
-      {0, 5, 400},        // ends past T
-      {0, -40, 150},      // negative
-      {0, 100, 50, 150},  // decreasing
-      {-10, 70, 200},     // starts before 0 and ends past T
+#if defined(RETENTION_HOST_EMU)
+// The kernels check the values the glue cannot read without a sync (log_decay <= 0 and not NaN,
+// offsets >= 0, cu_seqlens from 0 to T and non-decreasing; value_checks.cuh): a bad value stops
+// the forward and the backward with a device-side assert naming the tensor.  The CTAs that ran
+// before the failing one saw the bad tensor too, and must not have accessed memory outside their
+// tensors (msr_sequence clamps every sequence into [0, T]): inputs are exact-size (an
+// out-of-bounds read is a sanitizer error in the sanitizer build), outputs sit between guard
+// zones that must stay untouched.  The outputs' values are unspecified then and not checked.
+// Emulator only: on a GPU the assert ends the process's context, and every later test with it.
+TEST(MsrEdgeCases, BadValuesStopTheKernelsInBounds) {
+  namespace emu = retention::emu;
+  const std::vector<std::int64_t> good_cu = {0, 0, 1, 5, 70, 70, 150};
+  struct Bad {
+    const char* what;  // the tensor the message must name
+    std::vector<std::int64_t> cu;
+    int head = -1;     // log_decay[head] = value (head >= 0)
+    double value = 0;
+    bool bad_offset = false;  // offsets[last] = -1
+    bool offsets = true;      // with offsets (without: the raw forward's kernel, NoFusion)
   };
-  for (const auto& cu : bad) {
-    Config c{rk::DType::kBF16, 1, 150, 2, 60, 100, cu, 1, true, true, true, true, true, 3};
-    Msr m = make_msr(c, 16);
-    DeviceMsr d(m);
-    const std::size_t es = elem_size(c.dtype), nq = m.q.size() * es, nv = m.v.size() * es;
-    const std::size_t ns = std::size_t(m.N) * c.H * c.dk * c.dv * 4;
-    GuardedBuffer y(nv), sT(ns), dq(nq), dk(nq), dv(nv), dg(nv), ds0(ns), dw(c.dv * 4);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const std::vector<Bad> bad = {
+      {"cu_seqlens", {0, 5, 400}},                // ends past T
+      {"cu_seqlens", {0, -40, 150}},              // negative
+      {"cu_seqlens", {0, 100, 50, 150}},          // decreasing
+      {"cu_seqlens", {-10, 70, 200}},             // starts before 0 and ends past T
+      {"cu_seqlens", {-10, 70, 150}},             // starts before 0
+      {"cu_seqlens", {0, 5, 149}},                // ends before T
+      {"log_decay", good_cu, 1, 0.25},            // gamma > 1
+      {"log_decay", good_cu, 0, nan},
+      {"offsets", good_cu, -1, 0, true},
+      {"log_decay", {}, 1, 1e-3},                 // batch rows as the sequences
+      {"log_decay", {}, 0, 1e-3, false, false},   // batch rows, no offsets
+      {"offsets", {}, -1, 0, true},
+  };
+  for (const Bad& x : bad) {
+    // Every option on, and every option off (the raw ops' path: no epilogue passes in the backward).
+    for (int variant = 0; variant < (x.cu.empty() ? 2 : 4); ++variant) {
+      const bool fused = variant % 2 == 0, int32 = variant >= 2;
+      Config c{rk::DType::kBF16, x.cu.empty() ? 2 : 1, 150, 2, 60, 100, x.cu, fused ? 1 : 0, fused, fused, fused,
+               fused, true, x.offsets ? 3 : 0, int32};
+      Msr m = make_msr(c, 16);
+      if (x.head >= 0) m.log_decay[x.head] = x.value;
+      if (x.bad_offset) m.offsets.back() = -1;
+      const std::string name = std::string(x.what) + " " + testing::PrintToString(x.cu) + (int32 ? " int32" : "") +
+                               (fused ? " fused" : " raw");
+      DeviceMsr d(m);
+      const std::size_t es = elem_size(c.dtype), nq = m.q.size() * es, nv = m.v.size() * es;
+      const std::size_t ns = std::size_t(m.N) * c.H * c.dk * c.dv * 4;
+      GuardedBuffer y(nv), sT(ns), dq(nq), dk(nq), dv(nv), dg(nv), ds0(ns), dw(c.dv * 4);
+      const auto expect_assert = [&](gpu::error_t err, const char* pass) {
+        EXPECT_EQ(err, emu::Error::kAssert) << name << ", " << pass;
+        const std::string msg = gpu::error_string(err);
+        EXPECT_NE(msg.find(x.what), std::string::npos) << name << ", " << pass << ": " << msg;
+        emu::reset_device();
+      };
 
-    rk::MsrForwardParams f;
-    f.dtype = c.dtype;
-    f.shape = {c.B, c.T, c.H, c.dk, c.dv};
-    f.q = bthd(d.q.ptr, c, c.dk);
-    f.k = bthd(d.k.ptr, c, c.dk);
-    f.v = bthd(d.v.ptr, c, c.dv);
-    f.g = bthd(d.g.ptr, c, c.dv);
-    f.o = bthd(y.data(), c, c.dv);
-    f.log_decay = d.decay.as<float>();
-    f.scale = static_cast<float>(m.scale);
-    f.seq = d.seq(m);
-    f.opt = d.opt(m);
-    f.initial_state = d.s0.as<float>();
-    f.final_state = static_cast<float*>(sT.data());
-    DeviceBuffer fws(rk::msr_forward_workspace_bytes(f));
-    f.workspace = fws.ptr;
-    GPU_OK(rk::launch_msr_forward(f));
-    GPU_OK(gpu::synchronize());
+      rk::MsrForwardParams f;
+      f.dtype = c.dtype;
+      f.shape = {c.B, c.T, c.H, c.dk, c.dv};
+      f.q = bthd(d.q.ptr, c, c.dk);
+      f.k = bthd(d.k.ptr, c, c.dk);
+      f.v = bthd(d.v.ptr, c, c.dv);
+      if (c.gate) f.g = bthd(d.g.ptr, c, c.dv);
+      f.o = bthd(y.data(), c, c.dv);
+      f.log_decay = d.decay.as<float>();
+      f.scale = static_cast<float>(m.scale);
+      f.seq = d.seq(m);
+      f.opt = d.opt(m);
+      f.initial_state = d.s0.as<float>();
+      f.final_state = static_cast<float*>(sT.data());
+      DeviceBuffer fws(rk::msr_forward_workspace_bytes(f));
+      f.workspace = fws.ptr;
+      gpu::error_t err = rk::launch_msr_forward(f);
+      if (err == gpu::kSuccess) err = gpu::synchronize();
+      expect_assert(err, "forward");
 
-    std::vector<double> dy, dsT;
-    random_cotangents(m, dy, dsT);
-    DeviceBuffer gy(nv), gsT(ns);
-    gy.upload(encode(c.dtype, dy).data());
-    gsT.upload(to_f32(dsT).data());
-    rk::MsrBackwardParams b;
-    b.dtype = c.dtype;
-    b.shape = f.shape;
-    b.q = f.q;
-    b.k = f.k;
-    b.v = f.v;
-    b.g = f.g;
-    b.grad_o = bthd(gy.ptr, c, c.dv);
-    b.log_decay = f.log_decay;
-    b.scale = f.scale;
-    b.seq = f.seq;
-    b.opt = f.opt;
-    b.initial_state = f.initial_state;
-    b.grad_final_state = gsT.as<float>();
-    b.grad_q = bthd(dq.data(), c, c.dk);
-    b.grad_k = bthd(dk.data(), c, c.dk);
-    b.grad_v = bthd(dv.data(), c, c.dv);
-    b.grad_g = bthd(dg.data(), c, c.dv);
-    b.grad_initial_state = static_cast<float*>(ds0.data());
-    b.grad_norm_weight = static_cast<float*>(dw.data());
-    DeviceBuffer bws(rk::msr_backward_workspace_bytes(b));
-    b.workspace = bws.ptr;
-    GPU_OK(rk::launch_msr_backward(b));
-    GPU_OK(gpu::synchronize());
+      std::vector<double> dy, dsT;
+      random_cotangents(m, dy, dsT);
+      DeviceBuffer gy(nv), gsT(ns);
+      gy.upload(encode(c.dtype, dy).data());
+      gsT.upload(to_f32(dsT).data());
+      rk::MsrBackwardParams b;
+      b.dtype = c.dtype;
+      b.shape = f.shape;
+      b.q = f.q;
+      b.k = f.k;
+      b.v = f.v;
+      b.g = f.g;
+      b.grad_o = bthd(gy.ptr, c, c.dv);
+      b.log_decay = f.log_decay;
+      b.scale = f.scale;
+      b.seq = f.seq;
+      b.opt = f.opt;
+      b.initial_state = f.initial_state;
+      b.grad_final_state = gsT.as<float>();
+      b.grad_q = bthd(dq.data(), c, c.dk);
+      b.grad_k = bthd(dk.data(), c, c.dk);
+      b.grad_v = bthd(dv.data(), c, c.dv);
+      if (c.gate) b.grad_g = bthd(dg.data(), c, c.dv);
+      b.grad_initial_state = static_cast<float*>(ds0.data());
+      b.grad_norm_weight = c.weight ? static_cast<float*>(dw.data()) : nullptr;
+      DeviceBuffer bws(rk::msr_backward_workspace_bytes(b));
+      b.workspace = bws.ptr;
+      err = rk::launch_msr_backward(b);
+      if (err == gpu::kSuccess) err = gpu::synchronize();
+      expect_assert(err, "backward");
 
-    const char* names[] = {"y", "final_state", "grad_q", "grad_k", "grad_v", "grad_g", "grad_initial_state",
-                           "grad_norm_weight"};
-    const GuardedBuffer* outs[] = {&y, &sT, &dq, &dk, &dv, &dg, &ds0, &dw};
-    for (int i = 0; i < 8; ++i)
-      EXPECT_TRUE(outs[i]->guards_intact()) << names[i] << " written out of bounds with cu_seqlens "
-                                            << testing::PrintToString(cu);
+      const char* names[] = {"y", "final_state", "grad_q", "grad_k", "grad_v", "grad_g", "grad_initial_state",
+                             "grad_norm_weight"};
+      const GuardedBuffer* outs[] = {&y, &sT, &dq, &dk, &dv, &dg, &ds0, &dw};
+      for (int i = 0; i < 8; ++i) EXPECT_TRUE(outs[i]->guards_intact()) << names[i] << " written out of bounds, " << name;
+    }
   }
 }
 
-#if defined(RETENTION_HOST_EMU)
 // The decode step checks the values the glue cannot read without a sync (log_decay <= 0 and not
 // NaN, offsets >= 0) inside its one launch: a bad value stops it with a device-side assert.
 // Emulator only: on a GPU the assert ends the process's context, and every later test with it.
