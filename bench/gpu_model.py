@@ -1,8 +1,9 @@
 """Performance model of the GPU kernels (kernels/*.cu) on H100 and H200, checked later by
 measurements (bench/gpu_bench.py on the GPU machine).
 
-For each op and shape it counts, from the kernels' real tiling (the ChunkTraits formulas of
-kernels/chunk_common.cuh and the launch grids of kernels/*.cu, mirrored below):
+For each op and shape it counts, from the kernels' real tiling (ChunkTraits of
+kernels/chunk_common.cuh, printed by bench/chunk_traits.cpp, which this script compiles for the
+host) and the launch grids of kernels/*.cu (mirrored below):
 
   * FLOPs: the algorithm's (each product of the chunkwise math once, C = 64) and as launched
     (every dv tile recomputes Q K^T, partial tiles are padded to whole MMA tiles);
@@ -116,23 +117,42 @@ ELEM = 2  # bf16 inputs and outputs; states and workspaces fp32
 
 
 # ----------------------------------------------------------------------------------------------
-# Tiling: mirrors ChunkTraits (kernels/chunk_common.cuh)
+# Tiling: ChunkTraits of the kernels themselves (bench/chunk_traits.cpp prints them)
 # ----------------------------------------------------------------------------------------------
 def bucket(dk):
     """dispatch_dk: the register-tiling bucket of a runtime dk."""
     return 64 if dk <= 64 else 128 if dk <= 128 else 256
 
 
+_TRAITS = None
+
+
+def kernel_traits():
+    """{(elem, max_dk, state_regs): ChunkTraits} from bench/chunk_traits.cpp, compiled for the host
+    against kernels/chunk_common.cuh ($CXX, else c++) once per process."""
+    global _TRAITS
+    if _TRAITS is None:
+        import tempfile
+        cxx = os.environ.get("CXX", "c++")
+        with tempfile.TemporaryDirectory() as tmp:
+            exe = os.path.join(tmp, "chunk_traits")
+            cmd = [cxx, "-std=c++17", "-DRETENTION_HOST_EMU", "-DRETENTION_EMU_WARP=32",
+                   "-I" + os.path.join(ROOT, "kernels"), os.path.join(HERE, "chunk_traits.cpp"), "-o", exe]
+            try:
+                subprocess.run(cmd, check=True, capture_output=True, text=True)
+                rows = json.loads(subprocess.run([exe], check=True, capture_output=True, text=True).stdout)
+            except (OSError, subprocess.CalledProcessError) as e:
+                detail = getattr(e, "stderr", "") or str(e)
+                raise SystemExit(f"gpu_model: cannot build bench/chunk_traits.cpp ({' '.join(cmd)}):\n{detail}")
+        _TRAITS = {(r["elem"], r["max_dk"], r["state_regs"]): r for r in rows}
+    return _TRAITS
+
+
 def chunk_traits(max_dk, state_regs, elem=ELEM):
-    bt = 64 if elem == 2 else 32
-    bk, warps = bt, bt // 16
-    kt = -(-max_dk // bk)
-    bv = max(16, min(2 * state_regs // kt, 64))
-    pad = 16 // elem
-    tile_k, tile_v = bt * (bk + pad), bt * (bv + pad)
-    return {"BT": bt, "BK": bk, "KT": kt, "BV": bv, "threads": warps * 32, "state_regs": state_regs,
-            "smem_fwd": (2 * tile_k + 3 * tile_v) * elem, "smem_dq": (2 * tile_k + 4 * tile_v) * elem,
-            "smem_dkv": (3 * tile_k + 4 * tile_v) * elem}
+    key = (elem, max_dk, state_regs)
+    if key not in kernel_traits():
+        raise KeyError(f"bench/chunk_traits.cpp prints no ChunkTraits for (elem, max_dk, state_regs) = {key}")
+    return kernel_traits()[key]
 
 
 # State budgets of the launchers (chunk_fwd.cu: ChunkTraits<T, kMaxDk>; chunk_bwd.cu: the dq sweep
@@ -1169,7 +1189,7 @@ def main():
                           if not k.get("stream") and not k["regs"]})
         if missing:
             sys.exit("gpu_model: no sm_90 ptxas entry for the bf16 instantiation that these launches use "
-                     "(did the tiling in kernels/ change? update the mirror in bench/gpu_model.py):\n  "
+                     "(did the launch grids or state budgets in kernels/ change? update their mirror in bench/gpu_model.py):\n  "
                      + "\n  ".join(missing))
         print(f"gpu_model: {len(ptx)} sm_90 kernels parsed; every modelled launch has its registers")
     md = markdown(rows, ptx_dir, ptx, args.measured, info)

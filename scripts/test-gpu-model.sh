@@ -2,7 +2,8 @@
 # GPU performance model and GPU-check scripts, on a machine without a GPU (runs after
 # .ci/gpu_compile_check.sh, whose sm_90 ptxas reports the model reads):
 #   * bench/gpu_model.py --check: every launch it models maps to a compiled kernel with its
-#     registers (fails when the tiling in kernels/ drifts from the model's mirror of it)
+#     registers (fails when the launches in kernels/ drift from the model's mirror of them; the
+#     tiling itself the model reads from ChunkTraits through bench/chunk_traits.cpp)
 #   * the table renders, with measured columns from a synthetic measurement file
 #   * bench/gpu_check.sh and bench/gpu_prepare.sh parse (bash -n), and gpu_check.sh --rehearse
 #     runs to the end with this python (about 30 s)
