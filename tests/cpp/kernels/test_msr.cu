@@ -432,6 +432,27 @@ struct MsrForwardOut {
   std::size_t workspace_bytes;
 };
 
+// The forward of m on its device copies d, writing y and the final state to the given buffers
+// (no workspace yet).
+rk::MsrForwardParams forward_params(const Msr& m, const DeviceMsr& d, void* y, float* final_state) {
+  const Config& c = m.c;
+  rk::MsrForwardParams p;
+  p.dtype = c.dtype;
+  p.shape = {c.B, c.T, c.H, c.dk, c.dv};
+  p.q = bthd(d.q.ptr, c, c.dk);
+  p.k = bthd(d.k.ptr, c, c.dk);
+  p.v = bthd(d.v.ptr, c, c.dv);
+  if (c.gate) p.g = bthd(d.g.ptr, c, c.dv);
+  p.o = bthd(y, c, c.dv);
+  p.log_decay = d.decay.as<float>();
+  p.scale = static_cast<float>(m.scale);
+  p.seq = d.seq(m);
+  p.opt = d.opt(m);
+  p.initial_state = c.state ? d.s0.as<float>() : nullptr;
+  p.final_state = final_state;
+  return p;
+}
+
 // One msr_forward launch on m (inputs already rounded by DeviceMsr d); split as
 // MsrForwardParams::split (-1 automatic, 0 off, n segments).
 MsrForwardOut run_msr_forward(const Msr& m, const DeviceMsr& d, int split = -1) {
@@ -440,20 +461,7 @@ MsrForwardOut run_msr_forward(const Msr& m, const DeviceMsr& d, int split = -1) 
   y.poison();
   sT.poison();
 
-  rk::MsrForwardParams p;
-  p.dtype = c.dtype;
-  p.shape = {c.B, c.T, c.H, c.dk, c.dv};
-  p.q = bthd(d.q.ptr, c, c.dk);
-  p.k = bthd(d.k.ptr, c, c.dk);
-  p.v = bthd(d.v.ptr, c, c.dv);
-  if (c.gate) p.g = bthd(d.g.ptr, c, c.dv);
-  p.o = bthd(y.ptr, c, c.dv);
-  p.log_decay = d.decay.as<float>();
-  p.scale = static_cast<float>(m.scale);
-  p.seq = d.seq(m);
-  p.opt = d.opt(m);
-  p.initial_state = c.state ? d.s0.as<float>() : nullptr;
-  p.final_state = sT.as<float>();
+  rk::MsrForwardParams p = forward_params(m, d, y.ptr, sT.as<float>());
   p.split = split;
   DeviceBuffer ws(rk::msr_forward_workspace_bytes(p));
   p.workspace = ws.ptr;
@@ -871,20 +879,7 @@ TEST(MsrEdgeCases, BadValuesStopTheKernelsInBounds) {
         emu::reset_device();
       };
 
-      rk::MsrForwardParams f;
-      f.dtype = c.dtype;
-      f.shape = {c.B, c.T, c.H, c.dk, c.dv};
-      f.q = bthd(d.q.ptr, c, c.dk);
-      f.k = bthd(d.k.ptr, c, c.dk);
-      f.v = bthd(d.v.ptr, c, c.dv);
-      if (c.gate) f.g = bthd(d.g.ptr, c, c.dv);
-      f.o = bthd(y.data(), c, c.dv);
-      f.log_decay = d.decay.as<float>();
-      f.scale = static_cast<float>(m.scale);
-      f.seq = d.seq(m);
-      f.opt = d.opt(m);
-      f.initial_state = d.s0.as<float>();
-      f.final_state = static_cast<float*>(sT.data());
+      rk::MsrForwardParams f = forward_params(m, d, y.data(), static_cast<float*>(sT.data()));
       DeviceBuffer fws(rk::msr_forward_workspace_bytes(f));
       f.workspace = fws.ptr;
       gpu::error_t err = rk::launch_msr_forward(f);
