@@ -175,6 +175,11 @@ def chunk_rows(label, shape, impl, fla, retention, args, emit):
             row = {**base, "ms": None, "note": "OOM"}
         except Exception as e:
             row = {**base, "ms": None, "note": f"error: {e!r}"[:300]}
+        if impl == "retention" and row["ms"] is not None:  # docs/gpu.md counts them from the code
+            try:
+                row["kernels_per_call"], row["copies_per_call"] = device_ops_per_call(fn)
+            except Exception as e:
+                row["note"] = f"launch count: {e!r}"[:300]
         rows.append(row)
         emit([row])
 
