@@ -229,11 +229,12 @@ RT_DEVICE SeqSpan msr_sequence(const P& p, int n) {
   return span;
 }
 
-// Compile-time fusion policy of the chunk kernels.  The kernels call it at four points:
+// Compile-time fusion policy of the chunk kernels.  The kernels call it at these points:
 //   sequence(p, n)   which tokens / state sequence n (chunk_cta row / H) covers
 //   check_values(p, row)  the device-side checks of the values CTA row (sequence row / H, head
 //                    row % H) reads (value_checks.cuh); the kernels call it first, so that no
 //                    value is live across the assert's call (which would spill registers)
+//   begin(p, extra)  forward only: per-CTA setup of its shared memory (the rotary theta table)
 //   load_qk(...)     the prologue: global -> shared copy of the q / k tiles of one dk tile (the
 //                    place for a rotary embedding; it gets the row base and the dk offset, so
 //                    it can read rotation partners outside the tile)
