@@ -5,6 +5,7 @@ Env: RETENTION_GPU=none|cuda|rocm|auto (default auto); TORCH_CUDA_ARCH_LIST (def
 PYTORCH_ROCM_ARCH (default gfx90a)."""
 import glob
 import os
+import re
 import shlex
 import subprocess
 import sysconfig
@@ -21,6 +22,16 @@ def rel(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def kernel_build():
+    """The kernels' build definition (cmake/kernels.cmake), as {name: [words]} for its
+    set(RETENTION_KERNEL_<name> ...) lines: the same sources and flags as every other build."""
+    text = open(os.path.join(ROOT, "cmake", "kernels.cmake")).read()
+    text = re.sub(r"#[^\n]*", "", text)
+    return {m.group(1): m.group(2).split()
+            for m in re.finditer(r"^set\(RETENTION_KERNEL_(\w+)\s([^)]*)\)", text, re.M)}
+
+
+KERNELS = kernel_build()
 sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/meta/*.cpp") + rel(
     "csrc/autograd/*.cpp") + rel("csrc/autocast/*.cpp")
 include_dirs = [os.path.join(ROOT, d) for d in ("csrc/include", "csrc", "kernels")]
@@ -78,7 +89,7 @@ def gpu_backend():
 def rocm_archs():
     """PYTORCH_ROCM_ARCH (';' or ' ' separated), default gfx90a.  CDNA (gfx9xx, wave64) only:
     kernels/gpu_compat.h refuses wave32 RDNA targets."""
-    spec = os.environ.get("PYTORCH_ROCM_ARCH", "gfx90a")
+    spec = os.environ.get("PYTORCH_ROCM_ARCH", ";".join(KERNELS["HIP_ARCHS"]))
     archs = [a for a in spec.replace(" ", ";").split(";") if a]
     bad = [a for a in archs if not a.startswith("gfx9")]
     if not archs or bad:
@@ -91,22 +102,21 @@ def extension(backend):
     if backend is None:
         return CppExtension("retention._C", sources, include_dirs=include_dirs,
                             extra_compile_args=cxx_flags, extra_link_args=link_flags)
-    gpu_sources = sources + rel("csrc/cuda/*.cu") + rel("kernels/*.cu")
+    # One extension, so one flag set for the glue (csrc/cuda/*.cu) and the kernels: the kernels'.
+    gpu_sources = sources + rel("csrc/cuda/*.cu") + [os.path.join("kernels", s) for s in KERNELS["SOURCES"]]
     if backend == "cuda":
-        # sm_80 and sm_90 (no 9.0a: the kernels use mma.sync, not wgmma).
-        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        device_flags = ["-O3", f"-std={STD}", "--expt-relaxed-constexpr", "-lineinfo"]
+        # sm_80 and sm_90 by default (no 9.0a: the kernels use mma.sync, not wgmma).
+        default_archs = ";".join(f"{a[:-1]}.{a[-1]}" for a in KERNELS["CUDA_ARCHS"])
+        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST", default_archs)
+        device_flags = [f"-std={STD}"] + KERNELS["CUDA_FLAGS"]
     else:
         # torch's ROCm build hipifies the .cu sources and compiles them with hipcc; the flags
         # under "nvcc" go to hipcc.  Explicit --offload-arch (never auto-detection: it needs a
         # GPU); torch then adds only -fno-gpu-rdc.  PYTORCH_ROCM_ARCH is set to the same list for
-        # torch versions that read it regardless.  No -fgpu-flush-denormals-to-zero: the CUDA
-        # build keeps denormals (no -ftz) and the float64 references assume IEEE fp32, so both
-        # vendors round the same way.  No -D flags: gpu_compat.h detects HIP by itself.
+        # torch versions that read it regardless.  gpu_compat.h detects HIP by itself.
         archs = rocm_archs()
         os.environ["PYTORCH_ROCM_ARCH"] = ";".join(archs)
-        device_flags = (["-O3", f"-std={STD}"] + [f"--offload-arch={a}" for a in archs]
-                        + ["-Wno-unused-result"])
+        device_flags = [f"-std={STD}"] + [f"--offload-arch={a}" for a in archs] + KERNELS["HIP_FLAGS"]
     return CUDAExtension("retention._C", gpu_sources, include_dirs=include_dirs,
                          extra_compile_args={"cxx": cxx_flags, "nvcc": device_flags},
                          extra_link_args=link_flags)

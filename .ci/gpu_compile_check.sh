@@ -5,9 +5,10 @@
 #   2. hipcc: every kernel TU for gfx90a with -save-temps; from the ISA and code-object
 #      metadata: matrix kernels must contain v_mfma, no kernel may use scratch
 #      (private_segment_fixed_size 0, vgpr_spill_count 0), LDS <= 64 KiB.
-#   3. The kernel GoogleTest binary (test_kernels.cu + test_msr.cu), built for CUDA and for
-#      HIP and run (its GPU tests skip without a device; this proves they link and start; the
-#      host-only tests, e.g. the MSR reference against finite differences, must pass).
+#   3. The CMake targets of each backend (cmake/gpu.cmake, as shipped): the kernel library and
+#      the kernel GoogleTest binary, built and run (its GPU tests skip without a device; this
+#      proves they link and start; the host-only tests, e.g. the MSR reference against finite
+#      differences, must pass).
 #   4. test_fragment_layout (host only): built with g++ and run; it must pass.
 #
 # Usage: .ci/gpu_compile_check.sh [build-dir]        (default: build/gpu-check)
@@ -27,13 +28,18 @@ GTEST_MAIN_LIB=${GTEST_MAIN_LIB:-/usr/lib/x86_64-linux-gnu/libgtest_main.a}
 JOBS=${JOBS:-2}
 PY=${PYTHON:-/usr/bin/python3}
 
-KERNEL_TUS=(msr_fwd msr_bwd chunk_bwd chunk_fwd msr_step recurrent)  # longest first
-# Launcher-only TUs (no kernel of their own: the raw ops run the kernels instantiated in
-# msr_fwd.cu / msr_bwd.cu), so ptxas reports no entry function for them.
-export HOST_ONLY_TUS="chunk_fwd chunk_bwd"
-TEST_SOURCES=(tests/cpp/kernels/test_kernels.cu tests/cpp/kernels/test_msr.cu)  # one GoogleTest binary
-HIP_ARCH=gfx90a
-CUDA_ARCHS=(80 90)
+# The sources, flags and architectures of the shipped build (cmake/kernels.cmake); the checks
+# below add only report flags (-Xptxas -v, -save-temps).
+eval "$(cmake -P "$ROOT/cmake/kernels.cmake")" || { echo "gpu_compile_check: FAIL: cmake -P cmake/kernels.cmake" >&2; exit 1; }
+tu_name() { local b=${1##*/}; echo "${b%.cu}"; }  # instances/msr_fwd_f32.cu -> msr_fwd_f32
+KERNEL_TUS=() HOST_ONLY_TUS=""
+for s in "${KERNEL_SOURCES[@]}"; do KERNEL_TUS+=("$(tu_name "$s")"); done
+for s in "${KERNEL_LAUNCHER_SOURCES[@]}"; do HOST_ONLY_TUS+=" $(tu_name "$s")"; done
+export HOST_ONLY_TUS  # launchers only: ptxas reports no entry function for them
+declare -A TU_SOURCE
+for s in "${KERNEL_SOURCES[@]}"; do TU_SOURCE[$(tu_name "$s")]=$s; done
+HIP_ARCH=${KERNEL_HIP_ARCHS[0]}
+CUDA_ARCHS=("${KERNEL_CUDA_ARCHS[@]}")
 
 mkdir -p "$OUT"/{cuda,hip,host,logs}
 rm -f "$OUT"/logs/*.status
@@ -49,10 +55,8 @@ for lib in "$GTEST_LIB" "$GTEST_MAIN_LIB"; do
   [[ -f $lib ]] || { echo "gpu_compile_check: FAIL: GoogleTest library not found: $lib" >&2; exit 1; }
 done
 
-NVCC_FLAGS=(-std=c++17 -O3 "-I$ROOT/kernels" -Xptxas -v)
-# hipcc: always an explicit arch (auto-detection needs a GPU); -Wno-unused-result for the
-# [[nodiscard]] HIP runtime calls in test code.
-HIP_FLAGS=("--offload-arch=$HIP_ARCH" -std=c++17 -O3 "-I$ROOT/kernels" -Wno-unused-result)
+NVCC_FLAGS=(-std=c++17 "${KERNEL_CUDA_FLAGS[@]}" "-I$ROOT/kernels")
+HIP_FLAGS=("--offload-arch=$HIP_ARCH" -std=c++17 "${KERNEL_HIP_FLAGS[@]}" "-I$ROOT/kernels")
 
 # ------------------------------------------------------------------------------------------
 # Jobs: each writes logs/<name>.log and logs/<name>.status; at most $JOBS run at once.
@@ -85,13 +89,13 @@ drain() {
 nvcc_tu() {  # sm_80 objects also carry compute_80 PTX and are what the CUDA test links
   local tu=$1 arch=$2 code="sm_$2"
   [[ $arch == 80 ]] && code="[sm_80,compute_80]"
-  job "nvcc_${tu}_sm$arch" "$NVCC" "${NVCC_FLAGS[@]}" -gencode "arch=compute_$arch,code=$code" \
-    -c "kernels/$tu.cu" -o "$OUT/cuda/${tu}_sm$arch.o" -MD -MF "$OUT/cuda/${tu}_sm$arch.d"
+  job "nvcc_${tu}_sm$arch" "$NVCC" "${NVCC_FLAGS[@]}" -Xptxas -v -gencode "arch=compute_$arch,code=$code" \
+    -c "kernels/${TU_SOURCE[$tu]}" -o "$OUT/cuda/${tu}_sm$arch.o" -MD -MF "$OUT/cuda/${tu}_sm$arch.d"
 }
 
 hipcc_tu() {  # -save-temps drops the gfx90a ISA (.s) next to the object
   local tu=$1
-  (cd "$OUT/hip" && job "hipcc_$tu" "$HIPCC" "${HIP_FLAGS[@]}" -save-temps -c -x hip "$ROOT/kernels/$tu.cu" -o "$tu.o" -MD -MF "$tu.d")
+  (cd "$OUT/hip" && job "hipcc_$tu" "$HIPCC" "${HIP_FLAGS[@]}" -save-temps -c -x hip "$ROOT/kernels/${TU_SOURCE[$tu]}" -o "$tu.o" -MD -MF "$tu.d")
 }
 
 fragment_test() {
@@ -100,18 +104,14 @@ fragment_test() {
   [[ -x $OUT/host/test_fragment_layout ]] && job fragment_run "$OUT/host/test_fragment_layout"
 }
 
-gtest_cuda() {
-  local objs=() tu
-  for tu in "${KERNEL_TUS[@]}"; do objs+=("$OUT/cuda/${tu}_sm80.o"); done
-  job gtest_cuda_build "$NVCC" -std=c++17 -O2 "-I$ROOT/kernels" -gencode "arch=compute_80,code=[sm_80,compute_80]" \
-    "${TEST_SOURCES[@]}" "${objs[@]}" -o "$OUT/cuda/test_kernels" "$GTEST_LIB" "$GTEST_MAIN_LIB" -lpthread
-}
-
-gtest_hip() {
-  local objs=() tu
-  for tu in "${KERNEL_TUS[@]}"; do objs+=("$OUT/hip/$tu.o"); done
-  job gtest_hip_build "$HIPCC" "${HIP_FLAGS[@]}" -x hip "${TEST_SOURCES[@]}" -x none "${objs[@]}" \
-    -o "$OUT/hip/test_kernels" "$GTEST_LIB" "$GTEST_MAIN_LIB" -lpthread
+# The shipped CMake targets (cmake/gpu.cmake) of one backend: the kernel library and the kernel
+# GoogleTest binary, configured as a user would (sm_80 only, to save time: phase 1 covers sm_90).
+cmake_gpu() {  # cmake_gpu BACKEND CONFIGURE_ARGS...
+  local backend=$1 dir=$OUT/cmake-$1 launcher=()
+  shift
+  command -v ccache >/dev/null && launcher=(-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+  cmake -S "$ROOT" -B "$dir" -G Ninja -DRETENTION_BUILD_EXAMPLES=OFF "${launcher[@]}" "$@" &&
+    cmake --build "$dir" -j "$JOBS" --target "test_kernels_$backend"
 }
 
 echo "gpu_compile_check: $("$NVCC" --version | grep -m1 release)"
@@ -127,14 +127,15 @@ for tu in "${KERNEL_TUS[@]}"; do spawn hipcc_tu "$tu"; done
 spawn fragment_test
 drain
 
-# Phase 2: link the GoogleTest binaries against the phase-1 objects.
-spawn gtest_cuda
-spawn gtest_hip
-drain
+# Phase 2: the CMake targets, one backend after the other (each build runs $JOBS jobs).
+job cmake_cuda_build cmake_gpu cuda -DRETENTION_GPU=CUDA -DCMAKE_CUDA_ARCHITECTURES=80 "-DCMAKE_CUDA_COMPILER=$(command -v "$NVCC")"
+job cmake_hip_build cmake_gpu hip -DRETENTION_GPU=HIP "-DRETENTION_HIP_ARCHS=$HIP_ARCH" "-DRETENTION_HIPCC=$(command -v "$HIPCC")"
 
-# Phase 3: run them (no device here: every test must skip, none may fail).
-[[ -x $OUT/cuda/test_kernels ]] && job gtest_cuda_run "$OUT/cuda/test_kernels" --gtest_brief=1
-[[ -x $OUT/hip/test_kernels ]] && job gtest_hip_run "$OUT/hip/test_kernels" --gtest_brief=1
+# Phase 3: run the test binaries (no device here: every GPU test must skip, none may fail).
+for b in cuda hip; do
+  exe=$OUT/cmake-$b/tests/cpp/kernels/test_kernels_$b
+  [[ -x $exe ]] && job "gtest_${b}_run" "$exe" --gtest_brief=1
+done
 
 # ------------------------------------------------------------------------------------------
 # Analysis

@@ -3,7 +3,7 @@
 # that the GPU run spends its time running, not compiling.  Everything lands in ONE folder,
 # build/gpu-carry (git-ignored), which travels with the working tree to the GPU machine:
 #
-#   bin/test_kernels.gz        kernel GoogleTests (tests/cpp/kernels/*.cu + kernels/*.cu), sm_90
+#   bin/test_kernels.gz        kernel GoogleTests (cmake/kernels.cmake's tests and kernels), sm_90
 #                              SASS, -lineinfo for compute-sanitizer; GoogleTest is Debian's static
 #                              libgtest.a and the CUDA runtime is linked statically, so the binary
 #                              needs only the driver (libcuda) and libstdc++ there
@@ -70,17 +70,19 @@ step() {  # step NAME CMD... : run with its log in logs/NAME.log, record status 
 }
 
 # ---- kernel GoogleTests for sm_90 ----------------------------------------------------------
+# The kernels' sources and flags (cmake/kernels.cmake), plus the ptxas report.
+eval "$(cmake -P "$ROOT/cmake/kernels.cmake")" || { echo "gpu_prepare: cmake -P cmake/kernels.cmake failed" >&2; exit 1; }
 compile_tu() {  # one kernel TU with its ptxas report (same log name as .ci/gpu_compile_check.sh)
-  local tu=$1
-  "${LAUNCH[@]}" "$NVCC" -std=c++17 -O3 -I"$ROOT/kernels" -lineinfo -Xptxas -v \
-    -gencode "arch=compute_$ARCH,code=sm_$ARCH" -c "kernels/$tu.cu" -o "$OBJ/$tu.o" \
+  local src=$1 tu
+  tu=$(basename "$src" .cu)
+  "${LAUNCH[@]}" "$NVCC" -std=c++17 "${KERNEL_CUDA_FLAGS[@]}" -I"$ROOT/kernels" -Xptxas -v \
+    -gencode "arch=compute_$ARCH,code=sm_$ARCH" -c "kernels/$src" -o "$OBJ/$tu.o" \
     >"$CARRY/logs/nvcc_${tu}_sm$ARCH.log" 2>&1
 }
 compile_kernels() {
-  local tu pids=() rc=0 running=0
-  for f in kernels/*.cu; do
-    tu=$(basename "$f" .cu)
-    compile_tu "$tu" &
+  local src pids=() rc=0 running=0
+  for src in "${KERNEL_SOURCES[@]}"; do
+    compile_tu "$src" &
     pids+=($!)
     running=$((running + 1))
     if ((running >= JOBS)); then wait -n || rc=1; running=$((running - 1)); fi
@@ -92,7 +94,7 @@ compile_kernels() {
 link_tests() {
   [[ -f $GTEST_LIB && -f $GTEST_MAIN_LIB ]] || { echo "GoogleTest not found ($GTEST_LIB): apt-get install libgtest-dev"; return 1; }
   "${LAUNCH[@]}" "$NVCC" -std=c++17 -O2 -I"$ROOT/kernels" -lineinfo -gencode "arch=compute_$ARCH,code=sm_$ARCH" \
-    tests/cpp/kernels/*.cu "$OBJ"/*.o -o "$OBJ/test_kernels" "$GTEST_LIB" "$GTEST_MAIN_LIB" -lpthread &&
+    "${KERNEL_TEST_SOURCES[@]/#/tests/cpp/kernels/}" "$OBJ"/*.o -o "$OBJ/test_kernels" "$GTEST_LIB" "$GTEST_MAIN_LIB" -lpthread &&
     "$OBJ/test_kernels" --gtest_brief=1 &&  # no GPU here: every GPU test must skip, none fail
     gzip -1 -c "$OBJ/test_kernels" >"$CARRY/bin/test_kernels.gz"
 }

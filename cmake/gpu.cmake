@@ -6,10 +6,10 @@
 # RETENTION_CUDA_ARCHS and put on every CUDA target explicitly).  retention_gpu_targets(),
 # called once `retention` and the tests are defined, adds the targets:
 #
-#   CUDA  retention_kernels (static, torch-free: kernels/*.cu, nvcc).  With a CUDA build of torch
+#   CUDA  retention_kernels (static, torch-free: the kernel sources of cmake/kernels.cmake, nvcc).  With a CUDA build of torch
 #         also the op glue csrc/cuda/*.cu, and both go into libretention, so C++ apps get the
 #         CUDA kernels.  With a CPU-only torch the glue is skipped (STATUS message).
-#   HIP   retention_kernels_hip (static, torch-free: kernels/*.cu compiled by hipcc -x hip
+#   HIP   retention_kernels_hip (static, torch-free: the same sources compiled by hipcc -x hip
 #         --offload-arch=...).  Not CMake's HIP language: CMake < 3.28 does not find the
 #         hip-lang package in Debian's multiarch layout, and hipcc must never auto-detect the
 #         GPU (it crashes on machines without one), so every hipcc call names the arches.
@@ -18,8 +18,13 @@
 #         backend (its GPU tests skip without a device; ctest reports them as skipped) and the
 #         host-only fragment-layout test.
 #
+# The sources, flags and default architectures come from cmake/kernels.cmake, which every other
+# build of the kernels reads too.
+#
 # Options:  RETENTION_GPU, CMAKE_CUDA_ARCHITECTURES (default 80;90, sm_80 or newer),
 #           RETENTION_HIP_ARCHS (default gfx90a, CDNA only), RETENTION_HIPCC (hipcc path).
+
+include("${CMAKE_CURRENT_LIST_DIR}/kernels.cmake")
 
 set(RETENTION_GPU OFF CACHE STRING "GPU kernels to build: OFF, CUDA or HIP")
 set_property(CACHE RETENTION_GPU PROPERTY STRINGS OFF CUDA HIP)
@@ -40,7 +45,7 @@ if(RETENTION_GPU_BACKEND STREQUAL "CUDA")
   # An explicit list, never "native": build machines often have no GPU, and the kernels need
   # sm_80 or newer (mma.sync m16n8k16 with bf16; gpu_compat.h rejects older targets).
   if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES AND NOT DEFINED ENV{CUDAARCHS})
-    set(CMAKE_CUDA_ARCHITECTURES "80;90" CACHE STRING
+    set(CMAKE_CUDA_ARCHITECTURES "${RETENTION_KERNEL_CUDA_ARCHS}" CACHE STRING
         "CUDA architectures to build for (sm_80 or newer)")
   endif()
   include(CheckLanguage)
@@ -67,7 +72,7 @@ if(RETENTION_GPU_BACKEND STREQUAL "CUDA")
   message(STATUS "retention: CUDA kernels for ${RETENTION_CUDA_ARCHS} "
                  "(nvcc ${CMAKE_CUDA_COMPILER_VERSION})")
 elseif(RETENTION_GPU_BACKEND STREQUAL "HIP")
-  set(RETENTION_HIP_ARCHS "gfx90a" CACHE STRING
+  set(RETENTION_HIP_ARCHS "${RETENTION_KERNEL_HIP_ARCHS}" CACHE STRING
       "AMD GPU architectures for hipcc --offload-arch (CDNA, wave64: gfx90a, gfx942, ...)")
   if(RETENTION_HIP_ARCHS STREQUAL "")
     message(FATAL_ERROR "RETENTION_HIP_ARCHS is empty; hipcc must be given explicit architectures")
@@ -82,7 +87,7 @@ elseif(RETENTION_GPU_BACKEND STREQUAL "HIP")
   find_program(RETENTION_HIPCC hipcc
     HINTS ENV ROCM_PATH ENV HIP_PATH PATH_SUFFIXES bin
     PATHS /opt/rocm/bin
-    DOC "hipcc used to compile kernels/*.cu for RETENTION_GPU=HIP")
+    DOC "hipcc used to compile the kernels for RETENTION_GPU=HIP")
   if(NOT RETENTION_HIPCC)
     message(FATAL_ERROR "RETENTION_GPU=HIP: hipcc not found; put it on PATH, set ROCM_PATH "
                         "or pass -DRETENTION_HIPCC=/path/to/hipcc")
@@ -110,9 +115,9 @@ elseif(RETENTION_GPU_BACKEND STREQUAL "HIP")
 endif()
 
 # hipcc command line for one translation unit (a custom command; CMake's HIP language is not
-# used, see above).  Extra arguments are passed to hipcc before the source.
+# used, see above).  Extra arguments (the flags) are passed to hipcc before the source.
 function(retention_hipcc_object out src)
-  get_filename_component(_name "${src}" NAME_WE)
+  get_filename_component(_name "${src}" NAME_WE)  # unique: instances/ names say their dtype
   set(_obj "${CMAKE_CURRENT_BINARY_DIR}/hip/${_name}.o")
   set(_arch_flags)
   foreach(_arch IN LISTS RETENTION_HIP_ARCHS)
@@ -123,8 +128,7 @@ function(retention_hipcc_object out src)
   file(RELATIVE_PATH _rel "${PROJECT_SOURCE_DIR}" "${src}")
   add_custom_command(OUTPUT "${_obj}"
     COMMAND "${CMAKE_COMMAND}" -E make_directory "${CMAKE_CURRENT_BINARY_DIR}/hip"
-    # -Wno-unused-result: the HIP runtime calls are [[nodiscard]].
-    COMMAND ${RETENTION_HIPCC_COMMAND} -x hip ${_arch_flags} -std=c++17 -O3 -fPIC -Wno-unused-result
+    COMMAND ${RETENTION_HIPCC_COMMAND} -x hip ${_arch_flags} -std=c++17
             "-I${PROJECT_SOURCE_DIR}/kernels" ${ARGN} -c "${src}" -o "${_obj}"
     DEPENDS "${src}" ${_headers}
     COMMENT "hipcc ${_rel} (${RETENTION_HIP_ARCHS})"
@@ -136,12 +140,14 @@ function(retention_gpu_targets)
   if(RETENTION_GPU_BACKEND STREQUAL "OFF")
     return()
   endif()
-  file(GLOB _kernel_sources CONFIGURE_DEPENDS "${PROJECT_SOURCE_DIR}/kernels/*.cu")
+  list(TRANSFORM RETENTION_KERNEL_SOURCES PREPEND "${PROJECT_SOURCE_DIR}/kernels/"
+       OUTPUT_VARIABLE _kernel_sources)
 
   if(RETENTION_GPU_BACKEND STREQUAL "CUDA")
     add_library(retention_kernels STATIC ${_kernel_sources})
     target_include_directories(retention_kernels PUBLIC "${PROJECT_SOURCE_DIR}/kernels")
-    target_compile_options(retention_kernels PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:-lineinfo>)
+    target_compile_options(retention_kernels PRIVATE
+      "$<$<COMPILE_LANGUAGE:CUDA>:${RETENTION_KERNEL_CUDA_FLAGS}>")
     target_link_libraries(retention_kernels PUBLIC CUDA::cudart)
     set_target_properties(retention_kernels PROPERTIES
       CUDA_ARCHITECTURES "${RETENTION_CUDA_ARCHS}"
@@ -172,7 +178,7 @@ function(retention_gpu_targets)
   elseif(RETENTION_GPU_BACKEND STREQUAL "HIP")
     set(_objects)
     foreach(_src IN LISTS _kernel_sources)
-      retention_hipcc_object(_obj "${_src}")
+      retention_hipcc_object(_obj "${_src}" ${RETENTION_KERNEL_HIP_FLAGS})
       list(APPEND _objects "${_obj}")
     endforeach()
     add_library(retention_kernels_hip STATIC ${_objects})

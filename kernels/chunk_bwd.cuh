@@ -1,6 +1,6 @@
 // chunk_bwd.cuh - the two backward sweeps of chunkwise retention.  One instantiation
 // (MsrFusion<true>: packed sequences; q / k arrive rotated) serves the fused MSR layer core and
-// the raw op (msr_bwd.cu).
+// the raw op (msr_bwd.cuh).
 //
 //
 // With M_ij = g^(i-j)[i >= j] inside a chunk of L tokens, S the state entering the chunk and

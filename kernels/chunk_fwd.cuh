@@ -1,5 +1,5 @@
 // chunk_fwd.cuh - the chunkwise retention forward kernel, shared by the raw op (NoFusion) and
-// the fused MSR layer core (msr_fwd.cu, MsrFusion: rotary prologue, packed
+// the fused MSR layer core (msr_fwd.cuh, MsrFusion: rotary prologue, packed
 // sequences, RMSNorm / gate epilogue).
 //
 // For one (b, h) and the dv tile [v0, v0 + BV), with S the fp32 state slice [dk x BV] entering
@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(Tr::kThreads) chunk_forward_kernel(const MsrCh
   if (leaving != nullptr) store_state<Tr>(leaving + static_cast<std::int64_t>(done.row) * dk * dv, S, dk, dv, v0);
 }
 
-// Launchers of the forward passes (msr_fwd.cu), for `rows`
+// Launchers of the forward passes (msr_fwd.cuh), for `rows`
 // (sequence, head) CTA rows.  launch_segment_states runs passes (a) and (b) of a split
 // (split.count > 1, split.states set); launch_forward_outputs runs the unsplit kernel or
 // pass (c).

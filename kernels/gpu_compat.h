@@ -41,6 +41,12 @@
 #define RETENTION_CUDA 1
 #include <cassert>  // __assert_fail, the device-side assert of RT_DEVICE_CHECK
 #include <cuda_runtime.h>
+#if defined(NDEBUG) && !defined(__CUDA_ARCH__)
+// With NDEBUG glibc's <assert.h> does not declare __assert_fail, but nvcc's host pass still
+// parses the device code that calls it (the device pass gets CUDA's own declaration).
+extern "C" void __assert_fail(const char*, const char*, unsigned int, const char*) noexcept
+    __attribute__((__noreturn__));
+#endif
 #endif
 
 #if defined(__CUDACC__) || defined(__HIPCC__) || defined(RETENTION_HOST_EMU)

@@ -10,25 +10,11 @@
 //   4. sum of the fp32 dq~ / dk~ partials over dv tiles (fixed order, chunk_bwd.cuh), cast to
 //      the input dtype, applying R(p)^T
 //   5. d_norm_weight = sum of the per-CTA column sums (fixed order, no atomics)
-#include "chunk_bwd.cuh"
+// The sweeps' instantiations are in msr_bwd.cuh, one dtype per translation unit.
 #include "msr_common.cuh"
 
 namespace retention::kernels {
 namespace {
-
-template <class T>
-struct MsrSweeps {
-  template <int kMaxDk>
-  struct Bucket {
-    // MsrFusion<true> for its sequence map alone: q~ / k~ come pre-rotated, so the sweeps carry no
-    // prologue (the raw op runs these same sweeps, its batch rows as sequences).
-    static gpu::error_t run(const MsrChunkBackward& p, const BackwardPlan& plan) {
-      using Fusion = MsrFusion<true>;
-      return launch_backward_sweeps<ChunkTraits<T, kMaxDk, 64, Fusion>, ChunkTraits<T, kMaxDk, 32, Fusion>>(
-          p, p.seq.num_sequences * p.shape.H, plan);
-    }
-  };
-};
 
 // The row-walking kernel (one CTA per (sequence, head) slice of rows; each thread keeps one
 // column d, its theta and partner, and walks rows), two jobs:
@@ -178,7 +164,7 @@ gpu::error_t launch_backward_core(MsrChunkBackward b, const BackwardPlan& core) 
     using T = decltype(t);
     const RotaryMode rotary = b.opt.rotary;
     b.opt.rotary = RotaryMode::kNone;  // the sweeps read q / k as given
-    gpu::error_t e = dispatch_dk<MsrSweeps<T>::template Bucket>(n.dk, b, plan);
+    gpu::error_t e = launch_msr_backward_sweeps_as<T>(b, plan);
     if (e != gpu::kSuccess || n.T == 0 || n.dk == 0) return e;
     b.opt.rotary = rotary;
     return launch_rotate_rows<T, true>(b, b.grad_q, b.grad_k, plan.dq_parts, plan.dk_parts);

@@ -59,6 +59,13 @@ namespace retention::kernels {
 // The forward pass launcher (msr_fwd.cu), also used by the backward (msr_bwd.cu); and the dv
 // tile width it uses (forward or backward epilogue passes), which sizes the statistics buffer.
 gpu::error_t launch_msr_chunk_pass(const MsrChunkForward& p);
+// The chunk kernels of one dtype: the forward passes (msr_fwd.cuh) and the backward sweeps
+// (msr_bwd.cuh), each instantiated in its own translation unit (instances/) so that the builds
+// of the three dtypes run in parallel.
+template <class T>
+gpu::error_t launch_msr_chunk_pass_as(const MsrChunkForward& p);
+template <class T>
+gpu::error_t launch_msr_backward_sweeps_as(const MsrChunkBackward& p, const BackwardPlan& plan);
 int msr_forward_tile_width(DType dtype, std::int64_t dk, bool backward_passes);
 // Argument validation shared by the MSR launchers (msr_fwd.cu).
 bool msr_shape_ok(const Shape& n, const MsrSequences& seq, const MsrOptions& opt, const float* log_decay);
@@ -66,11 +73,24 @@ bool msr_shape_ok(const Shape& n, const MsrSequences& seq, const MsrOptions& opt
 RT_HOST_DEVICE inline std::int64_t msr_stats_rows(const Shape& n) { return n.B * n.T * n.H; }
 // Neither prologue nor epilogue: the raw ops (chunk_fwd.cu, chunk_bwd.cu), or a layer with every
 // option off.  The backward then skips its epilogue passes; the forward runs NoFusion when the
-// sequences are also batch rows (forward_without_fusion, msr_fwd.cu).
+// sequences are also batch rows (forward_without_fusion).
 template <class P>
 bool without_fusion(const P& p) {
   return p.opt.rotary == RotaryMode::kNone && !p.opt.norm && !p.opt.decay_norm && p.g.ptr == nullptr;
 }
+
+// The output pass runs without fusion (NoFusion: batch rows, no prologue, no epilogue).  Given
+// offsets keep MsrFusion, whose value checks (value_checks.cuh) see them: with every option off
+// they change nothing, but a negative one is still an error, as on the CPU.
+inline bool forward_without_fusion(const MsrForwardParams& p) {
+  return without_fusion(p) && p.seq.cu_seqlens == nullptr && p.seq.offsets == nullptr;
+}
+
+// MsrFusion's state budget, half the raw one (BV = 64 / 32 / 16 for dk <= 64 / 128 / 256; a
+// quarter, BV = 64 / 16 / 16, for the backward's epilogue passes): the rotary prologue and the
+// epilogue need registers next to the state, and with the raw budget ptxas spills (the raw
+// kernels already sit at 230-255 registers).
+constexpr int kMsrForwardStateRegs = 32;
 
 // The layer-core parameters (Msr*Params) of a raw op's (Chunk*Params): batch rows as
 // sequences, every option off.

@@ -1,57 +1,10 @@
-// msr_fwd.cu - the chunk forward kernel (chunk_fwd.cuh) for the fused MSR layer and the raw op
-// (chunk_fwd.cu), and its launchers.  Passes with neither prologue nor epilogue (the raw op,
-// the split's state pass without rotation, a layer with every option off) run the kernel
-// without fusion at the raw state budget; the others with MsrFusion (rotary prologue, decay
-// normaliser / RMSNorm / gate epilogue; see msr_common.cuh for the design).  The same
-// MsrFusion instantiation runs the two epilogue passes of the backward (msr_bwd.cu): the pass
-// is a runtime value.
-#include "chunk_fwd.cuh"
+// msr_fwd.cu - the launchers of the chunk forward for the fused MSR layer and the raw op
+// (chunk_fwd.cu): the pass plan (split, statistics, output), its workspace and its argument
+// checks.  The kernels' instantiations are in msr_fwd.cuh, one dtype per translation unit.
 #include "msr_common.cuh"
 
 namespace retention::kernels {
 namespace {
-
-// MsrFusion's state budget, half the raw one (BV = 64 / 32 / 16 for dk <= 64 / 128 / 256; a
-// quarter, BV = 64 / 16 / 16, for the backward's epilogue passes): the rotary prologue and the
-// epilogue need registers next to the state, and with the raw budget ptxas spills (the raw
-// kernels already sit at 230-255 registers).
-constexpr int kMsrForwardStateRegs = 32;
-
-// The output pass runs without fusion (NoFusion: batch rows, no prologue, no epilogue).  Given
-// offsets keep MsrFusion, whose value checks (value_checks.cuh) see them: with every option off
-// they change nothing, but a negative one is still an error, as on the CPU.
-bool forward_without_fusion(const MsrForwardParams& p) {
-  return without_fusion(p) && p.seq.cu_seqlens == nullptr && p.seq.offsets == nullptr;
-}
-
-template <class T, bool kBackwardPasses>
-struct MsrForward {
-  template <int kMaxDk>
-  struct Bucket {
-    // fp32 MsrFusion passes with dk <= 64 use the 128 bucket: the 64 one spills on sm_80 (ptxas
-    // settles on 168 registers there), and the wider bucket only pads dk.
-    static constexpr int kMsrDk = sizeof(T) == 4 && kMaxDk == 64 ? 128 : kMaxDk;
-    using Tr = ChunkTraits<T, kMsrDk, kBackwardPasses ? kMsrForwardStateRegs / 2 : kMsrForwardStateRegs,
-                           MsrFusion<kBackwardPasses>>;
-    using TrRaw = ChunkTraits<T, kMaxDk>;
-    static gpu::error_t run(const MsrChunkForward& p) {
-      const std::int64_t rows = p.seq.num_sequences * p.shape.H;
-      if constexpr (kBackwardPasses) {  // never split (dw_partial has one row per (sequence, head))
-        return launch_forward_kernel<Tr, SplitPass::kNoSplit>(p, rows, SegmentSplit{}, 1);
-      } else if (p.pass == MsrPass::kSegmentStates) {
-        // No epilogue and no q: the raw state budget fits, also with the rotary prologue
-        // (wider dv tiles, fewer re-reads of k; with half of it ptxas spilled fp32 dk = 128).
-        if (p.opt.rotary == RotaryMode::kNone && p.seq.cu_seqlens == nullptr)
-          return launch_segment_states<TrRaw>(p, rows, p.segments);
-        return launch_segment_states<ChunkTraits<T, kMsrDk, TrRaw::kStateRegs, MsrFusion<false>>>(p, rows, p.segments);
-      } else {
-        return p.pass == MsrPass::kForwardOutput && forward_without_fusion(p)
-                   ? launch_forward_outputs<TrRaw>(p, rows, p.segments)
-                   : launch_forward_outputs<Tr>(p, rows, p.segments);
-      }
-    }
-  };
-};
 
 // dv tiles of the output pass.
 std::int64_t dv_tiles(const MsrForwardParams& p) {
@@ -86,12 +39,7 @@ int msr_forward_tile_width(DType dtype, std::int64_t dk, bool backward_passes) {
 gpu::error_t launch_msr_chunk_pass(const MsrChunkForward& p) {
   if (p.seq.num_sequences * p.shape.H == 0 || p.shape.dv == 0) return gpu::kSuccess;
   if (gpu::error_t e = gpu::check_warp_size(); e != gpu::kSuccess) return e;
-  const bool backward = p.pass == MsrPass::kBackwardStats || p.pass == MsrPass::kBackwardGrad;
-  return dispatch_dtype(p.dtype, [&](auto t) {
-    using T = decltype(t);
-    return backward ? dispatch_dk<MsrForward<T, true>::template Bucket>(p.shape.dk, p)
-                    : dispatch_dk<MsrForward<T, false>::template Bucket>(p.shape.dk, p);
-  });
+  return dispatch_dtype(p.dtype, [&](auto t) { return launch_msr_chunk_pass_as<decltype(t)>(p); });
 }
 
 // Workspace: [statistics (tiles x B*T*H x 2 fp32) |

@@ -53,8 +53,8 @@ CXX=${CXX:-g++}
 JOBS=${JOBS:-2}
 GCOVR=${GCOVR:-gcovr}
 CCACHE=$(command -v ccache || true)
-KERNEL_TUS=(msr_fwd msr_bwd chunk_bwd chunk_fwd msr_step recurrent)  # longest first
-TEST_TUS=(test_kernels test_msr)
+# The kernel sources and the emulator's flags (cmake/kernels.cmake: the kernels' one build definition).
+eval "$(cmake -P "$ROOT/cmake/kernels.cmake")" || { echo "test-kernels-host: cmake -P cmake/kernels.cmake failed" >&2; exit 1; }
 T_START=$SECONDS
 # Block order of the second run: reversed too, so a result that depends on the order in which
 # blocks run (e.g. fp32 atomics across blocks, which the backward used to sum dq / dk with)
@@ -91,11 +91,10 @@ build_variant() {
   local dir=$OUT/$name
   mkdir -p "$dir"
   rm -f "$dir"/*.gcda
-  local flags=(-std=c++17 -g -DRETENTION_HOST_EMU -DRETENTION_EMU_WARP="$warp" -I"$ROOT/kernels" -Wall -Wno-unused-function -Wno-unknown-pragmas "$@")
+  local flags=("${KERNEL_EMU_FLAGS[@]}" -DRETENTION_EMU_WARP="$warp" -I"$ROOT/kernels" "$@")
   local srcs=() objs=() s
-  for s in "${KERNEL_TUS[@]}"; do srcs+=("kernels/$s.cu"); done
-  for s in "${TEST_TUS[@]}"; do srcs+=("tests/cpp/kernels/$s.cu"); done
-  srcs+=(kernels/host_emu/runtime.cpp tests/cpp/kernels/test_host_emu.cpp tests/cpp/kernels/emu_test_main.cpp)
+  for s in "${KERNEL_SOURCES[@]}" "${KERNEL_EMU_SOURCES[@]}"; do srcs+=("kernels/$s"); done
+  for s in "${KERNEL_TEST_SOURCES[@]}" "${KERNEL_EMU_TEST_SOURCES[@]}"; do srcs+=("tests/cpp/kernels/$s"); done
   local pids=() ok=1
   for s in "${srcs[@]}"; do
     local base
@@ -165,6 +164,7 @@ run_suite() {
   return 0
 }
 
+rm -f "$OUT"/*.summary
 pids=()
 for m in "${MODELS[@]}"; do
   (

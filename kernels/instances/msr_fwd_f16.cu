@@ -1,0 +1,6 @@
+// The chunk forward kernels of the fused MSR layer and the raw op for f16_t (msr_fwd.cuh).
+#include "../msr_fwd.cuh"
+
+namespace retention::kernels {
+template gpu::error_t launch_msr_chunk_pass_as<f16_t>(const MsrChunkForward& p);
+}  // namespace retention::kernels
