@@ -12,6 +12,7 @@
 
 #include "retention/compat.h"
 #include "retention/retention.h"
+#include "msr_args.h"
 
 namespace retention {
 
@@ -195,16 +196,18 @@ struct MsrDims {
   int64_t N;
 };
 
-inline MsrDims check_msr_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
-                                const at::Tensor& v, const OptTensor& g,
-                                const at::Tensor& log_decay, int64_t form, int64_t chunk_size,
-                                const OptTensor& initial_state, const OptTensor& offsets,
-                                const OptTensor& cu_seqlens, int64_t rotary,
-                                const OptTensor& norm_weight, double eps,
+// The inputs of a fused-layer call (msr_step: with [B, 1, H, d] inputs and its state as
+// initial_state, named `state_name`).
+inline MsrDims check_msr_inputs(const char* op, const MsrArgs& a,
                                 const char* state_name = "initial_state") {
-  const Dims d = check_inputs(op, q, k, v, log_decay, {});
+  const at::Tensor &q = a.q, &k = a.k, &v = a.v;
+  const OptTensor &g = a.g, &offsets = a.offsets, &cu_seqlens = a.cu_seqlens;
+  const OptTensor &initial_state = a.initial_state, &norm_weight = a.norm_weight;
+  const auto form = static_cast<int64_t>(a.opt.form), rotary = static_cast<int64_t>(a.opt.rotary);
+  const double eps = a.opt.eps;
+  const Dims d = check_inputs(op, q, k, v, a.log_decay, {});
   TORCH_CHECK(form >= 0 && form <= 2, op, ": form must be 0 (chunk), 1 (parallel) or 2 (recurrent), got ", form);
-  check_chunk_size(op, chunk_size);
+  check_chunk_size(op, a.opt.chunk_size);
   TORCH_CHECK(rotary >= 0 && rotary <= 2, op,
               ": rotary must be 0 (none), 1 (torchscale) or 2 (neox), got ", rotary);
   TORCH_CHECK(rotary == 0 || d.dk % 2 == 0, op, ": a rotary embedding needs an even dk, got dk = ",
@@ -254,12 +257,11 @@ inline MsrDims check_msr_inputs(const char* op, const at::Tensor& q, const at::T
   return {d, N};
 }
 
-inline void check_msr_grads(const char* op, const MsrDims& m, const at::Tensor& q,
-                            const at::Tensor& grad_y, const OptTensor& grad_final_state) {
+inline void check_msr_grads(const char* op, const MsrDims& m, const MsrArgs& a) {
   // The raw backward ops call their output's gradient grad_o.
-  check_grad_o(op, grad_y, m.d, q, {}, CalledAs::raw_op() != nullptr ? "grad_o" : "grad_y");
-  if (has(grad_final_state)) {
-    check_state(op, "grad_final_state", *grad_final_state, q,
+  check_grad_o(op, a.grad_y, m.d, a.q, {}, CalledAs::raw_op() != nullptr ? "grad_o" : "grad_y");
+  if (has(a.grad_final_state)) {
+    check_state(op, "grad_final_state", *a.grad_final_state, a.q,
                 Dims{m.N, m.d.T, m.d.H, m.d.dk, m.d.dv});
   }
 }

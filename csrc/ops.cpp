@@ -3,12 +3,14 @@
 // and records autograd.
 #include <algorithm>
 #include <cmath>
+#include <optional>
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "checks.h"
+#include "msr_args.h"
 #include "retention/retention.h"
 
 TORCH_LIBRARY(retention, m) {
@@ -209,6 +211,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> parallel_backward(
   return handle.call(grad_o, grad_final_state, q, k, v, log_decay, scale, initial_state);
 }
 
+// ---- the fused ops: MsrArgs through the dispatcher (msr_args.h) --------------------------------
+
+namespace {
+
+// handle.call(args...), or with `keys` handle.redispatch(keys, args...).
+template <class Handle, class... Args>
+auto call_or_redispatch(const Handle& handle, const std::optional<c10::DispatchKeySet>& keys,
+                        const Args&... args) {
+  return keys ? handle.redispatch(*keys, args...) : handle.call(args...);
+}
+
+}  // namespace
+
+MsrForwardResult dispatch_msr_forward(const MsrArgs& a, std::optional<c10::DispatchKeySet> keys) {
+  static auto handle = op<decltype(msr_forward_kernel<nullptr>)>("retention::msr_forward");
+  return with_msr_forward_args(a, [&](const auto&... x) { return call_or_redispatch(handle, keys, x...); });
+}
+
+MsrBackwardResult dispatch_msr_backward(const MsrArgs& a, std::optional<c10::DispatchKeySet> keys) {
+  static auto handle = op<decltype(msr_backward_kernel<nullptr>)>("retention::msr_backward");
+  return with_msr_backward_args(a, [&](const auto&... x) { return call_or_redispatch(handle, keys, x...); });
+}
+
+at::Tensor dispatch_msr_step(const MsrArgs& a, std::optional<c10::DispatchKeySet> keys) {
+  static auto handle = op<decltype(msr_step_kernel<nullptr>)>("retention::msr_step");
+  return with_msr_step_args(a, [&](const auto&... x) { return call_or_redispatch(handle, keys, x...); });
+}
+
+namespace {
+
+MsrArgs public_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& g,
+                    const at::Tensor& log_decay, const MsrOptions& o, const OptTensor& initial_state,
+                    const OptTensor& offsets, const OptTensor& cu_seqlens, const OptTensor& norm_weight) {
+  MsrArgs a;
+  a.q = q;
+  a.k = k;
+  a.v = v;
+  a.g = g;
+  a.log_decay = log_decay;
+  a.opt = o;
+  a.opt.scale = scale_or_default(o.scale, q);
+  a.initial_state = initial_state;
+  a.offsets = offsets;
+  a.cu_seqlens = cu_seqlens;
+  a.norm_weight = norm_weight;
+  return a;
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> msr_forward(const at::Tensor& q, const at::Tensor& k,
                                                const at::Tensor& v, const OptTensor& g,
                                                const at::Tensor& log_decay,
@@ -217,26 +269,16 @@ std::tuple<at::Tensor, at::Tensor> msr_forward(const at::Tensor& q, const at::Te
                                                const OptTensor& offsets,
                                                const OptTensor& cu_seqlens,
                                                const OptTensor& norm_weight) {
-  static auto handle =
-      op<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
-              const at::Tensor&, double, int64_t, int64_t, const OptTensor&, const OptTensor&,
-              const OptTensor&, int64_t, bool, const OptTensor&, double, bool)>(
-          "retention::msr_forward");
-  return handle.call(q, k, v, g, log_decay, scale_or_default(o.scale, q),
-                     static_cast<int64_t>(o.form), o.chunk_size, initial_state, offsets,
-                     cu_seqlens, static_cast<int64_t>(o.rotary), o.norm, norm_weight, o.eps,
-                     o.decay_norm);
+  return dispatch_msr_forward(
+      public_args(q, k, v, g, log_decay, o, initial_state, offsets, cu_seqlens, norm_weight));
 }
 
 at::Tensor msr_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const OptTensor& g, const at::Tensor& log_decay, at::Tensor& state,
                     const MsrOptions& o, const OptTensor& offsets, const OptTensor& norm_weight) {
-  static auto handle =
-      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
-                    const at::Tensor&, double, const at::Tensor&, const OptTensor&, int64_t, bool,
-                    const OptTensor&, double, bool)>("retention::msr_step");
-  return handle.call(q, k, v, g, log_decay, scale_or_default(o.scale, q), state, offsets,
-                     static_cast<int64_t>(o.rotary), o.norm, norm_weight, o.eps, o.decay_norm);
+  MsrArgs a = public_args(q, k, v, g, log_decay, o, {}, offsets, {}, norm_weight);
+  a.state = state;
+  return dispatch_msr_step(a);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> msr_backward(
@@ -244,18 +286,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& k, const at::Tensor& v, const OptTensor& g, const at::Tensor& log_decay,
     const MsrOptions& o, const OptTensor& initial_state, const OptTensor& offsets,
     const OptTensor& cu_seqlens, const OptTensor& norm_weight) {
-  using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-  static auto handle =
-      op<Six(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
-             const at::Tensor&, const OptTensor&, const at::Tensor&, double, int64_t,
-             const OptTensor&, const OptTensor&, const OptTensor&, int64_t, bool,
-             const OptTensor&, double, bool)>("retention::msr_backward");
-  // Every form has the same gradient, and the chunked backward computes it in O(T) time and
-  // memory, where one chunk spanning the sequence (the parallel form's T x T scores) is O(T^2).
-  const int64_t chunk = o.form == Form::Chunk ? o.chunk_size : kDefaultChunkSize;
-  return handle.call(grad_y, grad_final_state, q, k, v, g, log_decay,
-                     scale_or_default(o.scale, q), chunk, initial_state, offsets, cu_seqlens,
-                     static_cast<int64_t>(o.rotary), o.norm, norm_weight, o.eps, o.decay_norm);
+  MsrArgs a = public_args(q, k, v, g, log_decay, o, initial_state, offsets, cu_seqlens, norm_weight);
+  a.opt.chunk_size = msr_backward_chunk_size(o);
+  a.grad_y = grad_y;
+  a.grad_final_state = grad_final_state;
+  return dispatch_msr_backward(a);
 }
 
 at::Tensor retnet_log_decay(int64_t num_heads) {

@@ -465,123 +465,110 @@ void check_msr_values(const char* op, int64_t T, const OptTensor& cu_seqlens) {
   }
 }
 
-Layer make_layer(const Dims& d, const at::Tensor& q, const OptTensor& g,
-                 const OptTensor& cu_seqlens, const OptTensor& offsets, int64_t rotary, bool norm,
-                 const OptTensor& norm_weight, double eps, bool decay_norm, bool token_loop) {
-  const auto acc = state_dtype(q.scalar_type());
-  Layer L{make_sequences(d.B, d.T, has(cu_seqlens) ? *cu_seqlens : at::Tensor(),
-                         has(offsets) ? *offsets : at::Tensor()),
-          RotaryTable(static_cast<Rotary>(rotary), d.dk),
-          Epilogue{decay_norm, norm, eps, has(g)},
-          has(g) ? g->detach() : at::Tensor(),
-          has(norm_weight) && norm ? norm_weight->detach().to(acc).contiguous() : at::Tensor()};
+// The layer of a call whose inputs are a.q, a.g (msr_step: their [B, 1, H, d] forms).
+Layer make_layer(const Dims& d, const MsrArgs& a, bool token_loop) {
+  const auto acc = state_dtype(a.q.scalar_type());
+  const MsrOptions& o = a.opt;
+  Layer L{make_sequences(d.B, d.T, has(a.cu_seqlens) ? *a.cu_seqlens : at::Tensor(),
+                         has(a.offsets) ? *a.offsets : at::Tensor()),
+          RotaryTable(o.rotary, d.dk),
+          Epilogue{o.decay_norm, o.norm, o.eps, has(a.g)},
+          has(a.g) ? a.g->detach() : at::Tensor(),
+          has(a.norm_weight) && o.norm ? a.norm_weight->detach().to(acc).contiguous() : at::Tensor()};
   if (token_loop) L.rotary.tabulate(L.seqs);
   return L;
 }
 
-std::tuple<at::Tensor, at::Tensor> msr_forward_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& g,
-    const at::Tensor& log_decay, double scale, int64_t form, int64_t chunk_size,
-    const OptTensor& initial_state, const OptTensor& offsets, const OptTensor& cu_seqlens,
-    int64_t rotary, bool norm, const OptTensor& norm_weight, double eps, bool decay_norm) {
+MsrForwardResult msr_forward_cpu(const MsrArgs& a) {
   const char* op = op_name("retention::msr_forward");
-  const auto m = check_msr_inputs(op, q, k, v, g, log_decay, form, chunk_size, initial_state,
-                                  offsets, cu_seqlens, rotary, norm_weight, eps);
-  check_msr_values(op, m.d.T, cu_seqlens);
+  const auto m = check_msr_inputs(op, a);
+  check_msr_values(op, m.d.T, a.cu_seqlens);
   const auto& d = m.d;
+  const at::Tensor& q = a.q;
+  const Form form = a.opt.form;
   // Outputs first: a T beyond memory fails here with the allocator's clear message (bytes asked),
   // not inside the layer's per-row tables.
   auto y = at::empty({d.B, d.T, d.H, d.dv}, q.options());
-  auto state = new_state(m.N, d, q, initial_state);
-  const auto L = make_layer(d, q, g, cu_seqlens, offsets, rotary, norm, norm_weight, eps,
-                            decay_norm, static_cast<Form>(form) == Form::Recurrent);
-  const auto log_gamma = log_decay_values(log_decay);
+  auto state = new_state(m.N, d, q, a.initial_state);
+  const auto L = make_layer(d, a, form == Form::Recurrent);
+  const auto log_gamma = log_decay_values(a.log_decay);
+  const double scale = *a.opt.scale;
   RETENTION_DISPATCH_FLOATS(q.scalar_type(), "msr_forward", [&] {
-    if (static_cast<Form>(form) == Form::Recurrent) {
-      recurrent_impl<scalar_t>(d, L, q.detach(), k.detach(), v.detach(), log_gamma, scale, y,
+    if (form == Form::Recurrent) {
+      recurrent_impl<scalar_t>(d, L, q.detach(), a.k.detach(), a.v.detach(), log_gamma, scale, y,
                                state);
     } else {
-      const int64_t C = static_cast<Form>(form) == Form::Parallel ? std::max<int64_t>(1, d.T)
-                                                                  : chunk_size;
-      chunk_forward_impl<scalar_t>(d, L, q.detach(), k.detach(), v.detach(), log_gamma, scale,
+      const int64_t C = form == Form::Parallel ? std::max<int64_t>(1, d.T) : a.opt.chunk_size;
+      chunk_forward_impl<scalar_t>(d, L, q.detach(), a.k.detach(), a.v.detach(), log_gamma, scale,
                                    C, y, state);
     }
   });
   return {y, state};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-msr_backward_cpu(const at::Tensor& grad_y, const OptTensor& grad_final_state, const at::Tensor& q,
-                 const at::Tensor& k, const at::Tensor& v, const OptTensor& g,
-                 const at::Tensor& log_decay, double scale, int64_t chunk_size,
-                 const OptTensor& initial_state, const OptTensor& offsets,
-                 const OptTensor& cu_seqlens, int64_t rotary, bool norm,
-                 const OptTensor& norm_weight, double eps, bool decay_norm) {
+MsrBackwardResult msr_backward_cpu(const MsrArgs& a) {
   const char* op = op_name("retention::msr_backward");
-  const auto m = check_msr_inputs(op, q, k, v, g, log_decay, /*form=*/0, chunk_size,
-                                  initial_state, offsets, cu_seqlens, rotary, norm_weight, eps);
-  check_msr_grads(op, m, q, grad_y, grad_final_state);
-  check_msr_values(op, m.d.T, cu_seqlens);
+  const auto m = check_msr_inputs(op, a);
+  check_msr_grads(op, m, a);
+  check_msr_values(op, m.d.T, a.cu_seqlens);
   const auto& d = m.d;
+  const at::Tensor &q = a.q, &k = a.k, &v = a.v;
   auto dq = at::empty_like(q, at::MemoryFormat::Contiguous);  // (allocated first, as in forward)
   auto dk = at::empty_like(k, at::MemoryFormat::Contiguous);
   auto dv = at::empty_like(v, at::MemoryFormat::Contiguous);
-  const auto L = make_layer(d, q, g, cu_seqlens, offsets, rotary, norm, norm_weight, eps,
-                            decay_norm, /*token_loop=*/false);
-  auto dg = has(g) ? at::empty_like(*g, at::MemoryFormat::Contiguous) : at::Tensor();
+  const auto L = make_layer(d, a, /*token_loop=*/false);
+  auto dg = has(a.g) ? at::empty_like(*a.g, at::MemoryFormat::Contiguous) : at::Tensor();
   // The kernel writes every row of every sequence; rows outside every packed sequence (none
   // when cu_seqlens covers T) get zero gradients.
-  if (has(cu_seqlens)) {
+  if (has(a.cu_seqlens)) {
     for (auto* t : {&dq, &dk, &dv, &dg}) {
       if (t->defined()) t->zero_();
     }
   }
-  auto S0 = new_state(m.N, d, q, initial_state);
+  auto S0 = new_state(m.N, d, q, a.initial_state);
   auto dS0 = at::empty_like(S0);
   auto dw_partial = L.weight.defined() ? at::zeros({m.N * d.H, d.dv}, S0.options()) : at::Tensor();
   RETENTION_DISPATCH_FLOATS(q.scalar_type(), "msr_backward", [&] {
-    chunk_backward_impl<scalar_t>(d, L, grad_y.detach().to(q.scalar_type()), q.detach(),
-                                  k.detach(), v.detach(), log_decay_values(log_decay), scale,
-                                  chunk_size, S0, grad_final_state, dq, dk, dv, dS0, dg,
-                                  dw_partial);
+    chunk_backward_impl<scalar_t>(d, L, a.grad_y.detach().to(q.scalar_type()), q.detach(),
+                                  k.detach(), v.detach(), log_decay_values(a.log_decay),
+                                  *a.opt.scale, a.opt.chunk_size, S0, a.grad_final_state, dq, dk,
+                                  dv, dS0, dg, dw_partial);
   });
   at::Tensor dw;
-  if (dw_partial.defined()) dw = dw_partial.sum(0).to(norm_weight->scalar_type());
+  if (dw_partial.defined()) dw = dw_partial.sum(0).to(a.norm_weight->scalar_type());
   return {dq, dk, dv, dg, dS0, dw};
 }
 
-at::Tensor msr_step_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const OptTensor& g, const at::Tensor& log_decay, double scale,
-                        const at::Tensor& state, const OptTensor& offsets, int64_t rotary,
-                        bool norm, const OptTensor& norm_weight, double eps, bool decay_norm) {
+at::Tensor msr_step_cpu(const MsrArgs& a) {
   const char* op = op_name("retention::msr_step");
-  auto q4 = as_single_step(op, "q", q), k4 = as_single_step(op, "k", k);
-  auto v4 = as_single_step(op, "v", v);
-  OptTensor g4 = has(g) ? OptTensor(as_single_step(op, "g", *g)) : OptTensor();
-  const auto m = check_msr_inputs(op, q4, k4, v4, g4, log_decay, static_cast<int64_t>(Form::Recurrent),
-                                  1, state, offsets, {}, rotary, norm_weight, eps, "state");
-  check_step_state(op, state, q);
-  check_state_not_aliased(op, state,
-                          {{"q", &q}, {"k", &k}, {"v", &v}, {"g", has(g) ? &*g : nullptr},
-                           {"log_decay", &log_decay}, {"offsets", has(offsets) ? &*offsets : nullptr},
-                           {"norm_weight", has(norm_weight) ? &*norm_weight : nullptr}});
+  MsrArgs s = a;  // its [B, 1, H, d] form, with the state checked as initial_state
+  s.q = as_single_step(op, "q", a.q);
+  s.k = as_single_step(op, "k", a.k);
+  s.v = as_single_step(op, "v", a.v);
+  if (has(a.g)) s.g = as_single_step(op, "g", *a.g);
+  s.initial_state = a.state;
+  const auto m = check_msr_inputs(op, s, "state");
+  check_step_state(op, a.state, a.q);
+  check_state_not_aliased(op, a.state,
+                          {{"q", &a.q}, {"k", &a.k}, {"v", &a.v}, {"g", has(a.g) ? &*a.g : nullptr},
+                           {"log_decay", &a.log_decay}, {"offsets", has(a.offsets) ? &*a.offsets : nullptr},
+                           {"norm_weight", has(a.norm_weight) ? &*a.norm_weight : nullptr}});
   const auto& d = m.d;
-  const auto L = make_layer(d, q4, g4, {}, offsets, rotary, norm, norm_weight, eps, decay_norm,
-                            /*token_loop=*/true);
-  auto y = at::empty({d.B, 1, d.H, d.dv}, q.options());
-  RETENTION_DISPATCH_FLOATS(q.scalar_type(), "msr_step", [&] {
-    recurrent_impl<scalar_t>(d, L, q4.detach(), k4.detach(), v4.detach(),
-                             log_decay_values(log_decay), scale, y, state);
+  const auto L = make_layer(d, s, /*token_loop=*/true);
+  auto y = at::empty({d.B, 1, d.H, d.dv}, a.q.options());
+  RETENTION_DISPATCH_FLOATS(a.q.scalar_type(), "msr_step", [&] {
+    recurrent_impl<scalar_t>(d, L, s.q.detach(), s.k.detach(), s.v.detach(),
+                             log_decay_values(a.log_decay), *a.opt.scale, y, a.state);
   });
-  return q.dim() == 3 ? y.squeeze(1) : y;
+  return a.q.dim() == 3 ? y.squeeze(1) : y;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retention, CPU, m) {
-  m.impl("msr_forward", &msr_forward_cpu);
-  m.impl("msr_backward", &msr_backward_cpu);
-  m.impl("msr_step", &msr_step_cpu);
+  m.impl("msr_forward", &msr_forward_kernel<&msr_forward_cpu>);
+  m.impl("msr_backward", &msr_backward_kernel<&msr_backward_cpu>);
+  m.impl("msr_step", &msr_step_kernel<&msr_step_cpu>);
 }
 
 }  // namespace retention

@@ -6,18 +6,28 @@
 #include <tuple>
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DispatchKeySet.h>
 
 #include "checks.h"
+#include "msr_args.h"
 
 namespace retention {
 namespace glue {
 
-inline at::Tensor to_host(const at::Tensor& t) { return t.to(at::kCPU); }
+// The redispatch of dispatch_msr_*(to_host(a), kCpu) to the op's CPU kernel.
+inline const c10::DispatchKeySet kCpu{c10::DispatchKey::CPU};
+
+inline at::Tensor to_host(const at::Tensor& t) { return t.defined() ? t.to(at::kCPU) : t; }
 inline OptTensor to_host(const OptTensor& t) { return has(t) ? OptTensor(t->to(at::kCPU)) : OptTensor(); }
-template <class T>
-T to_host(T x) {
-  return x;
+
+// A call's arguments with every tensor copied to the host (a step's state too: the caller
+// copies it back).
+inline MsrArgs to_host(const MsrArgs& a) {
+  MsrArgs h = a;
+  for (at::Tensor* t : {&h.q, &h.k, &h.v, &h.log_decay, &h.grad_y, &h.state}) *t = to_host(*t);
+  for (OptTensor* t : {&h.g, &h.initial_state, &h.offsets, &h.cu_seqlens, &h.norm_weight, &h.grad_final_state})
+    *t = to_host(*t);
+  return h;
 }
 
 inline at::Tensor to_device(const at::Tensor& t, const at::Device& device) { return t.defined() ? t.to(device) : t; }
@@ -25,20 +35,6 @@ template <class... T>
 std::tuple<T...> to_device(const std::tuple<T...>& r, const at::Device& device) {
   return std::apply([&](const auto&... t) { return std::make_tuple(to_device(t, device)...); }, r);
 }
-
-// CpuKernel<&op_cuda>::run(name, device, args...): the CPU kernel of the op `name` (the msr_*
-// op's own name, which fixes the schema looked up once), whose signature is that of the CUDA
-// kernel op_cuda.  A step op's state is updated in place: pass a host copy and copy it back.
-template <auto Fn, class Signature = std::remove_pointer_t<decltype(Fn)>>
-struct CpuKernel;
-
-template <auto Fn, class Ret, class... Args>
-struct CpuKernel<Fn, Ret(Args...)> {
-  static Ret run(const char* name, const at::Device& device, Args... args) {
-    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Ret(Args...)>();
-    return to_device(op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), to_host(args)...), device);
-  }
-};
 
 }  // namespace glue
 }  // namespace retention

@@ -31,8 +31,6 @@ namespace {
 
 using namespace glue;
 
-using Pair = std::tuple<at::Tensor, at::Tensor>;
-using Six = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The layer's sequences and prologue / epilogue options as the launchers take them, with the
 // device tensors they point into kept alive for the launch.
@@ -42,59 +40,55 @@ struct Layer {
   rk::MsrOptions opt;
 };
 
-Layer layer(int64_t N, const OptTensor& cu_seqlens, const OptTensor& offsets, int64_t rotary, bool norm,
-            const OptTensor& norm_weight, double eps, bool decay_norm) {
+Layer layer(int64_t N, const MsrArgs& a) {
+  const MsrOptions& o = a.opt;
   Layer L;
-  if (has(cu_seqlens)) {
-    L.cu_seqlens = cu_seqlens->contiguous();
+  if (has(a.cu_seqlens)) {
+    L.cu_seqlens = a.cu_seqlens->contiguous();
     L.seq.cu_seqlens = L.cu_seqlens.data_ptr();
     L.seq.cu_seqlens_int64 = L.cu_seqlens.scalar_type() == at::kLong;
   }
   L.seq.num_sequences = N;
-  if (has(offsets)) L.offsets = offsets->contiguous();
+  if (has(a.offsets)) L.offsets = a.offsets->contiguous();
   L.seq.offsets = L.offsets.defined() ? L.offsets.data_ptr<int64_t>() : nullptr;
-  L.norm_weight = fp32_contiguous(norm_weight);
-  L.opt.rotary = static_cast<rk::RotaryMode>(rotary);
-  L.opt.norm = norm;
-  L.opt.norm_weight = norm ? ptr_or_null(L.norm_weight) : nullptr;
-  L.opt.eps = static_cast<float>(eps);
-  L.opt.decay_norm = decay_norm;
+  L.norm_weight = fp32_contiguous(a.norm_weight);
+  L.opt.rotary = static_cast<rk::RotaryMode>(o.rotary);
+  L.opt.norm = o.norm;
+  L.opt.norm_weight = o.norm ? ptr_or_null(L.norm_weight) : nullptr;
+  L.opt.eps = static_cast<float>(o.eps);
+  L.opt.decay_norm = o.decay_norm;
   return L;
 }
 
 // ---- forward ----------------------------------------------------------------------------------
 
-Pair msr_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& g,
-                      const at::Tensor& log_decay, double scale, int64_t form, int64_t chunk_size,
-                      const OptTensor& initial_state, const OptTensor& offsets, const OptTensor& cu_seqlens,
-                      int64_t rotary, bool norm, const OptTensor& norm_weight, double eps, bool decay_norm) {
+MsrForwardResult msr_forward_cuda(const MsrArgs& a) {
   const char* op = op_name("retention::msr_forward");
-  const MsrDims m = check_msr_inputs(op, q, k, v, g, log_decay, form, chunk_size, initial_state, offsets, cu_seqlens,
-                                     rotary, norm_weight, eps);
-  if (q.scalar_type() == at::kDouble)
-    return CpuKernel<&msr_forward_cuda>::run("retention::msr_forward", q.device(), q, k, v, g, log_decay, scale,
-                                             form, chunk_size, initial_state, offsets, cu_seqlens, rotary, norm,
-                                             norm_weight, eps, decay_norm);
+  const MsrDims m = check_msr_inputs(op, a);
+  if (a.q.scalar_type() == at::kDouble) return to_device(dispatch_msr_forward(to_host(a), kCpu), a.q.device());
   const Dims& d = m.d;
+  const at::Tensor &q = a.q, &k = a.k, &v = a.v;
+  const MsrOptions& o = a.opt;
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor h0 = fp32_contiguous(initial_state);
+  const at::Tensor h0 = fp32_contiguous(a.initial_state);
   at::Tensor y = at::empty({d.B, d.T, d.H, d.dv}, q.options());
   at::Tensor state = empty_state(q, m.N, d);
-  const bool plain = !has(g) && rotary == 0 && !norm && !decay_norm && !has(offsets) && !has(cu_seqlens);
-  if (static_cast<Form>(form) == Form::Recurrent && plain) {
+  const bool plain = !has(a.g) && o.rotary == Rotary::None && !o.norm && !o.decay_norm && !has(a.offsets) &&
+                     !has(a.cu_seqlens);
+  if (o.form == Form::Recurrent && plain) {
     rk::RecurrentForwardParams p;
-    const Inputs in = fill_inputs(p, d, q, k, v, log_decay, scale);
+    const Inputs in = fill_inputs(p, d, q, k, v, a.log_decay, *o.scale);
     p.o = bthd(y);
     p.initial_state = ptr_or_null(h0);
     p.final_state = state.data_ptr<float>();
     check_launch(rk::launch_recurrent_forward(p), op);
     return {y, state};
   }
-  const Layer L = layer(m.N, cu_seqlens, offsets, rotary, norm, norm_weight, eps, decay_norm);
-  const at::Tensor g_ = unit_inner_stride(g);
+  const Layer L = layer(m.N, a);
+  const at::Tensor g_ = unit_inner_stride(a.g);
 
   rk::MsrForwardParams p;
-  const Inputs in = fill_inputs(p, d, q, k, v, log_decay, scale);
+  const Inputs in = fill_inputs(p, d, q, k, v, a.log_decay, *o.scale);
   if (g_.defined()) p.g = bthd(g_);
   p.o = bthd(y);
   p.seq = L.seq;
@@ -110,24 +104,17 @@ Pair msr_forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 
 // ---- backward ---------------------------------------------------------------------------------
 
-Six msr_backward_cuda(const at::Tensor& grad_y, const OptTensor& grad_final_state, const at::Tensor& q,
-                      const at::Tensor& k, const at::Tensor& v, const OptTensor& g, const at::Tensor& log_decay,
-                      double scale, int64_t chunk_size, const OptTensor& initial_state, const OptTensor& offsets,
-                      const OptTensor& cu_seqlens, int64_t rotary, bool norm, const OptTensor& norm_weight,
-                      double eps, bool decay_norm) {
+MsrBackwardResult msr_backward_cuda(const MsrArgs& a) {
   const char* op = op_name("retention::msr_backward");
-  const MsrDims m = check_msr_inputs(op, q, k, v, g, log_decay, /*form=*/0, chunk_size, initial_state, offsets,
-                                     cu_seqlens, rotary, norm_weight, eps);
-  check_msr_grads(op, m, q, grad_y, grad_final_state);
-  if (q.scalar_type() == at::kDouble)
-    return CpuKernel<&msr_backward_cuda>::run("retention::msr_backward", q.device(), grad_y, grad_final_state, q, k,
-                                              v, g, log_decay, scale, chunk_size, initial_state, offsets,
-                                              cu_seqlens, rotary, norm, norm_weight, eps, decay_norm);
+  const MsrDims m = check_msr_inputs(op, a);
+  check_msr_grads(op, m, a);
+  if (a.q.scalar_type() == at::kDouble) return to_device(dispatch_msr_backward(to_host(a), kCpu), a.q.device());
   const Dims& d = m.d;
+  const at::Tensor &q = a.q, &k = a.k, &v = a.v;
   const c10::cuda::CUDAGuard guard(q.device());
-  const Layer L = layer(m.N, cu_seqlens, offsets, rotary, norm, norm_weight, eps, decay_norm);
-  const at::Tensor g_ = unit_inner_stride(g), dy = unit_inner_stride(grad_y.to(q.scalar_type()));
-  const at::Tensor h0 = fp32_contiguous(initial_state), dhT = fp32_contiguous(grad_final_state);
+  const Layer L = layer(m.N, a);
+  const at::Tensor g_ = unit_inner_stride(a.g), dy = unit_inner_stride(a.grad_y.to(q.scalar_type()));
+  const at::Tensor h0 = fp32_contiguous(a.initial_state), dhT = fp32_contiguous(a.grad_final_state);
   at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
   at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
@@ -137,7 +124,7 @@ Six msr_backward_cuda(const at::Tensor& grad_y, const OptTensor& grad_final_stat
   at::Tensor dw32 = want_dw ? at::empty({d.dv}, q.options().dtype(at::kFloat)) : at::Tensor();
 
   rk::MsrBackwardParams p;
-  const Inputs in = fill_inputs(p, d, q, k, v, log_decay, scale);
+  const Inputs in = fill_inputs(p, d, q, k, v, a.log_decay, *a.opt.scale);
   if (g_.defined()) {
     p.g = bthd(g_);
     p.grad_g = bthd(dg);
@@ -162,7 +149,7 @@ Six msr_backward_cuda(const at::Tensor& grad_y, const OptTensor& grad_final_stat
 
   // d_norm_weight: undefined without norm_weight; zero when the norm is off (w is unused).
   at::Tensor dw;
-  if (has(norm_weight)) dw = want_dw ? dw32.to(norm_weight->scalar_type()) : at::zeros_like(*norm_weight);
+  if (has(a.norm_weight)) dw = want_dw ? dw32.to(a.norm_weight->scalar_type()) : at::zeros_like(*a.norm_weight);
   return {dq, dk, dv, dg, dh0, dw};
 }
 
@@ -195,36 +182,38 @@ unsigned* step_counters(const at::Tensor& like) {
   return reinterpret_cast<unsigned*>(it->second.counters.data_ptr<int>());
 }
 
-at::Tensor msr_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& g,
-                         const at::Tensor& log_decay, double scale, const at::Tensor& state, const OptTensor& offsets,
-                         int64_t rotary, bool norm, const OptTensor& norm_weight, double eps, bool decay_norm) {
+at::Tensor msr_step_cuda(const MsrArgs& a) {
   const char* op = op_name("retention::msr_step");
-  const at::Tensor q4 = as_single_step(op, "q", q), k4 = as_single_step(op, "k", k), v4 = as_single_step(op, "v", v);
-  const OptTensor g4 = has(g) ? OptTensor(as_single_step(op, "g", *g)) : OptTensor();
-  const MsrDims m = check_msr_inputs(op, q4, k4, v4, g4, log_decay, /*form=*/2, /*chunk_size=*/1, state, offsets, {},
-                                     rotary, norm_weight, eps, "state");
-  check_step_state(op, state, q);
+  MsrArgs s = a;  // its [B, 1, H, d] form, with the state checked as initial_state
+  s.q = as_single_step(op, "q", a.q);
+  s.k = as_single_step(op, "k", a.k);
+  s.v = as_single_step(op, "v", a.v);
+  if (has(a.g)) s.g = as_single_step(op, "g", *a.g);
+  s.initial_state = a.state;
+  const MsrDims m = check_msr_inputs(op, s, "state");
+  const at::Tensor& state = a.state;
+  check_step_state(op, state, a.q);
   check_state_not_aliased(op, state,
-                          {{"q", &q}, {"k", &k}, {"v", &v}, {"g", has(g) ? &*g : nullptr},
-                           {"log_decay", &log_decay}, {"offsets", has(offsets) ? &*offsets : nullptr},
-                           {"norm_weight", has(norm_weight) ? &*norm_weight : nullptr}});
-  if (q.scalar_type() == at::kDouble) {
-    const at::Tensor host_state = to_host(state);
-    at::Tensor y = CpuKernel<&msr_step_cuda>::run("retention::msr_step", q.device(), q, k, v, g, log_decay, scale,
-                                                  host_state, offsets, rotary, norm, norm_weight, eps, decay_norm);
-    state.copy_(host_state);
+                          {{"q", &a.q}, {"k", &a.k}, {"v", &a.v}, {"g", has(a.g) ? &*a.g : nullptr},
+                           {"log_decay", &a.log_decay}, {"offsets", has(a.offsets) ? &*a.offsets : nullptr},
+                           {"norm_weight", has(a.norm_weight) ? &*a.norm_weight : nullptr}});
+  if (a.q.scalar_type() == at::kDouble) {  // the state is updated on a host copy, then copied back
+    const MsrArgs host = to_host(a);
+    at::Tensor y = to_device(dispatch_msr_step(host, kCpu), a.q.device());
+    state.copy_(host.state);
     return y;
   }
   const Dims& d = m.d;
+  const bool norm = a.opt.norm;
   TORCH_CHECK(!norm || d.dv <= rk::kMsrStepMaxDv, op, ": dv (last dim of v) must be at most ", rk::kMsrStepMaxDv,
               " on the GPU with norm (the decode step keeps a whole row in shared memory), got ", d.dv);
-  const c10::cuda::CUDAGuard guard(q.device());
-  const Layer L = layer(d.B, {}, offsets, rotary, norm, norm_weight, eps, decay_norm);
-  const at::Tensor g_ = unit_inner_stride(g4);
-  at::Tensor y = at::empty({d.B, 1, d.H, d.dv}, q.options());
+  const c10::cuda::CUDAGuard guard(a.q.device());
+  const Layer L = layer(d.B, s);
+  const at::Tensor g_ = unit_inner_stride(s.g);
+  at::Tensor y = at::empty({d.B, 1, d.H, d.dv}, a.q.options());
 
   rk::MsrStepParams p;
-  const Inputs in = fill_inputs(p, d, q4, k4, v4, log_decay, scale);
+  const Inputs in = fill_inputs(p, d, s.q, s.k, s.v, a.log_decay, *a.opt.scale);
   if (g_.defined()) p.g = bthd(g_);
   p.o = bthd(y);
   p.state = state.data_ptr<float>();
@@ -233,21 +222,21 @@ at::Tensor msr_step_cuda(const at::Tensor& q, const at::Tensor& k, const at::Ten
   // With few heads the step spreads each over several CTAs (msr_step.cu), which meet in a
   // workspace from the caching allocator (no launch) and the stream's counters.
   const std::size_t ws_bytes = rk::msr_step_workspace_bytes(p);
-  const at::Tensor ws = ws_bytes > 0 ? workspace(ws_bytes, q) : at::Tensor();
+  const at::Tensor ws = ws_bytes > 0 ? workspace(ws_bytes, a.q) : at::Tensor();
   if (ws_bytes > 0) {
     p.workspace = ws.data_ptr();
-    p.counters = step_counters(q);
+    p.counters = step_counters(a.q);
   }
   check_launch(rk::launch_msr_step(p), op);
-  return q.dim() == 3 ? y.squeeze(1) : y;
+  return a.q.dim() == 3 ? y.squeeze(1) : y;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retention, CUDA, m) {
-  m.impl("msr_forward", &msr_forward_cuda);
-  m.impl("msr_backward", &msr_backward_cuda);
-  m.impl("msr_step", &msr_step_cuda);
+  m.impl("msr_forward", &msr_forward_kernel<&msr_forward_cuda>);
+  m.impl("msr_backward", &msr_backward_kernel<&msr_backward_cuda>);
+  m.impl("msr_step", &msr_step_kernel<&msr_step_cuda>);
 }
 
 }  // namespace retention

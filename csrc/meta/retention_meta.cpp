@@ -55,59 +55,47 @@ at::Tensor as_single_step_meta(const char* op, const char* name, const at::Tenso
   return as_single_step(op, name, x);  // 4-D: checked and returned as is; other ranks: error
 }
 
-std::tuple<at::Tensor, at::Tensor> msr_forward_meta(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& g,
-    const at::Tensor& log_decay, double, int64_t form, int64_t chunk_size,
-    const OptTensor& initial_state, const OptTensor& offsets, const OptTensor& cu_seqlens,
-    int64_t rotary, bool, const OptTensor& norm_weight, double eps, bool) {
-  if (!any_symbolic({q, k, v, g, initial_state, offsets, cu_seqlens})) {
-    check_msr_inputs(op_name("retention::msr_forward"), q, k, v, g, log_decay, form, chunk_size,
-                     initial_state, offsets, cu_seqlens, rotary, norm_weight, eps);
+MsrForwardResult msr_forward_meta(const MsrArgs& a) {
+  if (!any_symbolic({a.q, a.k, a.v, a.g, a.initial_state, a.offsets, a.cu_seqlens})) {
+    check_msr_inputs(op_name("retention::msr_forward"), a);
   }
-  return {output_like(q, v), state_for(num_sequences(q, cu_seqlens), q, v)};
+  return {output_like(a.q, a.v), state_for(num_sequences(a.q, a.cu_seqlens), a.q, a.v)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-msr_backward_meta(const at::Tensor& grad_y, const OptTensor& grad_final_state, const at::Tensor& q,
-                  const at::Tensor& k, const at::Tensor& v, const OptTensor& g,
-                  const at::Tensor& log_decay, double, int64_t chunk_size,
-                  const OptTensor& initial_state, const OptTensor& offsets,
-                  const OptTensor& cu_seqlens, int64_t rotary, bool norm,
-                  const OptTensor& norm_weight, double eps, bool) {
+MsrBackwardResult msr_backward_meta(const MsrArgs& a) {
   const char* op = op_name("retention::msr_backward");
-  if (!any_symbolic({grad_y, grad_final_state, q, k, v, g, initial_state, offsets, cu_seqlens})) {
-    const auto m = check_msr_inputs(op, q, k, v, g, log_decay, 0, chunk_size, initial_state,
-                                    offsets, cu_seqlens, rotary, norm_weight, eps);
-    check_msr_grads(op, m, q, grad_y, grad_final_state);
+  if (!any_symbolic({a.grad_y, a.grad_final_state, a.q, a.k, a.v, a.g, a.initial_state, a.offsets,
+                     a.cu_seqlens})) {
+    check_msr_grads(op, check_msr_inputs(op, a), a);
   }
-  return {at::empty_like(q, at::MemoryFormat::Contiguous),
-          at::empty_like(k, at::MemoryFormat::Contiguous),
-          at::empty_like(v, at::MemoryFormat::Contiguous),
-          has(g) ? at::empty_like(*g, at::MemoryFormat::Contiguous) : at::Tensor(),
-          state_for(num_sequences(q, cu_seqlens), q, v),
-          has(norm_weight) && norm ? at::empty_like(*norm_weight) : at::Tensor()};
+  return {at::empty_like(a.q, at::MemoryFormat::Contiguous),
+          at::empty_like(a.k, at::MemoryFormat::Contiguous),
+          at::empty_like(a.v, at::MemoryFormat::Contiguous),
+          has(a.g) ? at::empty_like(*a.g, at::MemoryFormat::Contiguous) : at::Tensor(),
+          state_for(num_sequences(a.q, a.cu_seqlens), a.q, a.v),
+          has(a.norm_weight) && a.opt.norm ? at::empty_like(*a.norm_weight) : at::Tensor()};
 }
 
-at::Tensor msr_step_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const OptTensor& g, const at::Tensor& log_decay, double,
-                         const at::Tensor& state, const OptTensor& offsets, int64_t rotary, bool,
-                         const OptTensor& norm_weight, double eps, bool) {
+at::Tensor msr_step_meta(const MsrArgs& a) {
   const char* op = op_name("retention::msr_step");
-  if (!any_symbolic({q, k, v, g, state, offsets})) {
-    const OptTensor g4 = has(g) ? OptTensor(as_single_step_meta(op, "g", *g)) : OptTensor();
-    check_msr_inputs(op, as_single_step_meta(op, "q", q), as_single_step_meta(op, "k", k),
-                     as_single_step_meta(op, "v", v), g4, log_decay, 2, 1, state, offsets, {},
-                     rotary, norm_weight, eps, "state");
+  if (!any_symbolic({a.q, a.k, a.v, a.g, a.state, a.offsets})) {
+    MsrArgs s = a;  // its [B, 1, H, d] form, with the state checked as initial_state
+    s.q = as_single_step_meta(op, "q", a.q);
+    s.k = as_single_step_meta(op, "k", a.k);
+    s.v = as_single_step_meta(op, "v", a.v);
+    if (has(a.g)) s.g = as_single_step_meta(op, "g", *a.g);
+    s.initial_state = a.state;
+    check_msr_inputs(op, s, "state");
   }
-  return step_output(q, v);
+  return step_output(a.q, a.v);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retention, Meta, m) {
-  m.impl("msr_forward", &msr_forward_meta);
-  m.impl("msr_backward", &msr_backward_meta);
-  m.impl("msr_step", &msr_step_meta);
+  m.impl("msr_forward", &msr_forward_kernel<&msr_forward_meta>);
+  m.impl("msr_backward", &msr_backward_kernel<&msr_backward_meta>);
+  m.impl("msr_step", &msr_step_kernel<&msr_step_meta>);
 }
 
 }  // namespace retention
