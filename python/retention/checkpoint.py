@@ -34,6 +34,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .functional import linspace_log_decay, retnet_log_decay
+
 __all__ = [
     "save_file",
     "load_file",
@@ -215,7 +217,6 @@ def load_file(path: Union[str, os.PathLike], device: Union[str, torch.device] = 
 # ----------------------------------------------------------------------------------------------
 def _decay_config(model) -> Union[str, List[float]]:
     """'retnet' / 'linspace' when every layer has that decay, else the log decays (exact)."""
-    from . import linspace_log_decay, retnet_log_decay
     lds = [layer.retention.log_decay.detach().cpu() for layer in model.layers]
     H = model.layers[0].retention.num_heads if lds else 0
     for name, fn in (("retnet", retnet_log_decay), ("linspace", linspace_log_decay)):

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import checkpoint
 from . import functional as rf
 
 __all__ = [
@@ -614,14 +615,12 @@ class RetNet(nn.Module):
     def save_pretrained(self, path, vocab=None, metadata=None) -> str:
         """Safetensors checkpoint (weights + config, optional vocab) that ``from_pretrained`` and
         the C++ ``retention::RetNet::load`` read; see retention.checkpoint."""
-        from .checkpoint import save_pretrained
-        return save_pretrained(self, path, vocab=vocab, metadata=metadata)
+        return checkpoint.save_pretrained(self, path, vocab=vocab, metadata=metadata)
 
     @classmethod
     def from_pretrained(cls, path, map_location="cpu", dtype=None) -> "RetNet":
         """Rebuild a model saved by ``save_pretrained`` (eval mode; ``model.vocab`` if saved)."""
-        from .checkpoint import from_pretrained
-        return from_pretrained(cls, path, map_location=map_location, dtype=dtype)
+        return checkpoint.from_pretrained(cls, path, map_location=map_location, dtype=dtype)
 
     @staticmethod
     def _sample(logits: Tensor, temperature: float, top_k: Optional[int], generator) -> Tensor:

@@ -90,3 +90,48 @@ def test_call_op_uses_the_schema_names():
                 init_state=None)
     with pytest.raises(ValueError, match="form must be"):
         retention.msr(q, k, v, None, ld, form="quadratic")
+
+
+def _module_of(path):  # "models/retnet_fla.py" -> "retention.models.retnet_fla"
+    parts = ["retention"] + path[:-3].split(os.sep)
+    return ".".join(p for p in parts if p != "__init__")
+
+
+def _imported_modules(path, tree, modules):
+    """The package modules that the module at `path` imports (relative imports, at any depth of
+    the code: a function-level import closes a circle as surely as a top-level one)."""
+    name = _module_of(path)
+    package = name if path.endswith("__init__.py") else name.rsplit(".", 1)[0]
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.ImportFrom) and node.level):
+            continue
+        base = package.split(".")
+        base = base[:len(base) - (node.level - 1)]
+        target = ".".join(base + ([node.module] if node.module else []))
+        for a in node.names:  # `from . import nn` imports module nn; `from . import f`, the package
+            sub = f"{target}.{a.name}"
+            yield sub if sub in modules else target
+
+
+def test_no_import_circle():
+    sources = list(_sources())
+    modules = {_module_of(path) for path, _ in sources}
+    edges = {_module_of(path): set(_imported_modules(path, tree, modules)) - {_module_of(path)}
+             for path, tree in sources}
+    # A package's __init__ imports its modules; a module that imports the package root (or a
+    # module that leads back to it) closes a circle.
+    state, circles = {}, []
+
+    def visit(m, path):
+        state[m] = "open"
+        for n in sorted(edges.get(m, ())):
+            if state.get(n) == "open":
+                circles.append(" -> ".join(path[path.index(n):] + [n]))
+            elif state.get(n) is None:
+                visit(n, path + [n])
+        state[m] = "done"
+
+    for m in sorted(modules):
+        if state.get(m) is None:
+            visit(m, [m])
+    assert not circles, circles
