@@ -462,13 +462,12 @@ gpu::error_t launch_segment_scan(const Params& p, const SegmentSplit& split) {
 
 // Segment plan of the split from the CTAs of the unsplit grid: split < 0 (automatic) cuts T
 // when there are fewer of those CTAs than SMs (some SMs would idle for the whole walk; between
-// one and two waves the performance model predicts the extra passes cost more than the shorter
-// chain saves, e.g. 192 CTAs at B1 H96 dv128), into as many segments as fit in two waves (two
-// CTAs per SM, rounded down: a partial third wave would cost a whole segment walk; the model
-// predicted B2 T16384 H16's forward at 0.48 ms with 5 segments, 0.38 ms with 4) but
-// never shorter than kSplitMinChunks chunks of bt tokens (shorter segments would spend more on
-// passes (a) and (b) than they save); split > 0 forces that many segments of ceil(T / split)
-// tokens.  count <= 1 (length 0) means no split.  num_sms <= 0: the current device's SMs (132
+// one and two waves the extra passes cost more than the shorter chain saves), into as many
+// segments as fit in two waves (two CTAs per SM, rounded down: a partial third wave would cost
+// a whole segment walk) but never shorter than kSplitMinChunks chunks of bt tokens (shorter
+// segments would spend more on passes (a) and (b) than they save).  The performance model's
+// numbers behind these rules: docs/gpu.md, "Sequence split".  split > 0 forces that many
+// segments of ceil(T / split) tokens.  count <= 1 (length 0) means no split.  num_sms <= 0: the current device's SMs (132
 // if the query fails).
 inline constexpr int kSplitMinChunks = 4;
 inline SegmentSplit plan_split(int split, int num_sms, std::int64_t ctas, std::int64_t T, int bt) {
