@@ -257,6 +257,28 @@ inline MsrDims check_msr_inputs(const char* op, const MsrArgs& a,
   return {d, N};
 }
 
+// msr_step's arguments as check_msr_inputs takes them: q, k, v, g in their [B, 1, H, d] form
+// (single_step: as_single_step, or the Meta kernels' stand-in) and the state as initial_state.
+template <class SingleStep>
+MsrArgs msr_step_form(const char* op, const MsrArgs& a, SingleStep&& single_step) {
+  MsrArgs s = a;
+  s.q = single_step(op, "q", a.q);
+  s.k = single_step(op, "k", a.k);
+  s.v = single_step(op, "v", a.v);
+  if (has(a.g)) s.g = single_step(op, "g", *a.g);
+  s.initial_state = a.state;
+  return s;
+}
+
+// The checks of a decode step beyond its inputs': the state it updates in place.
+inline void check_msr_step_state(const char* op, const MsrArgs& a) {
+  check_step_state(op, a.state, a.q);
+  check_state_not_aliased(op, a.state,
+                          {{"q", &a.q}, {"k", &a.k}, {"v", &a.v}, {"g", has(a.g) ? &*a.g : nullptr},
+                           {"log_decay", &a.log_decay}, {"offsets", has(a.offsets) ? &*a.offsets : nullptr},
+                           {"norm_weight", has(a.norm_weight) ? &*a.norm_weight : nullptr}});
+}
+
 inline void check_msr_grads(const char* op, const MsrDims& m, const MsrArgs& a) {
   // The raw backward ops call their output's gradient grad_o.
   check_grad_o(op, a.grad_y, m.d, a.q, {}, CalledAs::raw_op() != nullptr ? "grad_o" : "grad_y");

@@ -32,30 +32,39 @@ using MsrBackwardResult =
 
 // ---- the schemas' argument lists -------------------------------------------------------------
 
-inline MsrArgs msr_forward_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const OptTensor& g, const at::Tensor& log_decay, double scale,
-                                int64_t form, int64_t chunk_size, const OptTensor& initial_state,
-                                const OptTensor& offsets, const OptTensor& cu_seqlens,
-                                int64_t rotary, bool norm, const OptTensor& norm_weight,
-                                double eps, bool decay_norm) {
+inline MsrArgs make_msr_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const OptTensor& g, const at::Tensor& log_decay, const MsrOptions& o,
+                             const OptTensor& initial_state, const OptTensor& offsets,
+                             const OptTensor& cu_seqlens, const OptTensor& norm_weight) {
   MsrArgs a;
   a.q = q;
   a.k = k;
   a.v = v;
   a.g = g;
   a.log_decay = log_decay;
-  a.opt.scale = scale;
-  a.opt.form = static_cast<Form>(form);
-  a.opt.chunk_size = chunk_size;
-  a.opt.rotary = static_cast<Rotary>(rotary);
-  a.opt.norm = norm;
-  a.opt.eps = eps;
-  a.opt.decay_norm = decay_norm;
+  a.opt = o;
   a.initial_state = initial_state;
   a.offsets = offsets;
   a.cu_seqlens = cu_seqlens;
   a.norm_weight = norm_weight;
   return a;
+}
+
+inline MsrArgs msr_forward_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const OptTensor& g, const at::Tensor& log_decay, double scale,
+                                int64_t form, int64_t chunk_size, const OptTensor& initial_state,
+                                const OptTensor& offsets, const OptTensor& cu_seqlens,
+                                int64_t rotary, bool norm, const OptTensor& norm_weight,
+                                double eps, bool decay_norm) {
+  MsrOptions o;
+  o.scale = scale;
+  o.form = static_cast<Form>(form);
+  o.chunk_size = chunk_size;
+  o.rotary = static_cast<Rotary>(rotary);
+  o.norm = norm;
+  o.eps = eps;
+  o.decay_norm = decay_norm;
+  return make_msr_args(q, k, v, g, log_decay, o, initial_state, offsets, cu_seqlens, norm_weight);
 }
 
 template <class F>

@@ -244,19 +244,9 @@ namespace {
 MsrArgs public_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& g,
                     const at::Tensor& log_decay, const MsrOptions& o, const OptTensor& initial_state,
                     const OptTensor& offsets, const OptTensor& cu_seqlens, const OptTensor& norm_weight) {
-  MsrArgs a;
-  a.q = q;
-  a.k = k;
-  a.v = v;
-  a.g = g;
-  a.log_decay = log_decay;
-  a.opt = o;
-  a.opt.scale = scale_or_default(o.scale, q);
-  a.initial_state = initial_state;
-  a.offsets = offsets;
-  a.cu_seqlens = cu_seqlens;
-  a.norm_weight = norm_weight;
-  return a;
+  MsrOptions resolved = o;
+  resolved.scale = scale_or_default(o.scale, q);
+  return make_msr_args(q, k, v, g, log_decay, resolved, initial_state, offsets, cu_seqlens, norm_weight);
 }
 
 }  // namespace

@@ -541,18 +541,9 @@ MsrBackwardResult msr_backward_cpu(const MsrArgs& a) {
 
 at::Tensor msr_step_cpu(const MsrArgs& a) {
   const char* op = op_name("retention::msr_step");
-  MsrArgs s = a;  // its [B, 1, H, d] form, with the state checked as initial_state
-  s.q = as_single_step(op, "q", a.q);
-  s.k = as_single_step(op, "k", a.k);
-  s.v = as_single_step(op, "v", a.v);
-  if (has(a.g)) s.g = as_single_step(op, "g", *a.g);
-  s.initial_state = a.state;
+  const MsrArgs s = msr_step_form(op, a, as_single_step);
   const auto m = check_msr_inputs(op, s, "state");
-  check_step_state(op, a.state, a.q);
-  check_state_not_aliased(op, a.state,
-                          {{"q", &a.q}, {"k", &a.k}, {"v", &a.v}, {"g", has(a.g) ? &*a.g : nullptr},
-                           {"log_decay", &a.log_decay}, {"offsets", has(a.offsets) ? &*a.offsets : nullptr},
-                           {"norm_weight", has(a.norm_weight) ? &*a.norm_weight : nullptr}});
+  check_msr_step_state(op, a);
   const auto& d = m.d;
   const auto L = make_layer(d, s, /*token_loop=*/true);
   auto y = at::empty({d.B, 1, d.H, d.dv}, a.q.options());

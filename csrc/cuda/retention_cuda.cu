@@ -184,19 +184,10 @@ unsigned* step_counters(const at::Tensor& like) {
 
 at::Tensor msr_step_cuda(const MsrArgs& a) {
   const char* op = op_name("retention::msr_step");
-  MsrArgs s = a;  // its [B, 1, H, d] form, with the state checked as initial_state
-  s.q = as_single_step(op, "q", a.q);
-  s.k = as_single_step(op, "k", a.k);
-  s.v = as_single_step(op, "v", a.v);
-  if (has(a.g)) s.g = as_single_step(op, "g", *a.g);
-  s.initial_state = a.state;
+  const MsrArgs s = msr_step_form(op, a, as_single_step);
   const MsrDims m = check_msr_inputs(op, s, "state");
+  check_msr_step_state(op, a);
   const at::Tensor& state = a.state;
-  check_step_state(op, state, a.q);
-  check_state_not_aliased(op, state,
-                          {{"q", &a.q}, {"k", &a.k}, {"v", &a.v}, {"g", has(a.g) ? &*a.g : nullptr},
-                           {"log_decay", &a.log_decay}, {"offsets", has(a.offsets) ? &*a.offsets : nullptr},
-                           {"norm_weight", has(a.norm_weight) ? &*a.norm_weight : nullptr}});
   if (a.q.scalar_type() == at::kDouble) {  // the state is updated on a host copy, then copied back
     const MsrArgs host = to_host(a);
     at::Tensor y = to_device(dispatch_msr_step(host, kCpu), a.q.device());

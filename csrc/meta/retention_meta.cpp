@@ -79,13 +79,7 @@ MsrBackwardResult msr_backward_meta(const MsrArgs& a) {
 at::Tensor msr_step_meta(const MsrArgs& a) {
   const char* op = op_name("retention::msr_step");
   if (!any_symbolic({a.q, a.k, a.v, a.g, a.state, a.offsets})) {
-    MsrArgs s = a;  // its [B, 1, H, d] form, with the state checked as initial_state
-    s.q = as_single_step_meta(op, "q", a.q);
-    s.k = as_single_step_meta(op, "k", a.k);
-    s.v = as_single_step_meta(op, "v", a.v);
-    if (has(a.g)) s.g = as_single_step_meta(op, "g", *a.g);
-    s.initial_state = a.state;
-    check_msr_inputs(op, s, "state");
+    check_msr_inputs(op, msr_step_form(op, a, as_single_step_meta), "state");
   }
   return step_output(a.q, a.v);
 }
