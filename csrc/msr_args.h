@@ -126,42 +126,32 @@ decltype(auto) with_msr_step_args(const MsrArgs& a, F&& f) {
 
 // ---- kernels on MsrArgs, as the dispatcher calls them ----------------------------------------
 //
-// m.impl("msr_forward", &msr_forward_kernel<&msr_forward_cpu>) registers
-// MsrForwardResult msr_forward_cpu(const MsrArgs&).
+// m.impl("msr_forward", msr_forward_kernel<&msr_forward_cpu>) registers
+// MsrForwardResult msr_forward_cpu(const MsrArgs&): the dispatcher calls a function with the
+// schema's argument list (that of the pack function), which packs them and calls Fn.
+
+template <class Result, auto Pack, class PackType = decltype(Pack)>
+struct MsrOp;
+
+template <class Result, auto Pack, class... Args>
+struct MsrOp<Result, Pack, MsrArgs (*)(Args...)> {
+  using Schema = Result(Args...);  // the op's unboxed signature
+  template <Result (*Fn)(const MsrArgs&)>
+  static Result kernel(Args... args) {
+    return Fn(Pack(args...));
+  }
+};
+
+using MsrForwardOp = MsrOp<MsrForwardResult, &msr_forward_args>;
+using MsrBackwardOp = MsrOp<MsrBackwardResult, &msr_backward_args>;
+using MsrStepOp = MsrOp<at::Tensor, &msr_step_args>;
 
 template <MsrForwardResult (*Fn)(const MsrArgs&)>
-MsrForwardResult msr_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                    const OptTensor& g, const at::Tensor& log_decay, double scale,
-                                    int64_t form, int64_t chunk_size,
-                                    const OptTensor& initial_state, const OptTensor& offsets,
-                                    const OptTensor& cu_seqlens, int64_t rotary, bool norm,
-                                    const OptTensor& norm_weight, double eps, bool decay_norm) {
-  return Fn(msr_forward_args(q, k, v, g, log_decay, scale, form, chunk_size, initial_state,
-                             offsets, cu_seqlens, rotary, norm, norm_weight, eps, decay_norm));
-}
-
+constexpr auto msr_forward_kernel = &MsrForwardOp::kernel<Fn>;
 template <MsrBackwardResult (*Fn)(const MsrArgs&)>
-MsrBackwardResult msr_backward_kernel(const at::Tensor& grad_y, const OptTensor& grad_final_state,
-                                      const at::Tensor& q, const at::Tensor& k,
-                                      const at::Tensor& v, const OptTensor& g,
-                                      const at::Tensor& log_decay, double scale,
-                                      int64_t chunk_size, const OptTensor& initial_state,
-                                      const OptTensor& offsets, const OptTensor& cu_seqlens,
-                                      int64_t rotary, bool norm, const OptTensor& norm_weight,
-                                      double eps, bool decay_norm) {
-  return Fn(msr_backward_args(grad_y, grad_final_state, q, k, v, g, log_decay, scale, chunk_size,
-                              initial_state, offsets, cu_seqlens, rotary, norm, norm_weight, eps,
-                              decay_norm));
-}
-
+constexpr auto msr_backward_kernel = &MsrBackwardOp::kernel<Fn>;
 template <at::Tensor (*Fn)(const MsrArgs&)>
-at::Tensor msr_step_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const OptTensor& g, const at::Tensor& log_decay, double scale,
-                           const at::Tensor& state, const OptTensor& offsets, int64_t rotary,
-                           bool norm, const OptTensor& norm_weight, double eps, bool decay_norm) {
-  return Fn(msr_step_args(q, k, v, g, log_decay, scale, state, offsets, rotary, norm, norm_weight,
-                          eps, decay_norm));
-}
+constexpr auto msr_step_kernel = &MsrStepOp::kernel<Fn>;
 
 // ---- calling the ops with MsrArgs (ops.cpp) --------------------------------------------------
 //

@@ -225,17 +225,17 @@ auto call_or_redispatch(const Handle& handle, const std::optional<c10::DispatchK
 }  // namespace
 
 MsrForwardResult dispatch_msr_forward(const MsrArgs& a, std::optional<c10::DispatchKeySet> keys) {
-  static auto handle = op<decltype(msr_forward_kernel<nullptr>)>("retention::msr_forward");
+  static auto handle = op<MsrForwardOp::Schema>("retention::msr_forward");
   return with_msr_forward_args(a, [&](const auto&... x) { return call_or_redispatch(handle, keys, x...); });
 }
 
 MsrBackwardResult dispatch_msr_backward(const MsrArgs& a, std::optional<c10::DispatchKeySet> keys) {
-  static auto handle = op<decltype(msr_backward_kernel<nullptr>)>("retention::msr_backward");
+  static auto handle = op<MsrBackwardOp::Schema>("retention::msr_backward");
   return with_msr_backward_args(a, [&](const auto&... x) { return call_or_redispatch(handle, keys, x...); });
 }
 
 at::Tensor dispatch_msr_step(const MsrArgs& a, std::optional<c10::DispatchKeySet> keys) {
-  static auto handle = op<decltype(msr_step_kernel<nullptr>)>("retention::msr_step");
+  static auto handle = op<MsrStepOp::Schema>("retention::msr_step");
   return with_msr_step_args(a, [&](const auto&... x) { return call_or_redispatch(handle, keys, x...); });
 }
 

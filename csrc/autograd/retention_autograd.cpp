@@ -126,9 +126,9 @@ MsrBackwardResult msr_backward_autograd(const MsrArgs& a) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retention, Autograd, m) {
-  m.impl("msr_forward", &msr_forward_kernel<&msr_forward_autograd>);
-  m.impl("msr_backward", &msr_backward_kernel<&msr_backward_autograd>);
-  m.impl("msr_step", &msr_step_kernel<&msr_step_autograd>);
+  m.impl("msr_forward", msr_forward_kernel<&msr_forward_autograd>);
+  m.impl("msr_backward", msr_backward_kernel<&msr_backward_autograd>);
+  m.impl("msr_step", msr_step_kernel<&msr_step_autograd>);
 }
 
 }  // namespace retention

@@ -557,9 +557,9 @@ at::Tensor msr_step_cpu(const MsrArgs& a) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retention, CPU, m) {
-  m.impl("msr_forward", &msr_forward_kernel<&msr_forward_cpu>);
-  m.impl("msr_backward", &msr_backward_kernel<&msr_backward_cpu>);
-  m.impl("msr_step", &msr_step_kernel<&msr_step_cpu>);
+  m.impl("msr_forward", msr_forward_kernel<&msr_forward_cpu>);
+  m.impl("msr_backward", msr_backward_kernel<&msr_backward_cpu>);
+  m.impl("msr_step", msr_step_kernel<&msr_step_cpu>);
 }
 
 }  // namespace retention

@@ -225,9 +225,9 @@ at::Tensor msr_step_cuda(const MsrArgs& a) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retention, CUDA, m) {
-  m.impl("msr_forward", &msr_forward_kernel<&msr_forward_cuda>);
-  m.impl("msr_backward", &msr_backward_kernel<&msr_backward_cuda>);
-  m.impl("msr_step", &msr_step_kernel<&msr_step_cuda>);
+  m.impl("msr_forward", msr_forward_kernel<&msr_forward_cuda>);
+  m.impl("msr_backward", msr_backward_kernel<&msr_backward_cuda>);
+  m.impl("msr_step", msr_step_kernel<&msr_step_cuda>);
 }
 
 }  // namespace retention

@@ -87,9 +87,9 @@ at::Tensor msr_step_meta(const MsrArgs& a) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retention, Meta, m) {
-  m.impl("msr_forward", &msr_forward_kernel<&msr_forward_meta>);
-  m.impl("msr_backward", &msr_backward_kernel<&msr_backward_meta>);
-  m.impl("msr_step", &msr_step_kernel<&msr_step_meta>);
+  m.impl("msr_forward", msr_forward_kernel<&msr_forward_meta>);
+  m.impl("msr_backward", msr_backward_kernel<&msr_backward_meta>);
+  m.impl("msr_step", msr_step_kernel<&msr_step_meta>);
 }
 
 }  // namespace retention
