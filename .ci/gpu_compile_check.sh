@@ -86,10 +86,11 @@ drain() {
   running=0
 }
 
-nvcc_tu() {  # sm_80 objects also carry compute_80 PTX and are what the CUDA test links
+CCACHE=$(command -v ccache || true)  # it replays ptxas's report (stderr) on a hit
+nvcc_tu() {  # sm_80 objects also carry compute_80 PTX
   local tu=$1 arch=$2 code="sm_$2"
   [[ $arch == 80 ]] && code="[sm_80,compute_80]"
-  job "nvcc_${tu}_sm$arch" "$NVCC" "${NVCC_FLAGS[@]}" -Xptxas -v -gencode "arch=compute_$arch,code=$code" \
+  job "nvcc_${tu}_sm$arch" $CCACHE "$NVCC" "${NVCC_FLAGS[@]}" -Xptxas -v -gencode "arch=compute_$arch,code=$code" \
     -c "kernels/${TU_SOURCE[$tu]}" -o "$OUT/cuda/${tu}_sm$arch.o" -MD -MF "$OUT/cuda/${tu}_sm$arch.d"
 }
 
