@@ -15,7 +15,7 @@
 
 namespace retention {
 
-struct MsrArgs {
+struct MsrArgs {  // (an aggregate: make_msr_args fills the first ten members in this order)
   at::Tensor q, k, v;  // [B, T, H, dk] / [B, T, H, dv]; msr_step: [B, H, d] or [B, 1, H, d]
   OptTensor g;         // gate, the shape of v
   at::Tensor log_decay;
@@ -36,18 +36,7 @@ inline MsrArgs make_msr_args(const at::Tensor& q, const at::Tensor& k, const at:
                              const OptTensor& g, const at::Tensor& log_decay, const MsrOptions& o,
                              const OptTensor& initial_state, const OptTensor& offsets,
                              const OptTensor& cu_seqlens, const OptTensor& norm_weight) {
-  MsrArgs a;
-  a.q = q;
-  a.k = k;
-  a.v = v;
-  a.g = g;
-  a.log_decay = log_decay;
-  a.opt = o;
-  a.initial_state = initial_state;
-  a.offsets = offsets;
-  a.cu_seqlens = cu_seqlens;
-  a.norm_weight = norm_weight;
-  return a;
+  return MsrArgs{q, k, v, g, log_decay, o, initial_state, offsets, cu_seqlens, norm_weight};
 }
 
 inline MsrArgs msr_forward_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
