@@ -87,10 +87,9 @@ drain() {
 }
 
 CCACHE=$(command -v ccache || true)  # it replays ptxas's report (stderr) on a hit
-nvcc_tu() {  # sm_80 objects also carry compute_80 PTX
-  local tu=$1 arch=$2 code="sm_$2"
-  [[ $arch == 80 ]] && code="[sm_80,compute_80]"
-  job "nvcc_${tu}_sm$arch" $CCACHE "$NVCC" "${NVCC_FLAGS[@]}" -Xptxas -v -gencode "arch=compute_$arch,code=$code" \
+nvcc_tu() {
+  local tu=$1 arch=$2
+  job "nvcc_${tu}_sm$arch" $CCACHE "$NVCC" "${NVCC_FLAGS[@]}" -Xptxas -v -gencode "arch=compute_$arch,code=sm_$arch" \
     -c "kernels/${TU_SOURCE[$tu]}" -o "$OUT/cuda/${tu}_sm$arch.o" -MD -MF "$OUT/cuda/${tu}_sm$arch.d"
 }
 

@@ -68,17 +68,8 @@ class MsrFunction : public torch::autograd::Function<MsrFunction> {
                 "retention: double backward (create_graph=True) is not supported");
     const auto saved = ctx->get_saved_variables();
     auto opt = [&](size_t i) { return saved[i].defined() ? OptTensor(saved[i]) : OptTensor(); };
-    MsrArgs a;
-    a.q = saved[0];
-    a.k = saved[1];
-    a.v = saved[2];
-    a.g = opt(3);
-    a.log_decay = saved[4];
-    a.initial_state = opt(5);
-    a.offsets = opt(6);
-    a.cu_seqlens = opt(7);
-    a.norm_weight = opt(8);
-    a.opt = saved_options(ctx);
+    MsrArgs a = make_msr_args(saved[0], saved[1], saved[2], opt(3), saved[4], saved_options(ctx),
+                              opt(5), opt(6), opt(7), opt(8));
     a.opt.chunk_size = msr_backward_chunk_size(a.opt);
     // zeros_like(v): [B, T, H, dv] without reading sizes as integers (symbolic under torch.compile).
     a.grad_y = grads[0].defined() ? grads[0] : at::zeros_like(a.v, at::MemoryFormat::Contiguous);
