@@ -1,4 +1,4 @@
-# GPU build of retention: RETENTION_GPU = OFF (default) | CUDA | HIP.
+# GPU build of retention: RETENTION_GPU = OFF (default) | CUDA | HIP | EMU.
 #
 # Included from the top-level CMakeLists.txt *before* find_package(Torch): the CUDA language and
 # its architectures must be set up before Torch's CMake package runs (a CUDA build of torch
@@ -14,6 +14,10 @@
 #         hip-lang package in Debian's multiarch layout, and hipcc must never auto-detect the
 #         GPU (it crashes on machines without one), so every hipcc call names the arches.
 #         The torch glue for ROCm is not built by CMake (see retention_gpu_targets()).
+#   EMU   retention_kernels_emu (static: the same sources as C++ under the host emulator,
+#         kernels/host_emu/, for one device model: RETENTION_EMU_WARP = 32 (NVIDIA) or 64 (AMD)).
+#         No GPU and no torch glue; scripts/test-kernels-host.sh builds it per model and
+#         sanitizer with CMAKE_BUILD_TYPE=Emulator and its flags in CMAKE_CXX_FLAGS.
 #   tests (RETENTION_BUILD_TESTS): tests/cpp/kernels/ - the kernel GoogleTest for the chosen
 #         backend (its GPU tests skip without a device; ctest reports them as skipped) and the
 #         host-only fragment-layout test.
@@ -22,12 +26,13 @@
 # build of the kernels reads too.
 #
 # Options:  RETENTION_GPU, CMAKE_CUDA_ARCHITECTURES (default 80;90, sm_80 or newer),
-#           RETENTION_HIP_ARCHS (default gfx90a, CDNA only), RETENTION_HIPCC (hipcc path).
+#           RETENTION_HIP_ARCHS (default gfx90a, CDNA only), RETENTION_HIPCC (hipcc path),
+#           RETENTION_EMU_WARP (32 or 64).
 
 include("${CMAKE_CURRENT_LIST_DIR}/kernels.cmake")
 
-set(RETENTION_GPU OFF CACHE STRING "GPU kernels to build: OFF, CUDA or HIP")
-set_property(CACHE RETENTION_GPU PROPERTY STRINGS OFF CUDA HIP)
+set(RETENTION_GPU OFF CACHE STRING "GPU kernels to build: OFF, CUDA, HIP or EMU (host emulator)")
+set_property(CACHE RETENTION_GPU PROPERTY STRINGS OFF CUDA HIP EMU)
 
 string(TOUPPER "${RETENTION_GPU}" _retention_gpu)
 if(_retention_gpu MATCHES "^(|OFF|NO|FALSE|0|NONE)$")
@@ -36,8 +41,10 @@ elseif(_retention_gpu STREQUAL "CUDA")
   set(RETENTION_GPU_BACKEND CUDA)
 elseif(_retention_gpu MATCHES "^(HIP|ROCM)$")
   set(RETENTION_GPU_BACKEND HIP)
+elseif(_retention_gpu STREQUAL "EMU")
+  set(RETENTION_GPU_BACKEND EMU)
 else()
-  message(FATAL_ERROR "RETENTION_GPU must be OFF, CUDA or HIP (got '${RETENTION_GPU}')")
+  message(FATAL_ERROR "RETENTION_GPU must be OFF, CUDA, HIP or EMU (got '${RETENTION_GPU}')")
 endif()
 unset(_retention_gpu)
 
@@ -112,6 +119,16 @@ elseif(RETENTION_GPU_BACKEND STREQUAL "HIP")
                  "(${RETENTION_HIPCC}, ${_hip_version})")
   unset(_hip_bin)
   unset(_hip_version)
+elseif(RETENTION_GPU_BACKEND STREQUAL "EMU")
+  set(RETENTION_EMU_WARP 32 CACHE STRING
+      "Lanes per warp of the emulated device: 32 (NVIDIA model) or 64 (AMD wave64 model)")
+  if(NOT RETENTION_EMU_WARP MATCHES "^(32|64)$")
+    message(FATAL_ERROR "RETENTION_EMU_WARP must be 32 or 64 (got '${RETENTION_EMU_WARP}')")
+  endif()
+  # Every emulated thread runs on its own stack, switched by boost::context.
+  find_package(Boost REQUIRED COMPONENTS context)
+  find_package(Threads REQUIRED)
+  message(STATUS "retention: kernels under the host emulator, ${RETENTION_EMU_WARP}-lane warps")
 endif()
 
 # hipcc command line for one translation unit (a custom command; CMake's HIP language is not
@@ -134,6 +151,11 @@ function(retention_hipcc_object out src)
     COMMENT "hipcc ${_rel} (${RETENTION_HIP_ARCHS})"
     COMMAND_EXPAND_LISTS VERBATIM)
   set(${out} "${_obj}" PARENT_SCOPE)
+endfunction()
+
+# The .cu kernel sources compiled as C++ by the host compiler (the emulator build).
+function(retention_emu_sources)
+  set_source_files_properties(${ARGN} PROPERTIES LANGUAGE CXX COMPILE_OPTIONS "-x;c++")
 endfunction()
 
 function(retention_gpu_targets)
@@ -195,6 +217,17 @@ function(retention_gpu_targets)
                      "HIP kernel library retention_kernels_hip and its tests only; libretention "
                      "stays CPU-only")
     endif()
+  elseif(RETENTION_GPU_BACKEND STREQUAL "EMU")
+    list(TRANSFORM RETENTION_KERNEL_EMU_SOURCES PREPEND "${PROJECT_SOURCE_DIR}/kernels/"
+         OUTPUT_VARIABLE _emu_sources)
+    retention_emu_sources(${_kernel_sources})
+    add_library(retention_kernels_emu STATIC ${_kernel_sources} ${_emu_sources})
+    target_include_directories(retention_kernels_emu PUBLIC "${PROJECT_SOURCE_DIR}/kernels")
+    target_compile_options(retention_kernels_emu PUBLIC ${RETENTION_KERNEL_EMU_FLAGS}
+                                                        -DRETENTION_EMU_WARP=${RETENTION_EMU_WARP})
+    target_link_libraries(retention_kernels_emu PUBLIC Boost::context Threads::Threads)
+    # -std=c++17 comes from the flags, not gnu++17.
+    set_target_properties(retention_kernels_emu PROPERTIES CXX_EXTENSIONS OFF)
   endif()
 
   if(RETENTION_BUILD_TESTS)

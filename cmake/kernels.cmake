@@ -1,10 +1,10 @@
 # The GPU kernels' build, defined once.  Every build of kernels/ reads this file:
 #
-#   cmake/gpu.cmake               the CMake targets (include)
+#   cmake/gpu.cmake               the CMake targets (include): CUDA, HIP and the host emulator,
+#                                 which scripts/test-kernels-host.sh builds per device model
 #   setup.py                      the Python extension (parses the set() lines below)
 #   .ci/gpu_compile_check.sh      the ptxas / hipcc resource reports  } eval "$(cmake -P
-#   scripts/test-kernels-host.sh  the emulator builds                 }   cmake/kernels.cmake)"
-#   bench/gpu_prepare.sh          the sm_90 build for a GPU machine   }
+#   bench/gpu_prepare.sh          the sm_90 build for a GPU machine   }   cmake/kernels.cmake)"
 #
 # So keep every set() one plain list of words (no quotes, variables or generator expressions):
 # setup.py reads them with a regular expression, not with CMake.  The resource reports add only

@@ -53,8 +53,6 @@ CXX=${CXX:-g++}
 JOBS=${JOBS:-2}
 GCOVR=${GCOVR:-gcovr}
 CCACHE=$(command -v ccache || true)
-# The kernel sources and the emulator's flags (cmake/kernels.cmake: the kernels' one build definition).
-eval "$(cmake -P "$ROOT/cmake/kernels.cmake")" || { echo "test-kernels-host: cmake -P cmake/kernels.cmake failed" >&2; exit 1; }
 T_START=$SECONDS
 # Block order of the second run: reversed too, so a result that depends on the order in which
 # blocks run (e.g. fp32 atomics across blocks, which the backward used to sum dq / dk with)
@@ -71,50 +69,27 @@ if [ "$COVERAGE" = 1 ] && ! command -v "$GCOVR" >/dev/null; then
 fi
 
 # ------------------------------------------------------------------------------------------
-# Build: build_variant NAME WARP EXTRA_FLAGS...  -> $OUT/NAME/test_kernels_emu
+# Build: build_variant NAME WARP EXTRA_FLAGS...  -> $OUT/NAME/test_kernels_emu (the sources and
+# the emulator's flags: cmake/kernels.cmake, the kernels' one build definition)
 # ------------------------------------------------------------------------------------------
 failures=()
 fail() { failures+=("$1"); echo "test-kernels-host: FAIL: $1"; }
 
-compile() {  # compile LOG OBJ SRC FLAGS...
-  local log=$1 obj=$2 src=$3
-  shift 3
-  local lang=()
-  [[ $src == *.cu ]] && lang=(-x c++)
-  # -MD: the headers used, for scripts/check-deps.py
-  $CCACHE "$CXX" "$@" "${lang[@]}" -c "$src" -o "$obj" -MD -MF "${obj%.o}.d" >"$log" 2>&1 || { echo "FAILED" >>"$log"; return 1; }
-}
-
-build_variant() {
+build_variant() {  # the CMake emulator target (cmake/gpu.cmake, RETENTION_GPU=EMU) for one model
   local name=$1 warp=$2
   shift 2
-  local dir=$OUT/$name
+  local dir=$OUT/$name launcher=()
+  [ -n "$CCACHE" ] && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER="$CCACHE")
   mkdir -p "$dir"
-  rm -f "$dir"/*.gcda
-  local flags=("${KERNEL_EMU_FLAGS[@]}" -DRETENTION_EMU_WARP="$warp" -I"$ROOT/kernels" "$@")
-  local srcs=() objs=() s
-  for s in "${KERNEL_SOURCES[@]}" "${KERNEL_EMU_SOURCES[@]}"; do srcs+=("kernels/$s"); done
-  for s in "${KERNEL_TEST_SOURCES[@]}" "${KERNEL_EMU_TEST_SOURCES[@]}"; do srcs+=("tests/cpp/kernels/$s"); done
-  local pids=() ok=1
-  for s in "${srcs[@]}"; do
-    local base
-    base=$(basename "${s%.*}")
-    objs+=("$dir/$base.o")
-    compile "$dir/$base.log" "$dir/$base.o" "$s" "${flags[@]}" &
-    pids+=($!)
-    if [ ${#pids[@]} -ge "$JOBS" ]; then
-      wait "${pids[0]}" || ok=0
-      pids=("${pids[@]:1}")
-    fi
-  done
-  for p in "${pids[@]}"; do wait "$p" || ok=0; done
-  if [ $ok = 0 ]; then
-    for s in "$dir"/*.log; do grep -q FAILED "$s" && { echo "--- $s"; tail -30 "$s"; }; done
-    fail "build $name"
-    return 1
-  fi
-  "$CXX" "${flags[@]}" -o "$dir/test_kernels_emu" "${objs[@]}" -lgtest -lboost_context -pthread >"$dir/link.log" 2>&1 ||
-    { cat "$dir/link.log"; fail "link $name"; return 1; }
+  find "$dir" -name '*.gcda' -delete
+  # Build type Emulator: no flags of its own, so each variant's are exactly the ones given here.
+  cmake -S "$ROOT" -B "$dir" -G Ninja -DRETENTION_GPU=EMU -DRETENTION_EMU_WARP="$warp" \
+    -DCMAKE_BUILD_TYPE=Emulator -DCMAKE_CXX_FLAGS="$*" -DCMAKE_CXX_COMPILER="$CXX" \
+    -DRETENTION_BUILD_EXAMPLES=OFF "${launcher[@]}" >"$dir/configure.log" 2>&1 ||
+    { tail -30 "$dir/configure.log"; fail "configure $name"; return 1; }
+  cmake --build "$dir" --target test_kernels_emu -j "$JOBS" >"$dir/build.log" 2>&1 ||
+    { grep -E "error|FAILED" "$dir/build.log" | head -30; fail "build $name"; return 1; }
+  ln -sf tests/cpp/kernels/test_kernels_emu "$dir/test_kernels_emu"
 }
 
 warp_of() { [ "$1" = amd ] && echo 64 || echo 32; }
