@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Serving an FLA-format RetNet from C++ on the CPU: decode tokens/s at B=1 and 8 and prefill tokens/s
-of retention-generate (retention::FlaRetNet), against the time it takes to read the weights once.
+"""Serving an FLA-format RetNet on the CPU, from C++ and from Python: decode tokens/s at B=1 and 8
+and prefill tokens/s of retention-generate (retention::FlaRetNet) and, with --python, of
+retention.models.RetNetForCausalLM's generate() (bench/fla_decode_py.py), against the time it
+takes to read the weights once.
 
 Model: FLA's 1.3B RetNet configuration (hidden 2048, 24 layers, 8 heads, expand_k 1, expand_v 2,
 hidden_ratio 2 -> GatedMLP width 2816, vocab 32000, untied head: 1.36B parameters) with random
@@ -22,7 +24,10 @@ Method
 - the load average and the CPU time other processes took during each run are recorded: on a
   shared machine the wall-clock numbers are only indicative; CPU-time columns are given too.
 
-Usage: PYTHONPATH=python python3 bench/fla_decode.py [--quick] [--threads N] [--out bench/results]
+--python PY: also the Python rows, run by the interpreter PY (torch 2.x with transformers and the
+installed retention package; its torch is not the app's LibTorch).
+
+Usage: PYTHONPATH=python python3 bench/fla_decode.py [--quick] [--threads N] [--python PY] [--out bench/results]
 """
 import argparse
 import datetime
@@ -116,6 +121,20 @@ def measure(app, model, vocab, threads, steps, prefill_len, extra):
                 bg_cores=max(x["bg_cores"] or 0 for x in (long, short, long8, short8, pre)))
 
 
+def measure_python(python, model, threads, steps, prefill_len, dtype):
+    """bench/fla_decode_py.py in its own process; the rows' keys as measure()'s."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the installed package
+    cmd = [python, os.path.join(HERE, "fla_decode_py.py"), model, "--dtype", dtype, "--threads", str(threads),
+           "--steps", str(steps), "--prefill-len", str(prefill_len)]
+    with Busy() as b:
+        res = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    r.update(tokens_per_s=1 / r["step_s"], tokens_per_s_b8=8 / r["step_s_b8"], prefill_tokens=prefill_len,
+             prefill_tokens_per_s=prefill_len / r["prefill_s"], bg_cores=b.bg_cores,
+             model_line=f"Python {r['torch']} ({r['retention']})")
+    return r
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--app", default=os.path.join(HERE, "..", "build", "install", "bin", "retention-generate"))
@@ -124,6 +143,7 @@ def main(argv=None):
     ap.add_argument("--prefill-len", type=int, default=0, help="prefill prompt length (default 32; 64 --quick)")
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--python", default="", help="interpreter for the Python rows (none: C++ only)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     a = ap.parse_args(argv)
     cfg = CONFIG_QUICK if a.quick else CONFIG_13B
@@ -140,10 +160,16 @@ def main(argv=None):
     print(f"wrote {n_params / 1e9:.3f}B parameters (bf16) to {model}", flush=True)
     rows = {}
     for dt in a.dtypes.split(","):
-        rows[dt] = measure(a.app, model, cfg["vocab_size"], a.threads, steps, prefill_len,
-                           ["--dtype", dt] if dt != "bf16" else [])
-        rows[dt]["weight_bytes"] = n_params * (2 if dt == "bf16" else 4)
-        print(dt, rows[dt], flush=True)
+        key = "C++ " + dt
+        rows[key] = measure(a.app, model, cfg["vocab_size"], a.threads, steps, prefill_len,
+                            ["--dtype", dt] if dt != "bf16" else [])
+        rows[key]["weight_bytes"] = n_params * (2 if dt == "bf16" else 4)
+        print(key, rows[key], flush=True)
+        if a.python:
+            key = "Python " + dt
+            rows[key] = measure_python(a.python, model, a.threads, steps, prefill_len, dt)
+            rows[key]["weight_bytes"] = n_params * (2 if dt == "bf16" else 4)
+            print(key, rows[key], flush=True)
     subprocess.run(["rm", "-rf", tmp], check=True)
     load_end = cpu_ops.loadavg()
 
@@ -156,8 +182,9 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     base = os.path.join(a.out, f"{name}_{tag}_{date}_{commit}")
     bg = max(r["bg_cores"] for r in rows.values())
-    L = ["# FLA-format RetNet served from C++ (retention-generate, CPU)", "",
-         f"- date {date}, commit {commit}, hardware: {hw}, LibTorch {torch.__version__} (the app's)",
+    L = ["# FLA-format RetNet served from C++ (retention-generate) and Python (generate()), CPU", "",
+         f"- date {date}, commit {commit}, hardware: {hw}, LibTorch {torch.__version__} (the app's)"
+         + "".join(f"; {k}: {r['model_line']}" for k, r in rows.items() if k.startswith("Python")),
          f"- command: `{cpu_ops.command_line()}`",
          f"- model: {'quick test model' if a.quick else 'FLA 1.3B config'} {json.dumps(cfg)}, "
          f"{n_params / 1e9:.3f}B parameters, random weights, stored bf16",
@@ -167,7 +194,7 @@ def main(argv=None):
                                             "times are inflated; see the CPU-time columns**"),
          f"- memory read bandwidth (`x.sum()` over 1 GiB fp32): **{bw:.2f} GB/s** wall clock, "
          f"{bw_cpu:.2f} GB/s per CPU second", "",
-         "| weights | bytes | load (mmap) | decode B=1: s/token (CPU s) | tokens/s | read weights once at the "
+         "| run, weights | bytes | load | decode B=1: s/token (CPU s) | tokens/s | read weights once at the "
          "bandwidth | token / read | decode B=8: s/step | tokens/s | prefill tokens/s (CPU) | peak RSS |",
          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for dt, r in rows.items():
@@ -178,7 +205,8 @@ def main(argv=None):
                  f"{r['prefill_tokens_per_s']:.1f} ({r['prefill_tokens'] / max(r['prefill_cpu_s'], 1e-9) * a.threads:.1f}) | "
                  f"{r['peak_rss_mib'] / 1024:.2f} GiB |")
     L += ["", f"Decode: {steps} steps timed after 2 untimed ones, prompt of 1 token; prefill: one prompt of "
-          f"{prefill_len} tokens (chunk form). CPU-time prefill rate = tokens / CPU seconds x threads."]
+          f"{prefill_len} tokens (chunk form). CPU-time prefill rate = tokens / CPU seconds x threads. C++ load: "
+          "the app's (bf16 mapped from the file); Python load: from_pretrained."]
     with open(base + ".md", "w") as f:
         f.write("\n".join(L) + "\n")
     with open(base + ".json", "w") as f:

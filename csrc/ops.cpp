@@ -25,6 +25,9 @@ TORCH_LIBRARY(retention, m) {
   m.def("msr_forward(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor log_decay, float scale, int form, int chunk_size, Tensor? initial_state, Tensor? offsets, Tensor? cu_seqlens, int rotary, bool norm, Tensor? norm_weight, float eps, bool decay_norm) -> (Tensor, Tensor)");
   m.def("msr_backward(Tensor grad_y, Tensor? grad_final_state, Tensor q, Tensor k, Tensor v, Tensor? g, Tensor log_decay, float scale, int chunk_size, Tensor? initial_state, Tensor? offsets, Tensor? cu_seqlens, int rotary, bool norm, Tensor? norm_weight, float eps, bool decay_norm) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("msr_step(Tensor q, Tensor k, Tensor v, Tensor? g, Tensor log_decay, float scale, Tensor(a!) state, Tensor? offsets, int rotary, bool norm, Tensor? norm_weight, float eps, bool decay_norm) -> Tensor");
+  // One row through a projection (decode at batch 1, CPU; csrc/cpu/gemv.h): weight [N, K] fp32
+  // or bf16, x [K] -> [N] in x's dtype, fp32 sums. No autograd.
+  m.def("matvec(Tensor weight, Tensor x) -> Tensor");
 }
 
 namespace retention {

@@ -114,12 +114,24 @@ MsrBackwardResult msr_backward_autograd(const MsrArgs& a) {
   return dispatch_msr_backward(a);
 }
 
+at::Tensor matvec_autograd(const at::Tensor& weight, const at::Tensor& x) {
+  TORCH_CHECK(!(at::GradMode::is_enabled() && (weight.requires_grad() || x.requires_grad())),
+              "retention::matvec: an inference kernel with no backward; call it under no_grad, or "
+              "use linear for a differentiable product");
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("retention::matvec", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(weight, x);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retention, Autograd, m) {
   m.impl("msr_forward", msr_forward_kernel<&msr_forward_autograd>);
   m.impl("msr_backward", msr_backward_kernel<&msr_backward_autograd>);
   m.impl("msr_step", msr_step_kernel<&msr_step_autograd>);
+  m.impl("matvec", &matvec_autograd);
 }
 
 }  // namespace retention

@@ -1,8 +1,9 @@
-#include "model/gemv.h"
+#include "cpu/gemv.h"
 
 #include <algorithm>
 #include <cstring>
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 namespace retention {
@@ -124,6 +125,28 @@ bool gemv_on(GemvIsa isa, const float* w, const float* x, float* y, int64_t N, i
 }
 bool gemv_on(GemvIsa isa, const c10::BFloat16* w, const float* x, float* y, int64_t N, int64_t K) {
   return gemv_isa(isa, w, x, y, N, K);
+}
+
+at::Tensor matvec_cpu(const at::Tensor& weight, const at::Tensor& x) {
+  const auto f32_or_bf16 = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
+  };
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && f32_or_bf16(weight),
+              "retention::matvec: weight must be a contiguous 2-D float32 or bfloat16 tensor [N, K], got ",
+              weight.scalar_type(), " ", weight.sizes(), weight.is_contiguous() ? "" : " (not contiguous)");
+  TORCH_CHECK(x.dim() == 1 && x.size(0) == weight.size(1) && f32_or_bf16(x),
+              "retention::matvec: x must be a float32 or bfloat16 vector [K] = [", weight.size(1), "], got ",
+              x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(weight.is_cpu() && x.is_cpu(), "retention::matvec: weight and x must be CPU tensors");
+  const auto xf = x.to(at::kFloat).contiguous();
+  auto y = at::empty({weight.size(0)}, xf.options());
+  if (weight.scalar_type() == at::kFloat) {
+    gemv(weight.data_ptr<float>(), xf.data_ptr<float>(), y.data_ptr<float>(), weight.size(0), weight.size(1));
+  } else {
+    gemv(weight.data_ptr<c10::BFloat16>(), xf.data_ptr<float>(), y.data_ptr<float>(), weight.size(0),
+         weight.size(1));
+  }
+  return y.to(x.scalar_type());
 }
 
 }  // namespace detail

@@ -1,10 +1,11 @@
-// One row times a weight matrix on the CPU, the projections of a decode step at batch 1
-// (internal, used by detail::linear). Why not the BLAS: docs/cpu-performance.md, "Decode at
-// batch 1".
+// One row times a weight matrix on the CPU, the projections of a decode step at batch 1: the op
+// retention::matvec (Python's retention.nn.Linear) and the C++ models' detail::linear. Why not
+// the BLAS: docs/cpu-performance.md, "Decode at batch 1".
 #pragma once
 
 #include <cstdint>
 
+#include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 
 namespace retention {
@@ -21,6 +22,10 @@ void gemv(const c10::BFloat16* w, const float* x, float* y, int64_t N, int64_t K
 enum class GemvIsa { kBaseline, kAvx2, kAvx512 };
 bool gemv_on(GemvIsa isa, const float* w, const float* x, float* y, int64_t N, int64_t K);
 bool gemv_on(GemvIsa isa, const c10::BFloat16* w, const float* x, float* y, int64_t N, int64_t K);
+
+// retention::matvec's CPU kernel: weight [N, K] (fp32 or bf16, contiguous) times x [K] (fp32 or
+// bf16) -> [N] in x's dtype, through gemv. No autograd: callers take it only without gradients.
+at::Tensor matvec_cpu(const at::Tensor& weight, const at::Tensor& x);
 
 }  // namespace detail
 }  // namespace retention

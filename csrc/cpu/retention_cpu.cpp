@@ -18,6 +18,7 @@
 
 #include "checks.h"
 #include "cpu/blas_threads.h"
+#include "cpu/gemv.h"
 #include "cpu/gemm.h"
 #include "cpu/layer_fusion.h"
 
@@ -560,6 +561,7 @@ TORCH_LIBRARY_IMPL(retention, CPU, m) {
   m.impl("msr_forward", msr_forward_kernel<&msr_forward_cpu>);
   m.impl("msr_backward", msr_backward_kernel<&msr_backward_cpu>);
   m.impl("msr_step", msr_step_kernel<&msr_step_cpu>);
+  m.impl("matvec", &detail::matvec_cpu);
 }
 
 }  // namespace retention

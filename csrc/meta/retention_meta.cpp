@@ -84,12 +84,20 @@ at::Tensor msr_step_meta(const MsrArgs& a) {
   return step_output(a.q, a.v);
 }
 
+at::Tensor matvec_meta(const at::Tensor& weight, const at::Tensor& x) {
+  TORCH_CHECK(weight.dim() == 2 && x.dim() == 1,
+              "retention::matvec: weight must be [N, K] and x [K], got ", weight.sym_sizes(), " and ",
+              x.sym_sizes());
+  return empty_sym({weight.sym_size(0)}, x.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retention, Meta, m) {
   m.impl("msr_forward", msr_forward_kernel<&msr_forward_meta>);
   m.impl("msr_backward", msr_backward_kernel<&msr_backward_meta>);
   m.impl("msr_step", msr_step_kernel<&msr_step_meta>);
+  m.impl("matvec", &matvec_meta);
 }
 
 }  // namespace retention

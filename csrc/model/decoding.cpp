@@ -2,7 +2,7 @@
 // (see decoding.h).
 #include "model/decoding.h"
 
-#include "model/gemv.h"
+#include "cpu/gemv.h"
 
 namespace retention {
 namespace detail {
@@ -76,16 +76,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
       !weight.is_contiguous() || !is_f32_or_bf16(x) || !is_f32_or_bf16(weight) || needs_grad) {
     return at::linear(x, weight);
   }
-  const auto xf = x.reshape({-1}).to(at::kFloat).contiguous();
-  auto y = at::empty({weight.size(0)}, xf.options());
-  if (weight.scalar_type() == at::kFloat) {
-    gemv(weight.data_ptr<float>(), xf.data_ptr<float>(), y.data_ptr<float>(), weight.size(0), weight.size(1));
-  } else {
-    gemv(weight.data_ptr<c10::BFloat16>(), xf.data_ptr<float>(), y.data_ptr<float>(), weight.size(0), weight.size(1));
-  }
   auto sizes = x.sizes().vec();
   sizes.back() = weight.size(0);
-  return y.to(x.scalar_type()).view(sizes);
+  return matvec_cpu(weight, x.reshape({-1})).view(sizes);
 }
 
 std::pair<at::Tensor, at::Tensor> pack_prompts(const char* who,

@@ -156,6 +156,13 @@ def recurrent_step(q, k, v, log_decay, state, *, scale=None):
     return call_op("recurrent_step", q=q, k=k, v=v, log_decay=log_decay, scale=scale, state=state)
 
 
+def matvec(weight, x):
+    """``weight @ x`` on the CPU for one row: ``weight`` [N, K] float32 or bfloat16 (contiguous),
+    ``x`` [K] float32 or bfloat16 -> [N] in x's dtype, with fp32 products and sums and the same
+    bits at any thread count. Inference only (no backward); decode at batch 1 uses it."""
+    return call_op("matvec", weight=weight, x=x)
+
+
 def retnet_log_decay(num_heads, device=None):
     """RetNet's per-head decay, ``log(1 - 2**(-5 - h))``, as float32 ``[num_heads]``."""
     h = torch.arange(num_heads, dtype=torch.float64)

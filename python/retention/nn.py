@@ -69,20 +69,26 @@ def _activation(name: str):
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` without bias whose single fp32 CPU row (decode at batch 1) is a
-    matrix-vector product: OpenBLAS's GEMM of one row costs several times its gemv on matrices
-    of a few MiB (measured: docs/cpu-performance.md, "Decode at batch 1"). Same parameters and
-    state-dict names."""
+    """``nn.Linear`` without bias whose single CPU row (decode at batch 1), with fp32 or bf16
+    weights and no gradient, goes to ``retention.functional.matvec`` (fp32 products and sums, the
+    result in x's dtype): OpenBLAS's GEMM of one row costs several times its gemv on matrices of
+    a few MiB, its gemv streams at two thirds of matvec's rate, and torch's bf16 CPU kernels are
+    slower than fp32 (measured: docs/cpu-performance.md, "Decode at batch 1"). Same parameters
+    and state-dict names."""
 
     def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if x.is_cpu and x.dim() >= 1 and x.numel() == x.shape[-1] and x.dtype == torch.float32 \
-                and w.dtype == torch.float32:
-            return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
+        if x.is_cpu and x.dim() >= 1 and x.numel() == x.shape[-1] and x.dtype in _MATVEC_DTYPES \
+                and w.dtype in _MATVEC_DTYPES and w.is_contiguous() \
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+            return rf.matvec(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
         return F.linear(x, w)
+
+
+_MATVEC_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def rotate_every_two(x: Tensor) -> Tensor:

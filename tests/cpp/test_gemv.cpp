@@ -1,4 +1,4 @@
-// detail::gemv (csrc/model/gemv.cpp), the one-row projection of the C++ models' decode step,
+// detail::gemv (csrc/cpu/gemv.cpp), the one-row projection of the C++ models' decode step,
 // against a float64 reference of the same (widened) weights.
 #include <gtest/gtest.h>
 
@@ -9,7 +9,7 @@
 
 #include <ATen/Parallel.h>
 
-#include "model/gemv.h"
+#include "cpu/gemv.h"
 
 namespace {
 

@@ -138,7 +138,14 @@ def test_msr_step_in_place(offsets, gate, norm_weight, dtype):
 def test_every_op_is_covered():
     """A new op must get an opcheck case here."""
     covered = {"chunk_forward", "chunk_backward", "parallel_forward", "parallel_backward",
-               "recurrent_forward", "recurrent_step", "msr_forward", "msr_backward", "msr_step"}
+               "recurrent_forward", "recurrent_step", "msr_forward", "msr_backward", "msr_step",
+               "matvec"}
     registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
                   if name.startswith("retention::")}
     assert registered == covered, f"ops without an opcheck case: {registered - covered}"
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_matvec(w_dtype, x_dtype):
+    _opcheck(ops.matvec, (torch.randn(33, 70).to(w_dtype), torch.randn(70).to(x_dtype)))

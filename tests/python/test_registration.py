@@ -16,7 +16,10 @@ FUSED_OPS = ["retention::" + name for name in ("msr_forward", "msr_backward", "m
 RAW_OPS = ["retention::" + name for name in (
     "chunk_forward", "chunk_backward", "parallel_forward", "parallel_backward",
     "recurrent_forward", "recurrent_step")]
-OPS = FUSED_OPS + RAW_OPS
+# Inference helpers: CPU only (callers take them for CPU tensors), with Meta for tracing and an
+# Autograd kernel that refuses gradients.
+CPU_OPS = ["retention::matvec"]
+OPS = FUSED_OPS + RAW_OPS + CPU_OPS
 BACKEND_KEYS = ["CPU", "CUDA", "Meta", "Autograd", "AutocastCPU", "AutocastCUDA"]
 has_kernel = getattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", None)
 
@@ -37,6 +40,12 @@ def test_op_list_is_complete():
 def test_every_fused_op_has_kernel(key):
     missing = [op for op in FUSED_OPS if not has_kernel(op, key)]
     assert not missing, f"no {key} kernel for {missing}"
+
+
+@pytest.mark.parametrize("op", CPU_OPS)
+def test_cpu_ops_have_cpu_meta_and_autograd_kernels(op):
+    missing = [key for key in ("CPU", "Meta", "Autograd") if not has_kernel(op, key)]
+    assert not missing, f"no {missing} kernel for {op}"
 
 
 @pytest.mark.parametrize("op", RAW_OPS)
