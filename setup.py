@@ -55,7 +55,8 @@ STD = cxx_standard()
 # -fopenmp: at::parallel_for is inline in ATen's headers; without OpenMP in *our* translation
 # units it compiles to a serial loop even though torch itself runs on OpenMP.
 cxx_flags = ["-O3", f"-std={STD}", "-fvisibility=hidden", "-fopenmp"]
-link_flags = ["-fopenmp"]
+# libmvec: glibc's vector math (csrc/cpu/vector_exp.cpp).
+link_flags = ["-fopenmp", "-lmvec"]
 
 
 def gpu_backend():

@@ -12,6 +12,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "cpu/vector_exp.h"
 #include "retention/retention.h"
 
 namespace retention {
@@ -215,7 +216,7 @@ struct Epilogue {
         const int64_t n = std::min(kBlock, dv - j0);
         load_block(g + j0 * gs, gs, n, gb);
         // exp() on its own, so the loop of divides below vectorises.
-        for (int64_t j = 0; j < n; ++j) eb[j] = std::exp(-gb[j]);
+        detail::exp_neg(gb, eb, n);
         for (int64_t j = 0; j < n; ++j) u[j0 + j] *= gb[j] / (acc_t(1) + eb[j]);
       }
     }
@@ -246,7 +247,7 @@ struct Epilogue {
       load_block(dy + j0 * dys, dys, n, dz);
       if (gate) {
         load_block(g + j0 * gs, gs, n, gb);
-        for (int64_t j = 0; j < n; ++j) sig[j] = std::exp(-gb[j]);  // alone, as in forward()
+        detail::exp_neg(gb, sig, n);  // the same values as forward()
         for (int64_t j = 0; j < n; ++j) sig[j] = acc_t(1) / (acc_t(1) + sig[j]);
         for (int64_t j = 0; j < n; ++j) {
           const acc_t z = (norm && w) ? nhat[j0 + j] * w[j0 + j] : nhat[j0 + j];
