@@ -14,7 +14,8 @@ Method
 - C++: `retention-generate --ids <16 tokens> --batch B --max-new-tokens steps+1 --json`, the
   app's own decode timing (every step: embedding, layers, head, argmax on the CPU); at B=1 also
   with `--dtype bf16` (the weights cast to bf16 at load).
-- Prefill: one prompt of --prefill-len tokens, chunk form (C++: packed prefill; Python: forward).
+- Prefill: one prompt of --prefill-len tokens, chunk form (C++: packed prefill; Python: forward),
+  each after a warm-up prefill in the same process (the app's --warmup), best of 3.
 - Memory bandwidth: best time of `x.sum()` over a 1 GiB fp32 tensor (all threads); the weights'
   read time is measured directly too (sum of every weight tensor, best of 5).
 - Both sides use the same number of threads (--threads, default every core).
@@ -159,11 +160,11 @@ def python_prefill(model, T):
     return dict(seconds=best, tokens_per_s=T / best, cpu_tokens_per_s=T / best_cpu, bg_cores=b.bg_cores)
 
 
-def run_app(app, ckpt, ids, B, new_tokens, dtype="auto"):
+def run_app(app, ckpt, ids, B, new_tokens, dtype="auto", warmup=False):
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     cmd = [app, "--checkpoint", ckpt, "--ids", ",".join(map(str, ids)), "--batch", str(B), "--threads", str(THREADS),
-           "--max-new-tokens", str(new_tokens), "--dtype", dtype, "--quiet", "--json", out]
+           "--max-new-tokens", str(new_tokens), "--dtype", dtype, "--quiet", "--json", out] + (["--warmup"] if warmup else [])
     with Busy() as b:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
     with open(out) as f:
@@ -186,10 +187,11 @@ def cpp_decode(app, ckpt, vocab, B, steps, dtype="auto"):
 
 
 def cpp_prefill(app, ckpt, vocab, T):
+    """The app's prefill after its --warmup (Python's is timed warm too), best of 3 runs."""
     ids = torch.randint(0, vocab, (T,), generator=torch.Generator().manual_seed(T)).tolist()
     best = None
     for _ in range(3):
-        r = run_app(app, ckpt, ids, 1, 1)
+        r = run_app(app, ckpt, ids, 1, 1, warmup=True)
         if best is None or r["prefill_seconds"] < best["prefill_seconds"]:
             best = r
     return dict(seconds=best["prefill_seconds"], tokens_per_s=T / best["prefill_seconds"], bg_cores=best["bg_cores"])
@@ -198,7 +200,7 @@ def cpp_prefill(app, ckpt, vocab, T):
 def cpp_prefill_cpu(app, ckpt, vocab, T):
     """Prefill tokens per CPU second (the app's own CPU timing, best of 3)."""
     ids = torch.randint(0, vocab, (T,), generator=torch.Generator().manual_seed(T)).tolist()
-    return T / min(run_app(app, ckpt, ids, 1, 1)["prefill_cpu_seconds"] for _ in range(3))
+    return T / min(run_app(app, ckpt, ids, 1, 1, warmup=True)["prefill_cpu_seconds"] for _ in range(3))
 
 
 def main(argv=None):

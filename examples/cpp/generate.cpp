@@ -17,6 +17,7 @@
 #include <dlfcn.h>
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -63,6 +64,8 @@ void usage(const char* argv0) {
       "  --device cpu|cuda      (default cpu)\n"
       "  --threads N            intra-op threads (default: all cores)\n"
       "  --one-by-one           decode each prompt on its own instead of as one batch\n"
+      "  --warmup               prefill the first prompt's first 64 tokens once before the timed run\n"
+      "                         (allocator, caches, thread pool: a serving process's steady state)\n"
       "  --json FILE            write prompts, tokens, timings (and --save-logits: logits) as JSON\n"
       "  --save-logits          include every step's logits in --json\n"
       "  --quiet                do not print the generated text\n",
@@ -146,7 +149,7 @@ struct Args {
   int64_t max_new = 64, top_k = 0, batch = 0, threads = 0;
   double temperature = 0;
   uint64_t seed = 0;
-  bool one_by_one = false, save_logits = false, quiet = false, add_bos = false;
+  bool one_by_one = false, save_logits = false, quiet = false, add_bos = false, warmup = false;
 };
 
 // How a checkpoint turns text into ids and back; `encode` empty: text prompts are refused, for
@@ -178,6 +181,11 @@ int serve(const Model& model, const Args& args, const TextCodec& codec, const st
   if (prompts.empty()) throw std::runtime_error("no prompt: give --prompt TEXT or --ids 1,2,3");
   for (size_t i = 0; args.batch > 0 && prompts.size() < static_cast<size_t>(args.batch); ++i) {
     prompts.push_back(prompts[i]);
+  }
+
+  if (args.warmup) {
+    const auto n = std::min<size_t>(64, prompts[0].size());
+    model.prefill({std::vector<int64_t>(prompts[0].begin(), prompts[0].begin() + n)});
   }
 
   // Generate: one packed batch, or prompt by prompt.
@@ -303,6 +311,7 @@ int main(int argc, char** argv) try {
     else if (a == "--device") args.device = value();
     else if (a == "--threads") args.threads = std::stoll(value());
     else if (a == "--one-by-one") args.one_by_one = true;
+    else if (a == "--warmup") args.warmup = true;
     else if (a == "--json") args.json_path = value();
     else if (a == "--save-logits") args.save_logits = true;
     else if (a == "--quiet") args.quiet = true;
