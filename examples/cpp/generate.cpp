@@ -15,6 +15,7 @@
 // --json FILE writes the prompts' and the new tokens (and with --save-logits the logits each one
 // was chosen from) for scripts; --one-by-one decodes the prompts one at a time instead of as a batch.
 #include <dlfcn.h>
+#include <malloc.h>
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -64,7 +65,7 @@ void usage(const char* argv0) {
       "  --device cpu|cuda      (default cpu)\n"
       "  --threads N            intra-op threads (default: all cores)\n"
       "  --one-by-one           decode each prompt on its own instead of as one batch\n"
-      "  --warmup               prefill the first prompt's first 64 tokens once before the timed run\n"
+      "  --warmup               run the prompts' prefill once, untimed, before the timed run\n"
       "                         (allocator, caches, thread pool: a serving process's steady state)\n"
       "  --json FILE            write prompts, tokens, timings (and --save-logits: logits) as JSON\n"
       "  --save-logits          include every step's logits in --json\n"
@@ -183,10 +184,7 @@ int serve(const Model& model, const Args& args, const TextCodec& codec, const st
     prompts.push_back(prompts[i]);
   }
 
-  if (args.warmup) {
-    const auto n = std::min<size_t>(64, prompts[0].size());
-    model.prefill({std::vector<int64_t>(prompts[0].begin(), prompts[0].begin() + n)});
-  }
+  if (args.warmup) model.prefill(prompts);
 
   // Generate: one packed batch, or prompt by prompt.
   retention::SamplingOptions sopt;
@@ -289,6 +287,12 @@ int serve(const Model& model, const Args& args, const TextCodec& codec, const st
 }  // namespace
 
 int main(int argc, char** argv) try {
+  // Freed buffers up to 32 MiB (glibc's largest mmap threshold) stay in the heap for reuse, like a
+  // caching allocator: with glibc's adaptive threshold a young process gets fresh mmapped pages
+  // for every large temporary, and their page faults and zeroing made the first prefills of the
+  // main job's model about 20 % slower than Python's (bench/README.md, serve_decode.py).
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 256 << 20);
   Args args;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
