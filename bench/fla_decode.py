@@ -18,7 +18,8 @@ Method
   own decode timing (so the first steps, which also fault the mapped weights in, and the
   prefill are not counted): seconds per step, tokens/s = 1 / that; the same with `--batch 8`
   (8 copies of the prompt decoded as one batch: tokens/s = 8 / seconds per step).
-- prefill: one prompt of --prefill-len random tokens, the app's prefill timing (chunk form).
+- prefill: one prompt of --prefill-len random tokens, the app's prefill timing (chunk form)
+  after its --warmup (the same prefill once, untimed).
 - memory read bandwidth: best `x.sum()` over 1 GiB fp32 with the same threads
   (serve_decode.bandwidth_gbs), before and after the runs; the weights' read time is their
   bytes / the higher of the two.
@@ -113,7 +114,7 @@ def measure(app, model, vocab, threads, steps, prefill_len, extra):
     short8 = run_app(app, model, one, 2, threads, extra + ["--batch", "8"])
     dt8 = (long8["decode_seconds"] - short8["decode_seconds"]) / steps
     ids = torch.randint(0, vocab, (prefill_len,), generator=torch.Generator().manual_seed(1)).tolist()
-    pre = run_app(app, model, ids, 1, threads, extra)
+    pre = run_app(app, model, ids, 1, threads, extra + ["--warmup"])  # timed warm, as Python's
     return dict(step_s=dt, cpu_step_s=dt_cpu, tokens_per_s=1 / dt, step_s_b8=dt8, tokens_per_s_b8=8 / dt8,
                 prefill_tokens=prefill_len,
                 prefill_s=pre["prefill_seconds"], prefill_cpu_s=pre["prefill_cpu_seconds"],
