@@ -188,6 +188,20 @@ struct Epilogue {
 
   bool identity() const { return !decay_norm && !norm && !gate; }
 
+  // sum_j x[j] y[j] in eight interleaved partial sums: one chain of n dependent adds (the order
+  // strict IEEE code must keep) waits on the add latency at every value.
+  template <typename acc_t>
+  static acc_t dot(const acc_t* x, const acc_t* y, int64_t n) {
+    constexpr int64_t kLanes = 8;
+    acc_t part[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int64_t i = 0; i < kLanes; ++i) part[i] += x[j + i] * y[j + i];
+    }
+    for (int64_t i = 0; j < n; ++i, ++j) part[i] += x[j] * y[j];
+    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  }
+
   // n values at stride `stride` in the accumulation type.
   template <typename scalar_t, typename acc_t>
   static void load_block(const scalar_t* x, int64_t stride, int64_t n, acc_t* out) {
@@ -205,8 +219,7 @@ struct Epilogue {
     const acc_t a = static_cast<acc_t>(alpha);
     for (int64_t j = 0; j < dv; ++j) u[j] *= a;
     if (norm) {
-      acc_t ss = 0;
-      for (int64_t j = 0; j < dv; ++j) ss += u[j] * u[j];
+      const acc_t ss = dot(u, u, dv);
       const acc_t r = acc_t(1) / std::sqrt(ss / acc_t(dv) + static_cast<acc_t>(eps));
       for (int64_t j = 0; j < dv; ++j) u[j] *= w ? r * w[j] : r;
     }
@@ -234,13 +247,13 @@ struct Epilogue {
                 const scalar_t* g, int64_t gs, const acc_t* w, acc_t* du, scalar_t* dg,
                 int64_t dgs, acc_t* dw, acc_t* nhat) const {
     const acc_t a = static_cast<acc_t>(alpha);
+    for (int64_t j = 0; j < dv; ++j) nhat[j] = a * u[j];  // the forward's scaled row
     acc_t r = 1;
     if (norm) {
-      acc_t ss = 0;
-      for (int64_t j = 0; j < dv; ++j) ss += (a * u[j]) * (a * u[j]);
+      const acc_t ss = dot(nhat, nhat, dv);  // the forward's sum, in its order
       r = acc_t(1) / std::sqrt(ss / acc_t(dv) + static_cast<acc_t>(eps));
     }
-    for (int64_t j = 0; j < dv; ++j) nhat[j] = a * u[j] * r;  // normalised, before the weight
+    for (int64_t j = 0; j < dv; ++j) nhat[j] *= r;  // normalised, before the weight
     for (int64_t j0 = 0; j0 < dv; j0 += kBlock) {
       const int64_t n = std::min(kBlock, dv - j0);
       acc_t dz[kBlock], gb[kBlock], sig[kBlock];
@@ -265,9 +278,7 @@ struct Epilogue {
       for (int64_t j = 0; j < n; ++j) du[j0 + j] = dz[j];  // gradient w.r.t. the normalised row
     }
     if (norm) {
-      acc_t m = 0;
-      for (int64_t j = 0; j < dv; ++j) m += du[j] * nhat[j];
-      m /= acc_t(dv);
+      const acc_t m = dot(du, nhat, dv) / acc_t(dv);
       for (int64_t j = 0; j < dv; ++j) du[j] = r * (du[j] - nhat[j] * m);
     }
     for (int64_t j = 0; j < dv; ++j) du[j] *= a;
