@@ -128,13 +128,10 @@ bool gemv_on(GemvIsa isa, const c10::BFloat16* w, const float* x, float* y, int6
 }
 
 at::Tensor matvec_cpu(const at::Tensor& weight, const at::Tensor& x) {
-  const auto f32_or_bf16 = [](const at::Tensor& t) {
-    return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
-  };
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && f32_or_bf16(weight),
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && matvec_dtype(weight),
               "retention::matvec: weight must be a contiguous 2-D float32 or bfloat16 tensor [N, K], got ",
               weight.scalar_type(), " ", weight.sizes(), weight.is_contiguous() ? "" : " (not contiguous)");
-  TORCH_CHECK(x.dim() == 1 && x.size(0) == weight.size(1) && f32_or_bf16(x),
+  TORCH_CHECK(x.dim() == 1 && x.size(0) == weight.size(1) && matvec_dtype(x),
               "retention::matvec: x must be a float32 or bfloat16 vector [K] = [", weight.size(1), "], got ",
               x.scalar_type(), " ", x.sizes());
   TORCH_CHECK(weight.is_cpu() && x.is_cpu(), "retention::matvec: weight and x must be CPU tensors");

@@ -23,6 +23,11 @@ enum class GemvIsa { kBaseline, kAvx2, kAvx512 };
 bool gemv_on(GemvIsa isa, const float* w, const float* x, float* y, int64_t N, int64_t K);
 bool gemv_on(GemvIsa isa, const c10::BFloat16* w, const float* x, float* y, int64_t N, int64_t K);
 
+// The dtypes matvec_cpu takes, for weight and for x.
+inline bool matvec_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
+}
+
 // retention::matvec's CPU kernel: weight [N, K] (fp32 or bf16, contiguous) times x [K] (fp32 or
 // bf16) -> [N] in x's dtype, through gemv. No autograd: callers take it only without gradients.
 at::Tensor matvec_cpu(const at::Tensor& weight, const at::Tensor& x);

@@ -67,13 +67,10 @@ at::Tensor check_step(const char* who, const at::Tensor& tokens, const RetNetSta
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
-  const auto is_f32_or_bf16 = [](const at::Tensor& t) {
-    return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
-  };
   const bool one_row = x.dim() >= 1 && x.numel() == x.size(-1);
   const bool needs_grad = at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad());
   if (!one_row || !x.is_cpu() || !weight.is_cpu() || weight.dim() != 2 || weight.size(1) != x.size(-1) ||
-      !weight.is_contiguous() || !is_f32_or_bf16(x) || !is_f32_or_bf16(weight) || needs_grad) {
+      !weight.is_contiguous() || !matvec_dtype(x) || !matvec_dtype(weight) || needs_grad) {
     return at::linear(x, weight);
   }
   auto sizes = x.sizes().vec();

@@ -72,8 +72,9 @@ class Linear(nn.Linear):
     """``nn.Linear`` without bias whose single CPU row (decode at batch 1), with fp32 or bf16
     weights and no gradient, goes to ``retention.functional.matvec`` (fp32 products and sums, the
     result in x's dtype): OpenBLAS's GEMM of one row costs several times its gemv on matrices of
-    a few MiB, its gemv streams at two thirds of matvec's rate, and torch's bf16 CPU kernels are
-    slower than fp32 (measured: docs/cpu-performance.md, "Decode at batch 1"). Same parameters
+    a few MiB, its gemv streamed at two thirds of matvec's rate on an AVX2 EPYC (equal on an
+    AVX-512 one), and torch's bf16 CPU kernels are slower than fp32 (measured:
+    docs/cpu-performance.md, "Decode at batch 1"). Same parameters
     and state-dict names."""
 
     def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
